@@ -1,0 +1,97 @@
+"""Choosing the next token, and the generation loop shared by the Mamba and LLaMA language models.
+
+The paper (§III-D) generates with temperature 0.1, top-k 500, top-p 0.95 and a repetition penalty of 1.1
+(`PAPER_SAMPLING`). The logit processing follows the order and the definitions of Hugging Face transformers'
+`generate`, so that greedy decoding gives the same tokens: repetition penalty, then temperature, top-k, top-p.
+
+A model takes part by providing three methods:
+    embed(input_ids (B, L)) -> (B, L, d)
+    prefill(inputs_embeds (B, L, d), attention_mask (B, L) or None, max_length) -> (logits of the last position
+        (B, V), cache); the cache has room for max_length positions in all
+    decode_step(token (B,), cache) -> logits (B, V), advancing the cache by one position in place
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PAPER_SAMPLING = dict(do_sample=True, temperature=0.1, top_k=500, top_p=0.95, repetition_penalty=1.1)
+
+
+def process_logits(logits: Tensor, seen: Tensor | None, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, repetition_penalty: float = 1.0) -> Tensor:
+    """Turn next-token logits (B, V) into the scores that are sampled from (filtered entries are -inf).
+
+    seen: (B, T) token ids already in the sequence (prompt and generated), for the repetition penalty, or None.
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None and seen.numel():
+        prev = logits.gather(1, seen)
+        logits = logits.scatter(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
+    if temperature != 1.0:
+        logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # drop the least likely tokens whose probabilities add up to at most 1 - top_p; always keep the best one
+        sorted_logits, order = logits.sort(dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token(logits: Tensor, seen: Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+    """logits (B, V) -> token ids (B,): the argmax (greedy) or a draw from the processed distribution."""
+    if not do_sample:
+        return process_logits(logits, seen, repetition_penalty=repetition_penalty).argmax(dim=-1)
+    scores = process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+             attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             eos_token_id: int | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Generate up to max_new_tokens tokens after a prompt; returns the new tokens (B, T).
+
+    The prompt is inputs_embeds (B, P, d) followed by the embeddings of input_ids (B, L); either may be absent.
+    inputs_embeds is how the audio tokens arrive. Rows of different lengths are left-padded and marked with
+    attention_mask (B, P + L), 1 for real positions. Only input_ids and generated tokens count as seen for the
+    repetition penalty. A row that has produced eos_token_id is finished: it gets pad_token_id (default: the EOS)
+    from then on, and generation stops when every row has finished.
+    """
+    parts = []
+    if inputs_embeds is not None:
+        parts.append(inputs_embeds)
+    if input_ids is not None:
+        parts.append(model.embed(input_ids))
+    if not parts:
+        raise ValueError("generate needs input_ids, inputs_embeds or both")
+    embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    batch, length = embeds.shape[:2]
+    if attention_mask is not None and attention_mask.shape != (batch, length):
+        raise ValueError(f"attention_mask must be (batch, prompt length) = {(batch, length)}; "
+                         f"got {tuple(attention_mask.shape)}")
+    logits, cache = model.prefill(embeds, attention_mask, length + max_new_tokens)
+    seen = input_ids if input_ids is not None else embeds.new_zeros(batch, 0, dtype=torch.long)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        token = next_token(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, pad)
+            finished |= token == eos_token_id
+        tokens.append(token)
+        seen = torch.cat([seen, token[:, None]], dim=1)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        logits = model.decode_step(token, cache)
+    return torch.stack(tokens, dim=1) if tokens else embeds.new_zeros(batch, 0, dtype=torch.long)
