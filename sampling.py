@@ -22,12 +22,14 @@ def process_logits(logits: Tensor, seen: Tensor | None, temperature: float = 1.0
                    top_p: float = 1.0, repetition_penalty: float = 1.0) -> Tensor:
     """Turn next-token logits (B, V) into the scores that are sampled from (filtered entries are -inf).
 
-    seen: (B, T) token ids already in the sequence (prompt and generated), for the repetition penalty, or None.
+    seen: (B, T) token ids already in the sequence (prompt and generated), for the repetition penalty, or None;
+    entries < 0 are padding and count for nothing.
     """
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None and seen.numel():
-        prev = logits.gather(1, seen)
-        logits = logits.scatter(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
+        hits = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), (seen >= 0).to(logits.dtype))
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(hits > 0, penalized, logits)
     if temperature != 1.0:
         logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
@@ -58,13 +60,13 @@ def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | Non
              attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              eos_token_id: int | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, seen_ids: Tensor | None = None) -> Tensor:
     """Generate up to max_new_tokens tokens after a prompt; returns the new tokens (B, T).
 
     The prompt is inputs_embeds (B, P, d) followed by the embeddings of input_ids (B, L); either may be absent.
     inputs_embeds is how the audio tokens arrive. Rows of different lengths are left-padded and marked with
-    attention_mask (B, P + L), 1 for real positions. Only input_ids and generated tokens count as seen for the
-    repetition penalty. A row that has produced eos_token_id is finished: it gets pad_token_id (default: the EOS)
+    attention_mask (B, P + L), 1 for real positions. The tokens that count as seen for the repetition penalty are
+    seen_ids (B, S) if given (entries < 0 are padding), else input_ids, plus every generated token. A row that has produced eos_token_id is finished: it gets pad_token_id (default: the EOS)
     from then on, and generation stops when every row has finished.
     """
     parts = []
@@ -80,7 +82,8 @@ def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | Non
         raise ValueError(f"attention_mask must be (batch, prompt length) = {(batch, length)}; "
                          f"got {tuple(attention_mask.shape)}")
     logits, cache = model.prefill(embeds, attention_mask, length + max_new_tokens)
-    seen = input_ids if input_ids is not None else embeds.new_zeros(batch, 0, dtype=torch.long)
+    seen = seen_ids if seen_ids is not None else input_ids
+    seen = seen if seen is not None else embeds.new_zeros(batch, 0, dtype=torch.long)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
     tokens = []
