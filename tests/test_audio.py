@@ -1,0 +1,155 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import audio
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fbank_kaldi.npz"  # torchaudio's values: tools/make_fbank_fixture.py
+
+
+@pytest.fixture(scope="module")
+def kaldi():
+    return np.load(FIXTURE)
+
+
+def _names(kaldi):
+    return [k[len("wave_"):] for k in kaldi.files if k.startswith("wave_")]
+
+
+def test_fbank_matches_torchaudio_kaldi(kaldi):
+    names = _names(kaldi)
+    assert len(names) >= 6
+    for name in names:
+        ours = audio.fbank(torch.from_numpy(kaldi[f"wave_{name}"]))
+        ref = kaldi[f"fbank_{name}"]
+        assert ours.shape == ref.shape, name
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_dass_input_matches_official_pipeline(kaldi):
+    target = int(kaldi["dass_target_length"])
+    for name in ("chirp_dc", "long"):  # 98 frames zero-padded to 128; 199 frames cropped to 128
+        ours = audio.dass_input(torch.from_numpy(kaldi[f"wave_{name}"]), target_length=target)
+        np.testing.assert_allclose(ours.numpy(), kaldi[f"dass_{name}"], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_dass_input_lengths_and_padding_value():
+    w = torch.randn(16000 * 3)  # 298 frames
+    full = audio.dass_input(w, target_length=None)
+    assert full.shape == (298, 128)
+    padded = audio.dass_input(w, target_length=400)
+    assert torch.equal(padded[:298], full)
+    pad_value = -audio.DASS_MEAN / (2 * audio.DASS_STD)  # a zero fbank value after normalisation, ~0.467
+    assert torch.allclose(padded[298:], torch.full((102, 128), pad_value))
+    assert torch.equal(audio.dass_input(w, target_length=100), full[:100])
+
+
+def test_fbank_blocks_do_not_change_frames():
+    # fbank works through blocks of 4096 frames; frames are independent, so any frame equals a short fbank of its
+    # own samples, including frames on both sides of a block boundary.
+    w = torch.randn(160 * 4200 + 240)
+    full = audio.fbank(w)
+    assert full.shape == (4200, 128)
+    for f in (0, 4094, 4095, 4096, 4097, 4199):
+        one = audio.fbank(w[f * 160: f * 160 + 400])
+        torch.testing.assert_close(full[f:f + 1], one, atol=1e-5, rtol=0)
+
+
+def test_fbank_rejects_bad_input():
+    with pytest.raises(ValueError, match="shorter than one fbank frame"):
+        audio.fbank(torch.zeros(399))
+    with pytest.raises(ValueError, match="44100 Hz"):
+        audio.fbank(torch.zeros(16000), sample_rate=44100)
+    with pytest.raises(ValueError, match="mono"):
+        audio.fbank(torch.zeros(2, 16000))
+
+
+def _tone(freq, sr, seconds=1.0):
+    t = np.arange(int(sr * seconds)) / sr
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _spectrum(y, sr):
+    y = y[400:-400].double()  # drop the filter's edge transients
+    spec = torch.fft.rfft(y * torch.hann_window(len(y), periodic=False, dtype=torch.float64)).abs()
+    return torch.fft.rfftfreq(len(y), 1 / sr), spec
+
+
+def test_load_audio_resamples_44k_tone_to_16k(tmp_path):
+    path = tmp_path / "tone.wav"
+    sf.write(path, _tone(1000, 44100), 44100, subtype="PCM_16")
+    y = audio.load_audio(path)
+    assert y.dtype == torch.float32 and y.shape == (16000,)
+    freqs, spec = _spectrum(y, 16000)
+    assert abs(freqs[spec.argmax()].item() - 1000) < 2
+    amplitude = y[400:-400].abs().max().item()
+    assert abs(amplitude - 0.5) < 0.01  # unit gain in the pass band
+
+
+@pytest.mark.parametrize("freq", [8300, 10000, 15000])
+def test_resampling_does_not_alias_tones_above_8k(freq):
+    # Decimation without a proper low-pass folds a tone at f > 8 kHz to 16 kHz - f (to 7.7, 6 and 1 kHz here).
+    y = audio.resample(torch.from_numpy(_tone(freq, 44100)), 44100, 16000)
+    ref = audio.resample(torch.from_numpy(_tone(5000, 44100)), 44100, 16000)
+    leak = y[400:-400].pow(2).mean().sqrt() / ref[400:-400].pow(2).mean().sqrt()
+    assert 20 * math.log10(leak.item()) < -60
+
+
+def test_upsampling_keeps_tone_and_has_no_images():
+    y = audio.resample(torch.from_numpy(_tone(3000, 8000)), 8000, 16000)
+    assert y.shape == (16000,)
+    freqs, spec = _spectrum(y, 16000)
+    assert abs(freqs[spec.argmax()].item() - 3000) < 2
+    image = spec[(freqs - 5000).abs() < 200].max() / spec.max()  # the 8 kHz - 3 kHz mirror image
+    assert image < 1e-3
+
+
+def test_load_audio_formats_and_first_channel(tmp_path):
+    left, right = _tone(440, 16000), _tone(2000, 16000)
+    stereo = np.stack([left, right], axis=1)
+    for name, kw in (("a.wav", dict(subtype="FLOAT")), ("a.flac", {}), ("a.ogg", {}),
+                     ("a.mp3", dict(format="MP3", subtype="MPEG_LAYER_III"))):
+        sf.write(tmp_path / name, stereo, 16000, **kw)
+        y = audio.load_audio(tmp_path / name)
+        freqs, spec = _spectrum(y, 16000)
+        assert abs(freqs[spec.argmax()].item() - 440) < 2, name  # the first channel, not a mix or the second
+    np.testing.assert_allclose(audio.load_audio(tmp_path / "a.wav").numpy(), left, atol=1e-7)
+    np.testing.assert_allclose(audio.load_audio(tmp_path / "a.flac").numpy(), left, atol=1e-4)
+
+
+def test_load_audio_errors_name_file_and_reason(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        audio.load_audio(tmp_path / "nope.wav")
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"this is not audio" * 10)
+    with pytest.raises(ValueError, match=r"garbage\.wav.*cannot be decoded"):
+        audio.load_audio(garbage)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros((0, 1), dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match=r"empty\.wav.*no samples"):
+        audio.load_audio(empty)
+    short = tmp_path / "short.flac"
+    sf.write(short, np.zeros(300, dtype=np.float32), 16000)
+    with pytest.raises(ValueError, match=r"short\.flac.*too short"):
+        audio.load_audio(short)
+    short44 = tmp_path / "short44.wav"  # 1000 samples at 44.1 kHz = 22.7 ms < one 25 ms frame
+    sf.write(short44, np.zeros(1000, dtype=np.float32), 44100)
+    with pytest.raises(ValueError, match=r"short44\.wav.*too short"):
+        audio.load_audio(short44)
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.full(800, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"nan\.wav.*NaN"):
+        audio.load_audio(nan)
+
+
+def test_dass_input_from_file(tmp_path):
+    path = tmp_path / "clip.flac"
+    sf.write(path, _tone(440, 16000, 2.0), 16000)
+    x = audio.dass_input_from_file(path)
+    assert x.shape == (1024, 128)
+    torch.testing.assert_close(x, audio.dass_input(audio.load_audio(path)))
+    assert audio.dass_input_from_file(path, target_length=None).shape == (198, 128)
