@@ -1,0 +1,443 @@
+"""LLaMA / Vicuna-7B: the frozen language model of the paper's hybrid LALM (DASS + Vicuna-7B, §III-C).
+
+Glossary (code name -> meaning):
+    d       hidden_size, the model width (4096)            H, Hkv  query heads (32), key/value heads (32; fewer for GQA)
+    hd      head_dim = d / H (128)                         T       cache length (prompt + new tokens)
+    B, L    batch, sequence length                         V       vocabulary size (32000)
+    pos     position ids: cumsum(attention_mask) - 1, so a left-padded row sees the positions it would see alone
+
+A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-attention with RoPE on q and k;
+mlp is SwiGLU: down(silu(gate(x)) * up(x)). RoPE follows the Hugging Face convention (rotate_half over the two halves
+of each head); the HF checkpoints' q/k weights are permuted for it, so no permutation is needed here. Module names
+equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which LoRA (lora.py) and the PEFT export rely
+on. Generation goes through sampling.py; this module provides embed / prefill / decode_step with a preallocated
+key/value cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import sampling
+
+
+@dataclass
+class LlamaConfig:
+    """Defaults: Vicuna-7B v1.5 (LLaMA-2-7B). v1.1 / v1.3 (LLaMA-1-7B): see PRESETS."""
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: = num_attention_heads (no grouped-query attention)
+    intermediate_size: int = 11008
+    vocab_size: int = 32000
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must divide into num_attention_heads "
+                             f"{self.num_attention_heads}, which must divide into num_key_value_heads "
+                             f"{self.num_key_value_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> LlamaConfig:
+        """Read a Hugging Face LLaMA config.json (transformers 4.x or 5.x field names); refuse what is not built here."""
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        unsupported = {
+            "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
+            "attention_bias": (cfg.get("attention_bias", False), False),
+            "mlp_bias": (cfg.get("mlp_bias", False), False),
+            "tie_word_embeddings": (cfg.get("tie_word_embeddings", False), False),
+            "rope type": (rope_type, "default"),
+        }
+        for name, (got, want) in unsupported.items():
+            if got != want:
+                raise ValueError(f"{source}: {name} = {got!r} is not supported (only {want!r})")
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        config = cls(hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                     num_attention_heads=cfg["num_attention_heads"],
+                     num_key_value_heads=cfg.get("num_key_value_heads"),
+                     intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                     rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                     max_position_embeddings=cfg.get("max_position_embeddings", 2048))
+        if cfg.get("head_dim") not in (None, config.head_dim):
+            raise ValueError(f"{source}: head_dim = {cfg['head_dim']} != hidden_size / num_attention_heads "
+                             f"= {config.head_dim} is not supported")
+        return config
+
+    def to_hf(self) -> dict:
+        return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **asdict(self))
+
+
+PRESETS = {
+    "vicuna-7b-v1.5": LlamaConfig(),
+    "vicuna-7b-v1.3": LlamaConfig(rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "vicuna-7b-v1.1": LlamaConfig(rms_norm_eps=1e-6, max_position_embeddings=2048),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., d) -> (..., d); normalised in fp32, scaled in x's dtype (as HF)."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """pos (B, L) -> cos, sin (B, 1, L, hd) in fp32; frequency i = theta^(-2i/hd), each repeated for both halves."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.int64).float() / head_dim)
+    angles = pos.float()[..., None] * inv_freq  # (B, L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, L, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, heads, L, hd) rotated by its positions: x·cos + rotate_half(x)·sin, rotate_half(x) = (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for generation, plus what a decode step needs to know about each row.
+
+    k[i], v[i]: (B, Hkv, T, hd) for layer i, allocated on first write in the dtype of the keys (bf16 under autocast);
+    valid: (B, T) bool, True where a real (not padding) token sits; pos: (B,) position id of the next token;
+    length: how many slots are filled.
+    """
+
+    def __init__(self, n_layers: int, valid: Tensor, pos: Tensor):
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+        self.valid, self.pos, self.length = valid, pos, 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, L, hd) at slots [length, length + L); return all filled slots (B, Hkv, length + L, hd)."""
+        if self.k[layer] is None:
+            shape = (*k.shape[:2], self.valid.shape[1], k.shape[3])
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        """x (B, L, d); cos, sin (B, 1, L, hd); mask (B, 1, L, S) bool (True: may attend) or None for plain causal
+        -> (B, L, d). With a cache, the new keys go in at slot cache.length and S = cache.length + L."""
+        B, L, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, L, self.n_heads, self.hd).transpose(1, 2), cos, sin)  # (B, H, L, hd)
+        k = apply_rope(self.k_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2), cos, sin)  # (B, Hkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
+        if self.n_kv != self.n_heads:  # grouped-query attention: query head h reads key/value head h // (H / Hkv)
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, L, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _padding_mask(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """attention_mask (B, L) of 0/1 -> (pos (B, L), mask (B, 1, L, L) bool): causal, padding keys hidden. A padding
+    query also sees itself, so that no row of the softmax is empty (an empty row would give NaN)."""
+    valid = attention_mask.bool()
+    L = valid.shape[1]
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=valid.device)
+    return pos, mask[:, None]
+
+
+class LlamaLM(nn.Module):
+    """LLaMA causal language model; state_dict keys equal those of transformers' LlamaForCausalLM."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed_tokens
+        self.gradient_checkpointing = False  # True: recompute each block in backward (training memory)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """input_ids (B, L) -> (B, L, d)."""
+        return self.model.embed_tokens(input_ids)
+
+    def _check_length(self, length: int):
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+
+    def _blocks(self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        """x (B, L, d) through all blocks and the final norm -> (B, L, d)."""
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
+        return self.model.norm(x)
+
+    def _inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        parts = [t for t in (inputs_embeds, None if input_ids is None else self.embed(input_ids)) if t is not None]
+        if not parts:
+            raise ValueError("give input_ids, inputs_embeds or both")
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids (B, L) and/or inputs_embeds (B, P, d) (embeds first, then ids); attention_mask (B, P + L) with
+        0 at padding, or None -> logits (B, P + L, V)."""
+        x = self._inputs(input_ids, inputs_embeds)
+        B, L, _ = x.shape
+        self._check_length(L)
+        if attention_mask is None:
+            pos, mask = torch.arange(L, device=x.device).expand(B, L), None
+        else:
+            if attention_mask.shape != (B, L):
+                raise ValueError(f"attention_mask must be (B, L) = {(B, L)}; got {tuple(attention_mask.shape)}")
+            pos, mask = _padding_mask(attention_mask)
+        return self.lm_head(self._blocks(x, pos, mask))
+
+    # --- generation: the protocol of sampling.py ---------------------------------------------------------------
+
+    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None, max_length: int) -> tuple[Tensor, KVCache]:
+        """inputs_embeds (B, L, d), left-padded rows marked by attention_mask (B, L) -> (logits of the last position
+        (B, V), a cache with room for max_length positions)."""
+        B, L, _ = inputs_embeds.shape
+        self._check_length(max_length)
+        if max_length < L:
+            raise ValueError(f"max_length {max_length} is shorter than the prompt ({L})")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
+        if not attention_mask[:, -1].bool().all():
+            raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row")
+        pos, mask = _padding_mask(attention_mask)
+        valid = torch.zeros(B, max_length, dtype=torch.bool, device=inputs_embeds.device)
+        valid[:, :L] = attention_mask.bool()
+        cache = KVCache(len(self.model.layers), valid, pos[:, -1] + 1)
+        h = self._blocks(inputs_embeds, pos, mask, cache)
+        cache.length = L
+        return self.lm_head(h[:, -1]), cache
+
+    def decode_step(self, token: Tensor, cache: KVCache) -> Tensor:
+        """token (B,) -> logits (B, V); the token goes into the cache at slot cache.length."""
+        if cache.length >= cache.valid.shape[1]:
+            raise ValueError(f"the cache is full ({cache.length} positions)")
+        cache.valid[:, cache.length] = True
+        mask = cache.valid[:, None, None, :cache.length + 1]  # (B, 1, 1, S)
+        h = self._blocks(self.embed(token[:, None]), cache.pos[:, None], mask, cache)
+        cache.length += 1
+        cache.pos += 1
+        return self.lm_head(h[:, -1])
+
+    def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                 attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """New tokens (B, T), T <= max_new_tokens; see sampling.generate."""
+        return sampling.generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, do_sample,
+                                 temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator)
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> LlamaLM:
+        """Load a Hugging Face LLaMA checkpoint directory: config.json and model.safetensors, sharded
+        model-*.safetensors (model.safetensors.index.json), pytorch_model.bin or sharded pytorch_model-*.bin
+        (pytorch_model.bin.index.json). dtype None keeps the stored dtype. The model is built on the meta device and
+        each tensor is assigned as it is read, so the weights are never held twice. Every key is checked: missing,
+        unexpected and mis-shaped keys raise, naming the key and the file. Old checkpoints carry the RoPE buffer
+        `...rotary_emb.inv_freq`, which is not a parameter (computed here from rope_theta); it is ignored."""
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{path}: no config.json (a LLaMA checkpoint directory is expected)")
+        with open(config_file) as f:
+            config = LlamaConfig.from_hf(json.load(f), config_file)
+        files = _weight_files(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        seen: dict[str, str] = {}
+        for file in files:
+            for key, tensor in _read_tensors(file, device):
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                if key not in expected:
+                    raise KeyError(f"{file}: unexpected key {key!r} (not a LLaMA parameter)")
+                if key in seen:
+                    raise KeyError(f"{file}: key {key!r} also in {seen[key]}")
+                if tuple(tensor.shape) != expected[key]:
+                    raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, expected {expected[key]} "
+                                     f"from {config_file}")
+                module_name, _, name = key.rpartition(".")
+                setattr(model.get_submodule(module_name), name,
+                        nn.Parameter(tensor if dtype is None else tensor.to(dtype)))
+                seen[key] = file
+        missing = [k for k in expected if k not in seen]
+        if missing:
+            raise KeyError(f"{path}: {len(missing)} missing key(s) in {[os.path.basename(f) for f in files]}: "
+                           f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        return model
+
+    def save_pretrained(self, path: str):
+        """Write config.json and model.safetensors in the Hugging Face format (transformers can load them)."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config.to_hf(), f, indent=2)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _weight_files(path: str) -> list[str]:
+    """The weight files of a checkpoint directory, in the order: sharded safetensors, safetensors, sharded .bin, .bin."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index_file = os.path.join(path, index)
+        if os.path.isfile(index_file):
+            with open(index_file) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, s) for s in shards]
+            absent = [f for f in files if not os.path.isfile(f)]
+            if absent:
+                raise FileNotFoundError(f"{index_file} lists shard(s) that do not exist: {absent}")
+            return files
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise FileNotFoundError(f"{path}: no weights (expected model.safetensors, model.safetensors.index.json, "
+                            f"pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def _read_tensors(file: str, device):
+    """Yield (key, tensor) from one weight file, one tensor at a time for safetensors."""
+    device = torch.device("cpu" if device is None else device)
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        yield from torch.load(file, map_location=device, weights_only=True).items()
+
+
+class Tokenizer:
+    """The LLaMA sentencepiece tokenizer (`tokenizer.model`): unk 0, <s> 1, </s> 2; BOS is prepended by default."""
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+        if os.path.isdir(model_file):
+            model_file = os.path.join(model_file, "tokenizer.model")
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"no sentencepiece tokenizer at {model_file}")
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_token_id] * bos + self.sp.encode(text) + [self.eos_token_id] * eos
+
+    def decode(self, ids) -> str:
+        """Token ids (a list or a 1-D tensor) -> text; <s> and </s> give no text."""
+        return self.sp.decode([int(i) for i in ids])
+
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description="Generate text with a LLaMA / Vicuna checkpoint directory "
+                                            "(config.json, weights, tokenizer.model).")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=400)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
+    p.add_argument("--temperature", type=float, default=sampling.PAPER_SAMPLING["temperature"])
+    p.add_argument("--top-k", type=int, default=sampling.PAPER_SAMPLING["top_k"])
+    p.add_argument("--top-p", type=float, default=sampling.PAPER_SAMPLING["top_p"])
+    p.add_argument("--repetition-penalty", type=float, default=sampling.PAPER_SAMPLING["repetition_penalty"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.model):
+        p.error(f"--model {args.model}: not a directory")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    tokenizer = Tokenizer(os.path.join(args.model, "tokenizer.model"))
+    model = LlamaLM.from_pretrained(args.model, dtype=dtype, device=args.device).eval()
+    torch.manual_seed(args.seed)
+    ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id)
+    print(tokenizer.decode(out[0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""llama.py against transformers' LlamaForCausalLM (tiny random models in the real HF checkpoint formats)."""
+import io
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig as HFConfig
+from transformers import LlamaForCausalLM
+
+import llama
+
+CONFIGS = {
+    "mha": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, vocab_size=320,
+                rms_norm_eps=1e-5),
+    "gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, rope_theta=500000.0),
+}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_hf(name, seed=0):
+    torch.manual_seed(seed)
+    # no eos: transformers' generate then always runs max_new_tokens steps, like ours with eos_token_id=None
+    cfg = HFConfig(**CONFIGS[name], bos_token_id=1, eos_token_id=None, pad_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(transformers model, our model loaded from its save_pretrained directory, directory)."""
+    hf = make_hf(request.param)
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf.save_pretrained(path)
+    return hf, llama.LlamaLM.from_pretrained(path).eval(), path
+
+
+def test_config_and_names(pair):
+    hf, ours, _ = pair
+    assert ours.config.num_key_value_heads == hf.config.num_key_value_heads
+    assert ours.config.rope_theta == hf.config.rope_parameters["rope_theta"]
+    assert ours.config.rms_norm_eps == hf.config.rms_norm_eps
+    hf_state, our_state = hf.state_dict(), ours.state_dict()
+    assert list(our_state) == list(hf_state)  # identical keys, identical order
+    for k in hf_state:
+        assert torch.equal(our_state[k], hf_state[k]), k
+
+
+def test_logits_match_transformers(pair):
+    hf, ours, _ = pair
+    ids = torch.randint(0, hf.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert rel_err(ours(ids), want) <= 1e-4
+        # embeddings first, then ids
+        embeds = ours.embed(ids[:, :5])
+        assert rel_err(ours(input_ids=ids[:, 5:], inputs_embeds=embeds), want) <= 1e-4
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+def test_greedy_generation_matches_transformers(pair, penalty):
+    hf, ours, _ = pair
+    ids = torch.randint(3, hf.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                       repetition_penalty=penalty)[:, ids.shape[1]:]
+    got = ours.generate(ids, max_new_tokens=32, repetition_penalty=penalty)
+    assert want.shape == (1, 32)
+    assert torch.equal(got, want)
+
+
+def test_kv_cache_decoding_equals_full_forward(pair):
+    _, ours, _ = pair
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ours(ids)  # (2, 16, V)
+        logits, cache = ours.prefill(ours.embed(ids[:, :6]), None, 16)
+        steps = [logits]
+        for t in range(6, 15):
+            steps.append(ours.decode_step(ids[:, t], cache))
+    assert cache.length == 15
+    assert rel_err(torch.stack(steps, dim=1), full[:, 5:15]) <= 1e-5
+
+
+def test_left_padded_batch_equals_rows_alone(pair):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(3, ours.config.vocab_size, (n,), generator=g) for n in (9, 4, 6)]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)  # pad id 0, on the left
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):], mask[i, L - len(r):] = r, 1
+    with torch.no_grad():
+        batch_logits = ours(ids, attention_mask=mask)
+        batch_tokens = ours.generate(ids, attention_mask=mask, max_new_tokens=12, repetition_penalty=1.1)
+        for i, r in enumerate(rows):
+            alone = ours(r[None])
+            assert rel_err(batch_logits[i, L - len(r):], alone[0]) <= 1e-5
+            assert torch.equal(batch_tokens[i], ours.generate(r[None], max_new_tokens=12, repetition_penalty=1.1)[0])
+
+
+def test_left_padding_matches_transformers(pair):
+    hf, ours, _ = pair
+    ids = torch.randint(3, hf.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask)
+    assert rel_err(got[0], want[0]) <= 1e-4
+    assert rel_err(got[1, 4:], want[1, 4:]) <= 1e-4
+
+
+def test_sharded_checkpoints(tmp_path):
+    """Sharded safetensors (transformers' own) and sharded pytorch_model-*.bin with a stray inv_freq buffer."""
+    hf = make_hf("gqa")
+    hf.save_pretrained(tmp_path / "st", max_shard_size="40KB")
+    assert (tmp_path / "st" / "model.safetensors.index.json").exists()
+    state = hf.state_dict()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    keys = list(state)
+    names = [f"pytorch_model-0000{i + 1}-of-00003.bin" for i in range(3)]
+    weight_map = {}
+    for i, name in enumerate(names):
+        shard = {k: state[k].clone() for k in keys[i::3]}
+        if i == 0:  # what checkpoints written by old transformers carry
+            shard["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+        torch.save(shard, bin_dir / name)
+        weight_map.update({k: name for k in shard})
+    (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for d in ("st", "bin"):
+        ours = llama.LlamaLM.from_pretrained(str(tmp_path / d))
+        assert set(ours.state_dict()) == set(state)
+        for k, v in ours.state_dict().items():
+            assert torch.equal(v, state[k]), (d, k)
+
+
+def test_dtype_and_device_arguments(pair):
+    _, _, path = pair
+    model = llama.LlamaLM.from_pretrained(path, dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_loud_key_errors(tmp_path):
+    hf = make_hf("mha")
+    base = tmp_path / "base"
+    hf.save_pretrained(base)
+    state = load_file(base / "model.safetensors")
+
+    def variant(name, new_state):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((base / "config.json").read_text())
+        save_file(new_state, d / "model.safetensors")
+        return str(d)
+
+    missing = dict(state)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(KeyError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        llama.LlamaLM.from_pretrained(variant("missing", missing))
+    with pytest.raises(KeyError, match=r"model\.safetensors.*unexpected.*model\.layers\.0\.extra\.weight"):
+        llama.LlamaLM.from_pretrained(variant("unexpected", {**state, "model.layers.0.extra.weight": torch.ones(2)}))
+    shaped = {**state, "model.norm.weight": torch.ones(63)}
+    with pytest.raises(ValueError, match=r"model\.safetensors.*model\.norm\.weight.*\(63,\).*\(64,\)"):
+        llama.LlamaLM.from_pretrained(variant("shape", shaped))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        llama.LlamaLM.from_pretrained(str(tmp_path))
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((base / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        llama.LlamaLM.from_pretrained(str(tmp_path / "noweights"))
+    cfg = json.loads((base / "config.json").read_text())
+    (tmp_path / "tied").mkdir()
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        llama.LlamaLM.from_pretrained(str(tmp_path / "tied"))
+
+
+def test_save_pretrained_loads_in_transformers(pair, tmp_path):
+    hf, ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    back = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.config.rope_parameters["rope_theta"] == ours.config.rope_theta
+    ids = torch.randint(0, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, hf(ids).logits) <= 1e-6
+    again = llama.LlamaLM.from_pretrained(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+def test_training_autocast_checkpointing_grads_reach_inputs(pair):
+    """Frozen weights, bf16 autocast, per-layer checkpointing: gradients flow to inputs_embeds (as for audio tokens)."""
+    _, ours, path = pair
+    model = llama.LlamaLM.from_pretrained(path).train()
+    model.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(7))
+    prefix = torch.randn(2, 3, model.hidden_size, generator=torch.Generator().manual_seed(8))
+
+    def grad(checkpointing, autocast):
+        model.gradient_checkpointing = checkpointing
+        x = prefix.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids, inputs_embeds=x)
+        torch.nn.functional.cross_entropy(logits[:, 3:-1].float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return x.grad
+
+    plain = grad(False, False)
+    assert plain.abs().sum() > 0
+    assert torch.allclose(grad(True, False), plain, rtol=1e-5, atol=1e-8)
+    low = grad(True, True)
+    assert torch.isfinite(low).all() and rel_err(low, plain) < 0.1
+    assert all(p.grad is None for p in model.parameters())
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------------
+
+TEXT = ["The quick brown fox jumps over the lazy dog.", "A dog barks; a cat meows. Birds sing in the morning!",
+        "Audio language models answer questions about sounds 1234.", "Rain falls on the roof,  thunder rolls away.",
+        "Close-ended question: Write an audio caption describing the sound."] * 8
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """A tiny BPE sentencepiece model trained like LLaMA's (byte fallback, no normalisation, split digits)."""
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT), model_writer=buf, vocab_size=320, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return str(path)
+
+
+def test_tokenizer_matches_transformers(tokenizer_file):
+    # transformers 5 converts tokenizer.model through protobuf (not installed); its protobuf-free extractor gives the
+    # same vocab and merges, and LlamaTokenizer runs them through its own (Rust) BPE.
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
+    vocab, _, merges = SentencePieceExtractor(tokenizer_file).extract()
+    hf = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tok = llama.Tokenizer(tokenizer_file)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (1, 2, 320)
+    # Text that starts with whitespace is left out: transformers' Metaspace then drops the "▁" sentencepiece adds.
+    for text in ["Hello world, the dog barks.", "Würzburg 音 2024\tdone", "a cat\nmeows  ", TEXT[4]]:
+        ids = tok.encode(text)
+        assert ids == hf(text)["input_ids"]
+        assert ids[0] == 1 and tok.encode(text, bos=False) == ids[1:]
+        assert tok.decode(ids) == text == hf.decode(ids, skip_special_tokens=True)
+    assert tok.encode("x", eos=True)[-1] == 2
+
+
+def test_cli_generates(tokenizer_file, tmp_path, capsys):
+    hf = make_hf("mha")  # vocab 320, like the tokenizer
+    hf.save_pretrained(tmp_path)
+    shutil.copy(tokenizer_file, tmp_path / "tokenizer.model")
+    llama.main(["--model", str(tmp_path), "--prompt", "The dog", "--greedy", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    tok = llama.Tokenizer(str(tmp_path))
+    model = llama.LlamaLM.from_pretrained(str(tmp_path))
+    want = model.generate(torch.tensor([tok.encode("The dog")]), max_new_tokens=8,
+                          repetition_penalty=1.1, eos_token_id=2)
+    assert out == tok.decode(want[0]) + "\n"
+    os.remove(tmp_path / "tokenizer.model")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        llama.main(["--model", str(tmp_path), "--prompt", "x"])
