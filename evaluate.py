@@ -177,6 +177,8 @@ def load_esc50(root: str) -> tuple[list[Clip], list[str]]:
                                 f"(github.com/karolpiczak/ESC-50): ROOT/meta/esc50.csv and ROOT/audio/*.wav")
     with open(meta, newline="") as f:
         rows = list(csv.DictReader(f))
+    if not os.path.isdir(os.path.join(root, "audio")):
+        raise FileNotFoundError(f"{os.path.join(root, 'audio')} not found: ESC-50's clips belong in ROOT/audio/")
     if not rows or not {"filename", "target", "category"} <= set(rows[0]):
         raise ValueError(f"{meta}: expected the columns filename,fold,target,category,...")
     names = {int(r["target"]): r["category"] for r in rows}
@@ -445,7 +447,8 @@ def _hf_name(ours: str) -> str:
 
 class WordPiece:
     """BERT's tokenizer from vocab.txt: BasicTokenizer (clean, CJK split, lowercase + accent strip, whitespace and
-    punctuation split) then greedy longest-match WordPiece, as in tokenizers' BertNormalizer/BertPreTokenizer."""
+    punctuation split) then greedy longest-match WordPiece, as in tokenizers' BertNormalizer/BertPreTokenizer.
+    Unlike tokenizer.json, special tokens written inside the text ('[SEP]') are split like any other text."""
 
     def __init__(self, vocab_path: str, lowercase: bool = True, strip_accents: bool | None = None):
         with open(vocab_path, encoding="utf-8") as f:
@@ -672,6 +675,9 @@ def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answ
         raise FileNotFoundError(f"{len(missing)} audio file(s) not found, e.g. {missing[0].audio_id!r}: pass "
                                 f"--audio-root DIR, the folder holding the dataset's audio files")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if progress:
+        print(f"{len(clips) - len(todo)} of {len(clips)} clips already answered in {output}; "
+              f"asking the model about {len(todo)}", file=sys.stderr)
     start, last_report = time.time(), 0.0
     with open(output, "a") as f:
         for s in range(0, len(todo), batch_size):
@@ -871,4 +877,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
