@@ -825,8 +825,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Score a trained model on one of Table I's benchmarks, offline.")
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--checkpoint", help="trained model directory (sslalm.load_checkpoint)")
-    p.add_argument("--data", help="LTU eval JSON (demo: defaults to CHECKPOINT/demo_eval.json)")
-    p.add_argument("--labels", help="label CSV index,mid,display_name (demo: CHECKPOINT/demo_labels.csv)")
+    p.add_argument("--data", help="LTU eval JSON (demo: demo_eval.json in CHECKPOINT or up to 2 folders above)")
+    p.add_argument("--labels", help="label CSV index,mid,display_name (demo: demo_labels.csv beside demo_eval.json)")
     p.add_argument("--audio-root", help="folder holding the audio files the eval JSON names")
     p.add_argument("--esc50-root", help="ESC-50 in its own layout (meta/esc50.csv, audio/) instead of --data")
     p.add_argument("--limit", type=int, help="only the first N entries")
@@ -842,9 +842,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--spice-jar", help="coco-caption's spice-1.0.jar (captioning; needs Java)")
     a = p.parse_args(argv)
 
-    if a.task == "demo" and a.checkpoint:
-        a.data = a.data or os.path.join(a.checkpoint, "demo_eval.json")
-        a.labels = a.labels or os.path.join(a.checkpoint, "demo_labels.csv")
+    if a.task == "demo" and a.checkpoint:  # train.py --demo's output dir: the checkpoint or above it
+        here = Path(a.checkpoint).resolve()
+        run_dir = next((d for d in (here, *here.parents[:2]) if (d / "demo_eval.json").is_file()), here)
+        a.data = a.data or str(run_dir / "demo_eval.json")
+        a.labels = a.labels or str(run_dir / "demo_labels.csv")
     if a.esc50_root:
         if a.task != "esc50":
             p.error("--esc50-root goes with --task esc50")

@@ -389,6 +389,12 @@ def test_cli_demo_uses_checkpoint_files_and_entry_instructions(tmp_path, monkeyp
     ev.main(["--task", "demo", "--checkpoint", str(ckpt), "--json", "--greedy"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(0.75)
     assert model.listen.instructions == ["What is the sound?"] * 4 and FakeModel.calls[0]["greedy"]
+    # an intermediate checkpoint of the run (OUT/checkpoints/step-N) finds the run's files too
+    step = ckpt / "checkpoints" / "step-0000010"
+    step.mkdir(parents=True)
+    ev.main(["--task", "demo", "--checkpoint", str(step), "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(0.75)
+    assert (step / "eval_demo.jsonl").is_file()
 
 
 def test_resume_answers_each_clip_once_and_matches_uninterrupted(tmp_path, encoder):
