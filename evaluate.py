@@ -18,7 +18,8 @@ The protocol is the one of LTU's public eval scripts (inference_batch.py, eval/e
      clip's references; the reported number is the mean over trials. Text is lowercased and stripped of punctuation.
 
 Glossary (Table I column: --task, metric, dataset):
-  ESC50      esc50      accuracy   ESC-50 (2,000 clips, 50 classes); LTU JSON or the native layout (--esc50-root)
+  ESC50      esc50      accuracy   ESC-50 (2,000 clips, 50 classes); LTU JSON or the native layout (--esc50-root;
+                                   its 44.1 kHz clips are resampled to 16 kHz by the model's audio loader)
   DCASE      dcase      micro-F1   DCASE 2017 task 4 (17 classes; one label per entry, so micro-F1 = accuracy)
   VS         vs         accuracy   VocalSound (6 classes)
   TUT        tut        accuracy   TUT acoustic scenes 2017 (15 classes)
@@ -133,8 +134,8 @@ def resolve_audio(audio_id: str, roots: Sequence[str]) -> str | None:
 def load_eval_json(path: str, audio_root: str | None = None) -> list[Clip]:
     """LTU's eval JSON: a list of OpenAQA objects (instruction, input, audio_id, dataset, task, output).
 
-    Relative audio_ids are looked up under --audio-root, then next to the JSON; LTU's absolute paths from another
-    machine are found by their file name under --audio-root.
+    An audio_id is taken as given (absolute, or relative to the working directory), then under --audio-root, then
+    next to the JSON; LTU's absolute paths from another machine are found by their file name under --audio-root.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"eval JSON not found: {path}. Expected LTU's eval data: a JSON list of objects "
