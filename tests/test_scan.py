@@ -1,0 +1,320 @@
+"""The selective scan of eqs. (3)-(6): every backend against an fp64 reference and against independent oracles
+(transformers' Mamba scan, mambapy's parallel scan), values and gradients of every input.
+
+The Triton kernels run in Triton's CPU interpreter here (tests/conftest.py sets TRITON_INTERPRET=1): small shapes
+and a small `chunk` so that several chunks, and a partial last chunk, are exercised.
+"""
+import functools
+import importlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mambapy.pscan import pscan
+from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+import mamba
+import triton_scan
+
+F64 = torch.float64
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch=2, dim=8, dstate=16, length=7, groups=0, opts="mamba", seed=0):
+    """fp64 inputs for a scan, and its flags. groups=0: B, C are (batch, N, L); else (batch, G, N, L).
+
+    opts: "plain" (u, delta, A, B, C only), "mamba" (+ D, z, delta_bias, softplus, last state, as the LM uses it),
+    "state" (+ D, softplus, initial and last state, no bias or gate).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    bc = (batch, dstate, length) if groups == 0 else (batch, groups, dstate, length)
+    t = dict(u=rnd(batch, dim, length), A=-torch.exp(rnd(dim, dstate) * 0.5),  # A = -exp(A_log), as in Mamba
+             B=rnd(*bc), C=rnd(*bc))
+    if opts == "plain":
+        t["delta"] = 0.05 + 0.5 * torch.rand(batch, dim, length, generator=g, dtype=F64)
+        return t, dict(delta_softplus=False, return_last_state=False)
+    t["delta"] = rnd(batch, dim, length) - 1.0  # softplus of it: about 0.05 ... 1.5
+    t["D"] = rnd(dim)
+    if opts == "mamba":
+        t.update(z=rnd(batch, dim, length), delta_bias=0.5 * rnd(dim))
+    else:
+        t["initial_state"] = rnd(batch, dim, dstate)
+    return t, dict(delta_softplus=True, return_last_state=True)
+
+
+def run(fn, tensors, flags, dtype=torch.float32):
+    """Run fn on the inputs cast to dtype (A, D, delta_bias, initial_state stay fp32 unless dtype is fp64), backprop
+    fixed random output gradients; return {name: fp64 result} for the outputs and every input's gradient."""
+    low = {"u", "delta", "z", "B", "C"}
+    inputs = {k: v.detach().to(dtype if k in low or dtype == F64 else torch.float32).requires_grad_()
+              for k, v in tensors.items()}
+    out = fn(**inputs, **flags)
+    y, h = out if flags["return_last_state"] else (out, None)
+    assert y.dtype == inputs["u"].dtype and y.shape == inputs["u"].shape
+    g = torch.Generator().manual_seed(123)
+    loss = (y.to(F64) * torch.randn(y.shape, generator=g, dtype=F64)).sum()
+    res = {"y": y.detach().to(F64)}
+    if h is not None:
+        assert h.dtype == torch.float32 or dtype == F64
+        assert h.shape == (y.shape[0], *tensors["A"].shape)
+        loss = loss + (h.to(F64) * torch.randn(h.shape, generator=g, dtype=F64)).sum()
+        res["last_state"] = h.detach().to(F64)
+    loss.backward()
+    for k, v in inputs.items():
+        assert v.grad is not None and v.grad.shape == v.shape, k
+        res["d" + k] = v.grad.to(F64)
+    return res, inputs
+
+
+def reference(tensors, flags, dtype=torch.float32):
+    """The fp64 oracle: the sequential loop on fp64 copies of exactly the (rounded) inputs the backend sees."""
+    low = {"u", "delta", "z", "B", "C"}
+    rounded = {k: v.to(dtype if k in low else torch.float32).to(F64) for k, v in tensors.items()}
+    return run(mamba.selective_scan_ref, rounded, flags, F64)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_for(*case):
+    """reference() of make_inputs(*case), computed once for all backends."""
+    return reference(*make_inputs(*case))
+
+
+def assert_all_close(got, want, rtol, atol):
+    """Element-wise |got - want| <= atol * max|want| + rtol * |want|, for every output and gradient."""
+    assert got.keys() == want.keys()
+    for k in want:
+        scale = want[k].abs().max().item() if want[k].numel() else 1.0
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol * scale + 1e-12, msg=lambda m: f"{k}: {m}")
+
+
+def backend_fn(backend, chunk=None):
+    if backend == "triton" and chunk is not None:
+        return lambda **kw: triton_scan.selective_scan(**kw, chunk=chunk)
+    return lambda **kw: mamba.selective_scan(**kw, backend=backend)
+
+
+# fp32 against the fp64 loop: 6x (rtol) and 200x (atol) tighter than the tolerances of mamba_ssm's tests.
+FP32_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every backend against the fp64 reference
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["ref", "torch"])
+@pytest.mark.parametrize("dstate", [1, 16])
+@pytest.mark.parametrize("length", [1, 7, 300])
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("opts", ["plain", "mamba", "state"])
+def test_pytorch_backends_match_fp64(backend, dstate, length, groups, opts):
+    case = (2, 8 if length < 100 else 4, dstate, length, groups, opts)
+    got, _ = run(backend_fn(backend), *make_inputs(*case))
+    assert_all_close(got, reference_for(*case), **FP32_TOL)
+
+
+# (batch, D, N, L, groups, opts, chunk): N = 1 (DASS), 3 (padded to 4), 16 (Mamba); L = 1, odd, several chunks with
+# a partial last one; chunk None is the default chunk through mamba.selective_scan(backend="triton").
+TRITON_CASES = [
+    (2, 8, 1, 1, 0, "plain", None),
+    (2, 8, 1, 7, 2, "mamba", 4),
+    (2, 8, 1, 130, 0, "state", 16),
+    (2, 8, 3, 70, 4, "mamba", 8),
+    (1, 4, 16, 1, 0, "state", None),
+    (2, 4, 16, 7, 0, "plain", None),
+    (2, 4, 16, 70, 0, "mamba", 16),
+    (1, 4, 16, 37, 2, "state", 8),
+]
+
+
+@pytest.mark.parametrize("batch, dim, dstate, length, groups, opts, chunk", TRITON_CASES)
+def test_triton_matches_fp64(batch, dim, dstate, length, groups, opts, chunk):
+    tensors, flags = make_inputs(batch, dim, dstate, length, groups, opts, seed=length)
+    got, _ = run(backend_fn("triton", chunk), tensors, flags)
+    assert_all_close(got, reference(tensors, flags), **FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, dict(rtol=2e-2, atol=1e-2)),
+                                        (torch.float16, dict(rtol=5e-3, atol=2e-3))])
+@pytest.mark.parametrize("backend, dstate, length, chunk", [("torch", 16, 100, None), ("triton", 16, 21, 8),
+                                                            ("triton", 1, 21, 4)])
+def test_low_precision_inputs_match_fp64(backend, dstate, length, chunk, dtype, tol):
+    """bf16/fp16 u, delta, z, B, C with fp32 state arithmetic: only the rounding of y and the gradients remains."""
+    tensors, flags = make_inputs(2, 4, dstate, length, groups=0, opts="mamba", seed=3)
+    got, inputs = run(backend_fn(backend, chunk), tensors, flags, dtype)
+    assert inputs["u"].grad.dtype == dtype and inputs["B"].grad.dtype == dtype and inputs["A"].grad.dtype == torch.float32
+    assert_all_close(got, reference(tensors, flags, dtype), **tol)
+
+
+def test_triton_keeps_memory_linear_in_length():
+    """No (batch, D, N, L) tensor is kept for the backward: only the inputs and the chunk-end states."""
+    batch, dim, dstate, length, chunk = 1, 8, 16, 64, 16
+    tensors, flags = make_inputs(batch, dim, dstate, length, opts="mamba")
+    inputs = {k: v.float().requires_grad_() for k, v in tensors.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        triton_scan.selective_scan(**inputs, **flags, chunk=chunk)
+    states = batch * (length // chunk) * dim * dstate
+    assert sum(saved) == sum(t.numel() for t in inputs.values()) + states
+    assert max(saved) < batch * dim * dstate * length // 4
+
+
+def test_torch_backend_gradcheck():
+    """Autograd through the chunked fallback (several chunks, a partial last one) against finite differences."""
+    tensors, flags = make_inputs(batch=1, dim=2, dstate=3, length=5, groups=0, opts="mamba", seed=1)
+    tensors["initial_state"] = torch.randn(1, 2, 3, dtype=F64)
+    names = list(tensors)
+
+    def fn(*args):
+        y, h = mamba._scan_chunked(**dict(zip(names, args)), **flags, chunk=2)
+        return y, h
+
+    assert torch.autograd.gradcheck(fn, [tensors[k].clone().requires_grad_() for k in names])
+    grouped, flags = make_inputs(batch=1, dim=4, dstate=2, length=3, groups=2, opts="plain", seed=2)
+    names = list(grouped)
+    assert torch.autograd.gradcheck(lambda *a: mamba.selective_scan(**dict(zip(names, a)), **flags, backend="torch"),
+                                    [grouped[k].clone().requires_grad_() for k in names])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Independent oracles
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["ref", "torch", "triton"])
+def test_matches_transformers_scan(backend):
+    """transformers' `mamba_selective_scan` (its PyTorch loop; ungrouped B, C), values and autograd gradients."""
+    tensors, flags = make_inputs(2, 4, 16, 19, groups=0, opts="mamba", seed=7)
+    want, _ = run(lambda u, delta, **kw: mamba_selective_scan(u, delta, **kw), tensors, flags, F64)
+    got, _ = run(backend_fn(backend, 8), tensors, flags)
+    assert_all_close(got, want, **FP32_TOL)
+
+
+def _mambapy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """The scan with mambapy's parallel scan for eq. (5); eqs. (3), (4), (6) written out here."""
+    dt = delta + delta_bias[:, None]
+    dt = F.softplus(dt) if delta_softplus else dt                          # (batch, D, L)
+    a = torch.exp(dt.transpose(1, 2)[..., None] * A)                       # (batch, L, D, N), mambapy's layout
+    x = (dt * u).transpose(1, 2)[..., None] * B.permute(0, 2, 1)[:, :, None, :]
+    hs = pscan(a, x)                                                       # h_t = a_t h_{t-1} + x_t
+    y = (hs * C.permute(0, 2, 1)[:, :, None, :]).sum(-1).transpose(1, 2) + D[:, None] * u
+    y = y * F.silu(z)
+    return (y, hs[:, -1]) if return_last_state else y
+
+
+@pytest.mark.parametrize("backend", ["ref", "torch", "triton"])
+@pytest.mark.parametrize("length", [1, 13])
+def test_matches_mambapy_pscan(backend, length):
+    """mambapy's Blelloch scan and its hand-written backward (pads L to a power of two)."""
+    tensors, flags = make_inputs(2, 4, 4, length, groups=0, opts="mamba", seed=11)
+    want, _ = run(_mambapy_scan, tensors, flags, F64)
+    got, _ = run(backend_fn(backend, 4), tensors, flags)
+    assert_all_close(got, want, **FP32_TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The decode step
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dstate, groups", [(16, 0), (3, 2), (1, 4)])
+def test_decode_steps_equal_full_scan(backend, dstate, groups):
+    """selective_state_update applied L times from an initial state = the scan's y and last state."""
+    batch, dim, length = 2, 40, 6  # 40 channels: two tiles of 32, the second partial
+    tensors, flags = make_inputs(batch, dim, dstate, length, groups, opts="mamba", seed=5)
+    h0 = torch.randn(batch, dim, dstate, dtype=F64)
+    y_ref, h_ref = mamba.selective_scan_ref(**tensors, **flags, initial_state=h0)
+    t = {k: v.float() for k, v in tensors.items()}
+    state = h0.float().contiguous()
+    ys = [mamba.selective_state_update(state, t["u"][..., i], t["delta"][..., i], t["A"], t["B"][..., i],
+                                       t["C"][..., i], D=t["D"], z=t["z"][..., i], dt_bias=t["delta_bias"],
+                                       dt_softplus=True, backend=backend) for i in range(length)]
+    assert all(y.dtype == torch.float32 and y.shape == (batch, dim) for y in ys)
+    want = dict(y=y_ref, last_state=h_ref)
+    assert_all_close(dict(y=torch.stack(ys, -1).to(F64), last_state=state.to(F64)), want, **FP32_TOL)
+
+
+def test_triton_decode_low_precision():
+    """bf16 x, dt, z, B, C: y comes back in bf16; the fp32 state matches the fp64 step."""
+    tensors, flags = make_inputs(2, 32, 16, 1, 0, opts="mamba", seed=9)
+    t = {k: (v.bfloat16() if k in ("u", "delta", "z", "B", "C") else v.float()) for k, v in tensors.items()}
+    state = torch.randn(2, 32, 16)
+    y_ref, h_ref = mamba.selective_scan_ref(**{k: v.double() for k, v in t.items()}, **flags,
+                                            initial_state=state.double())
+    y = triton_scan.selective_state_update(state, t["u"][..., 0], t["delta"][..., 0], t["A"], t["B"][..., 0],
+                                           t["C"][..., 0], D=t["D"], z=t["z"][..., 0], dt_bias=t["delta_bias"],
+                                           dt_softplus=True)
+    assert y.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert_all_close(dict(y=y.double(), h=state.double()), dict(y=y_ref[..., 0], h=h_ref), rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Long sequences, errors, import
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_torch_fallback_long_sequence_is_stable():
+    """L = 20000 with decays exp(Δ A) that underflow to 0 (Δ|A| up to ~200): finite, equal to the fp64 loop; and
+    splitting the sequence in two with initial_state gives the same result."""
+    batch, dim, dstate, length = 1, 2, 2, 20000
+    g = torch.Generator().manual_seed(4)
+    t = dict(u=torch.randn(batch, dim, length, generator=g), delta=4.0 * torch.rand(batch, dim, length, generator=g),
+             A=torch.tensor([[-0.01, -50.0], [-1.0, -5.0]]), B=torch.randn(batch, dstate, length, generator=g),
+             C=torch.randn(batch, dstate, length, generator=g))
+    assert (t["delta"][0, :, :, None] * t["A"][:, None, :]).min() < -150  # exp() of it is 0 in fp32
+    y, h = mamba.selective_scan(**t, return_last_state=True, backend="torch")
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    y_ref, h_ref = mamba.selective_scan_ref(**{k: v.double() for k, v in t.items()}, return_last_state=True)
+    assert_all_close(dict(y=y.double(), h=h.double()), dict(y=y_ref, h=h_ref), **FP32_TOL)
+    half = length // 2
+    first = {k: (v[..., :half] if v.dim() == 3 else v) for k, v in t.items()}
+    second = {k: (v[..., half:] if v.dim() == 3 else v) for k, v in t.items()}
+    y1, h1 = mamba.selective_scan(**first, return_last_state=True, backend="torch")
+    y2, h2 = mamba.selective_scan(**second, return_last_state=True, backend="torch", initial_state=h1)
+    assert_all_close(dict(y=torch.cat([y1, y2], -1).double(), h=h2.double()), dict(y=y_ref, h=h_ref), **FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", ["ref", "torch", "triton"])
+@pytest.mark.parametrize("name, bad", [("delta", lambda t: t["delta"][..., :-1]), ("A", lambda t: t["A"][:-1]),
+                                       ("B", lambda t: t["B"][:, :-1]), ("C", lambda t: t["C"][..., :-1]),
+                                       ("B", lambda t: torch.zeros(2, 3, 16, 7))])
+def test_wrong_shapes_name_the_argument(backend, name, bad):
+    tensors, flags = make_inputs(2, 8, 16, 7, opts="plain")
+    tensors[name] = bad(tensors)
+    with pytest.raises(ValueError, match=name):
+        mamba.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags, backend=backend)
+
+
+@pytest.mark.parametrize("name, shape", [("D", (7,)), ("z", (2, 8, 6)), ("delta_bias", (8, 1)),
+                                         ("initial_state", (2, 8, 15))])
+def test_triton_wrong_optional_shapes_name_the_argument(name, shape):
+    tensors, flags = make_inputs(2, 8, 16, 7, opts="plain")
+    tensors[name] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=name):
+        triton_scan.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags)
+
+
+@pytest.mark.parametrize("name, shape", [("state", (2, 8, 15)), ("dt", (2, 7)), ("B", (2, 3, 16)), ("C", (2, 15)),
+                                         ("z", (2, 9)), ("D", (9,)), ("dt_bias", (1,))])
+def test_triton_decode_wrong_shapes_name_the_argument(name, shape):
+    args = dict(state=torch.zeros(2, 8, 16), x=torch.zeros(2, 8), dt=torch.zeros(2, 8), A=-torch.ones(8, 16),
+                B=torch.zeros(2, 16), C=torch.zeros(2, 16))
+    args[name] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=name):
+        triton_scan.selective_state_update(**args)
+
+
+def test_triton_rejects_fp64_and_non_fp32_state():
+    tensors, flags = make_inputs(1, 2, 2, 3, opts="plain")
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        triton_scan.selective_scan(**tensors, **flags)
+    with pytest.raises(ValueError, match="state must be a contiguous float32"):
+        triton_scan.selective_state_update(torch.zeros(1, 2, 2, dtype=torch.bfloat16), torch.zeros(1, 2),
+                                           torch.zeros(1, 2), -torch.ones(2, 2), torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+def test_import_without_triton_says_what_is_missing(monkeypatch):
+    monkeypatch.delitem(sys.modules, "triton_scan")
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    with pytest.raises(ImportError, match="Triton scan backend .* needs the triton package"):
+        importlib.import_module("triton_scan")
