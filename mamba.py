@@ -21,6 +21,24 @@ The scan has three implementations that compute the same thing:
     _scan_chunked        the PyTorch fallback: a parallel scan inside fixed-size chunks, state carried between them;
     triton_scan          Triton kernels (forward, backward, decode step) for CUDA tensors (module triton_scan.py).
 `selective_scan` picks one; `selective_state_update` is the one-token step used when generating.
+
+The language model (MambaLM; defaults = Mamba-2.8B), names as in the checkpoints:
+    d_model             the residual stream width (2560); D in the scan is d_inner
+    d_inner             expand · d_model, the channels the SSM runs on (5120)
+    in_proj             d_model -> [x, z], the SSM input and the gate, 2 · d_inner
+    conv1d              depthwise causal conv over time (width d_conv = 4) on x, then SiLU
+    x_proj              x -> [Δ in low rank (dt_rank = R), B_t (N), C_t (N)]: what makes the SSM selective
+    dt_proj             R -> d_inner; Δ_t = softplus(dt_proj(.)), its bias added inside the scan in fp32
+    A_log               A = -exp(A_log), (d_inner, N); kept in fp32 like D
+    out_proj            d_inner -> d_model
+    norm, norm_f        RMSNorm before each mixer and before the head; the head is the embedding matrix (tied)
+    conv_state          the last d_conv inputs of the conv, per layer           (batch, d_inner, d_conv)
+    ssm_state           h_t, per layer                                           (batch, d_inner, N)
+
+Where it differs from the official code: the residual stream is always fp32 and the RMSNorm multiplies by its
+weight in fp32 before casting (mamba_ssm's fused kernel does the same; transformers casts first); the
+depthwise conv is plain PyTorch (no causal-conv1d kernel); left padding is masked by zeroing the conv's input
+and output (transformers zeroes the mixer input, the same thing when in_proj has no bias).
 """
 from __future__ import annotations
 
@@ -274,9 +292,10 @@ class MambaConfig:
                       dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
                       dt_init_floor=ssm.get("dt_init_floor", 1e-4))
         else:
-            raise ValueError(f"{path}: neither an HF Mamba config (hidden_size, ...) nor a mamba_ssm one (d_model, ...)")
+            raise ValueError(f"{path}: neither an HF Mamba config (hidden_size, ...) nor a mamba_ssm one "
+                             f"(d_model, ...)")
         for key, want in checks.items():
-            if c.get(key, want) != want:
+            if c.get(key) not in (None, want):
                 raise ValueError(f"{path}: {key} = {c[key]!r} is not supported (need {want!r})")
         return cfg
 
@@ -444,8 +463,9 @@ class MambaLM(nn.Module):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
             nn.init.uniform_(m.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
-            dt = torch.exp(torch.rand(cfg.d_inner, device=m.A_log.device) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                           + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+            log_dt = torch.empty(cfg.d_inner, device=m.A_log.device).uniform_(math.log(cfg.dt_min),
+                                                                               math.log(cfg.dt_max))
+            dt = log_dt.exp().clamp(min=cfg.dt_init_floor)
             m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(Δ) = Δ + log(1 - e^-Δ)
             m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32, device=m.A_log.device))
                           .expand(cfg.d_inner, -1))
@@ -513,16 +533,17 @@ class MambaLM(nn.Module):
     def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                  attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+                 eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
         """The new tokens (B, T), T <= max_new_tokens; see sampling.generate."""
         return sampling.generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, do_sample,
-                                 temperature, top_k, top_p, repetition_penalty, eos_token_id, generator=generator)
+                                 temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "MambaLM":
-        """Load a Mamba checkpoint folder, HF format (state-spaces/mamba-2.8b-hf) or mamba_ssm's (state-spaces/mamba-2.8b).
+        """Load a Mamba checkpoint folder: HF format (state-spaces/mamba-2.8b-hf) or mamba_ssm's (mamba-2.8b).
 
         Weights: model.safetensors, model.safetensors.index.json (shards), pytorch_model.bin or
         pytorch_model.bin.index.json. The model is built on the meta device and each tensor is put in place as it is
@@ -574,7 +595,7 @@ class MambaLM(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         config = self.config.to_hf_dict()
-        config["torch_dtype"] = str(self.backbone.embeddings.weight.dtype).removeprefix("torch.")
+        config["dtype"] = str(self.backbone.embeddings.weight.dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}

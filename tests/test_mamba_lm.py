@@ -55,7 +55,8 @@ def to_original_format(hf_dir: str, out_dir: str, weights: str, vocab: int = 100
                   ssm_cfg=dict(d_state=hf["state_size"]), rms_norm=True, residual_in_fp32=True,
                   fused_add_norm=True, pad_vocab_size_multiple=8)
     json.dump(config, open(os.path.join(out_dir, "config.json"), "w"))
-    state = {k.replace("embeddings", "embedding"): v for k, v in load_file(os.path.join(hf_dir, "model.safetensors")).items()}
+    state = load_file(os.path.join(hf_dir, "model.safetensors"))
+    state = {k.replace("embeddings", "embedding"): v for k, v in state.items()}
     if weights == "pytorch_model.bin":
         state["lm_head.weight"] = state["backbone.embedding.weight"]
         torch.save(state, os.path.join(out_dir, weights))
@@ -342,8 +343,8 @@ def test_process_logits_matches_transformers_processors():
         assert torch.equal(drawn, expect)
 
 
-TEXTS = ["Hello, world!", "  two  spaces\nand a newline\ttab", "Ünïcödé — 日本語 🙂 ok", "the the the endoftext",
-         "<|endoftext|>", ""]
+TEXTS = ["Hello, world!", "  two  spaces\nand a newline\ttab", "Ünïcödé — 日本語 🙂 ok",
+         "the the the endoftext", "<|endoftext|>", ""]
 
 
 @pytest.fixture(scope="module")
