@@ -238,7 +238,7 @@ class LlamaLM(nn.Module):
         """x (B, L, d) through all blocks and the final norm -> (B, L, d)."""
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
         for i, block in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i)
@@ -253,7 +253,7 @@ class LlamaLM(nn.Module):
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, L) and/or inputs_embeds (B, P, d) (embeds first, then ids); attention_mask (B, P + L) with
-        0 at padding, or None -> logits (B, P + L, V)."""
+        0 at padding, or None -> logits (B, P + L, V), fp32."""
         x = self._inputs(input_ids, inputs_embeds)
         B, L, _ = x.shape
         self._check_length(L)
@@ -263,7 +263,7 @@ class LlamaLM(nn.Module):
             if attention_mask.shape != (B, L):
                 raise ValueError(f"attention_mask must be (B, L) = {(B, L)}; got {tuple(attention_mask.shape)}")
             pos, mask = _padding_mask(attention_mask)
-        return self.lm_head(self._blocks(x, pos, mask))
+        return self.lm_head(self._blocks(x, pos, mask)).float()
 
     # --- generation: the protocol of sampling.py ---------------------------------------------------------------
 
@@ -284,7 +284,7 @@ class LlamaLM(nn.Module):
         cache = KVCache(len(self.model.layers), valid, pos[:, -1] + 1)
         h = self._blocks(inputs_embeds, pos, mask, cache)
         cache.length = L
-        return self.lm_head(h[:, -1]), cache
+        return self.lm_head(h[:, -1]).float(), cache
 
     def decode_step(self, token: Tensor, cache: KVCache) -> Tensor:
         """token (B,) -> logits (B, V); the token goes into the cache at slot cache.length."""
@@ -295,7 +295,7 @@ class LlamaLM(nn.Module):
         h = self._blocks(self.embed(token[:, None]), cache.pos[:, None], mask, cache)
         cache.length += 1
         cache.pos += 1
-        return self.lm_head(h[:, -1])
+        return self.lm_head(h[:, -1]).float()
 
     def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                  attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
@@ -316,7 +316,8 @@ class LlamaLM(nn.Module):
         (pytorch_model.bin.index.json). dtype None keeps the stored dtype. The model is built on the meta device and
         each tensor is assigned as it is read, so the weights are never held twice. Every key is checked: missing,
         unexpected and mis-shaped keys raise, naming the key and the file. Old checkpoints carry the RoPE buffer
-        `...rotary_emb.inv_freq`, which is not a parameter (computed here from rope_theta); it is ignored."""
+        `...rotary_emb.inv_freq`, which is not a parameter (computed here from rope_theta); it is ignored.
+        The result is in eval mode, its parameters trainable (freeze them yourself, or let lora.add_lora do it)."""
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{path}: no config.json (a LLaMA checkpoint directory is expected)")
@@ -346,7 +347,7 @@ class LlamaLM(nn.Module):
         if missing:
             raise KeyError(f"{path}: {len(missing)} missing key(s) in {[os.path.basename(f) for f in files]}: "
                            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        return model
+        return model.eval()
 
     def save_pretrained(self, path: str):
         """Write config.json and model.safetensors in the Hugging Face format (transformers can load them)."""
@@ -378,7 +379,7 @@ def _weight_files(path: str) -> list[str]:
 
 
 def _read_tensors(file: str, device):
-    """Yield (key, tensor) from one weight file, one tensor at a time for safetensors."""
+    """Yield (key, tensor) from one weight file, one tensor at a time (.bin files are memory-mapped)."""
     device = torch.device("cpu" if device is None else device)
     if file.endswith(".safetensors"):
         from safetensors import safe_open
@@ -386,7 +387,7 @@ def _read_tensors(file: str, device):
             for key in f.keys():
                 yield key, f.get_tensor(key)
     else:
-        yield from torch.load(file, map_location=device, weights_only=True).items()
+        yield from torch.load(file, map_location=device, weights_only=True, mmap=True).items()
 
 
 class Tokenizer:
