@@ -4,7 +4,8 @@ Glossary (code name -> meaning):
     d       hidden_size, the model width (4096)            H, Hkv  query heads (32), key/value heads (32; fewer for GQA)
     hd      head_dim = d / H (128)                         T       cache length (prompt + new tokens)
     B, L    batch, sequence length                         V       vocabulary size (32000)
-    pos     position ids: cumsum(attention_mask) - 1, so a left-padded row sees the positions it would see alone
+    pos     position ids: cumsum(attention_mask) - 1 (as HF), so a left-padded row sees the positions it would see
+            alone. RoPE scores depend only on position differences, so this matters only for rounding.
 
 A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-attention with RoPE on q and k;
 mlp is SwiGLU: down(silu(gate(x)) * up(x)). RoPE follows the Hugging Face convention (rotate_half over the two halves
@@ -12,6 +13,9 @@ of each head); the HF checkpoints' q/k weights are permuted for it, so no permut
 equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which LoRA (lora.py) and the PEFT export rely
 on. Generation goes through sampling.py; this module provides embed / prefill / decode_step with a preallocated
 key/value cache.
+
+Differences from transformers' LlamaForCausalLM: logits are returned in fp32 (as mamba.py does); a decode step attends
+to the filled part of the cache; a padding query attends to itself, so no softmax row is empty (no NaN on any backend).
 """
 from __future__ import annotations
 

@@ -272,3 +272,16 @@ def test_cli_generates(tokenizer_file, tmp_path, capsys):
     os.remove(tmp_path / "tokenizer.model")
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         llama.main(["--model", str(tmp_path), "--prompt", "x"])
+
+
+def test_generation_input_errors(pair):
+    _, ours, _ = pair
+    embeds = ours.embed(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="left-padded"):
+        ours.prefill(embeds, torch.tensor([[1, 1, 0]]), 8)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ours.prefill(embeds, None, ours.config.max_position_embeddings + 1)
+    _, cache = ours.prefill(embeds, None, 4)
+    ours.decode_step(torch.tensor([8]), cache)
+    with pytest.raises(ValueError, match="cache is full"):
+        ours.decode_step(torch.tensor([9]), cache)
