@@ -201,6 +201,14 @@ def test_import_from_peft(checkpoint, tmp_path):
     x = ids(seed=7)
     with torch.no_grad():
         assert rel_err(model(x), peft_model(x).logits) <= 1e-5
+    # the older adapter_model.bin form of the same adapter
+    from safetensors.torch import load_file
+    torch.save(load_file(tmp_path / "adapter_model.safetensors"), tmp_path / "adapter_model.bin")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    from_bin = llama.LlamaLM.from_pretrained(path)
+    lora.import_peft(from_bin, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(from_bin(x), model(x))
     # a model that already has adapters of another rank is refused
     with pytest.raises(ValueError, match="r=4"):
         other = llama.LlamaLM.from_pretrained(path)
