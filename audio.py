@@ -102,7 +102,7 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
     if h.numel() > 2 ** 25:
         raise ValueError(f"cannot resample {orig_sr} Hz -> {new_sr} Hz: the ratio {up}/{down} needs "
                          f"{h.numel()} filter taps; convert the file to a common rate first")
-    weight = h.to(torch.float32)[:, None, :]                     # (up, 1, K) one output channel per phase
+    weight = h.to(waveform.device, torch.float32)[:, None, :]    # (up, 1, K) one output channel per phase
     n_out = -(-waveform.numel() * up // down)
     n_blocks = -(-n_out // up)                                   # outputs per phase
     right = max(0, (n_blocks - 1) * down + weight.shape[-1] - half - waveform.numel())
