@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
+import checkpoint
 import sampling
 
 
@@ -243,7 +243,7 @@ class LlamaLM(nn.Module):
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i)
         return self.model.norm(x)
@@ -301,97 +301,29 @@ class LlamaLM(nn.Module):
         cache.pos += 1
         return self.lm_head(h[:, -1]).float()
 
-    def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                 attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """New tokens (B, T), T <= max_new_tokens; see sampling.generate."""
-        return sampling.generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, do_sample,
-                                 temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator)
+    generate = sampling.generate  # generate(input_ids, inputs_embeds, attention_mask, max_new_tokens, ...) -> (B, T)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> LlamaLM:
-        """Load a Hugging Face LLaMA checkpoint directory: config.json and model.safetensors, sharded
-        model-*.safetensors (model.safetensors.index.json), pytorch_model.bin or sharded pytorch_model-*.bin
-        (pytorch_model.bin.index.json). dtype None keeps the stored dtype. The model is built on the meta device and
-        each tensor is assigned as it is read, so the weights are never held twice. Every key is checked: missing,
-        unexpected and mis-shaped keys raise, naming the key and the file. Old checkpoints carry the RoPE buffer
+        """Load a Hugging Face LLaMA checkpoint directory: config.json and model.safetensors, pytorch_model.bin or
+        their shards, read strictly by checkpoint.load_weights (missing, unexpected and mis-shaped keys raise, naming
+        the key and the file). dtype None keeps the stored dtype. Old checkpoints carry the RoPE buffer
         `...rotary_emb.inv_freq`, which is not a parameter (computed here from rope_theta); it is ignored.
         The result is in eval mode, its parameters trainable (freeze them yourself, or let lora.add_lora do it)."""
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{path}: no config.json (a LLaMA checkpoint directory is expected)")
+        config_file = checkpoint.config_file(path, "a LLaMA checkpoint directory")
         with open(config_file) as f:
             config = LlamaConfig.from_hf(json.load(f), config_file)
-        files = _weight_files(path)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        seen: dict[str, str] = {}
-        for file in files:
-            for key, tensor in _read_tensors(file, device):
-                if key.endswith("rotary_emb.inv_freq"):
-                    continue
-                if key not in expected:
-                    raise KeyError(f"{file}: unexpected key {key!r} (not a LLaMA parameter)")
-                if key in seen:
-                    raise KeyError(f"{file}: key {key!r} also in {seen[key]}")
-                if tuple(tensor.shape) != expected[key]:
-                    raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, expected {expected[key]} "
-                                     f"from {config_file}")
-                module_name, _, name = key.rpartition(".")
-                setattr(model.get_submodule(module_name), name,
-                        nn.Parameter(tensor if dtype is None else tensor.to(dtype)))
-                seen[key] = file
-        missing = [k for k in expected if k not in seen]
-        if missing:
-            raise KeyError(f"{path}: {len(missing)} missing key(s) in {[os.path.basename(f) for f in files]}: "
-                           f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        checkpoint.load_weights(model, path, dtype=dtype, device=device, skip=("rotary_emb.inv_freq",))
         return model.eval()
 
     def save_pretrained(self, path: str):
         """Write config.json and model.safetensors in the Hugging Face format (transformers can load them)."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_hf(), f, indent=2)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-
-
-def _weight_files(path: str) -> list[str]:
-    """The weight files of a checkpoint directory, in the order: sharded safetensors, safetensors, sharded .bin, .bin."""
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index_file = os.path.join(path, index)
-        if os.path.isfile(index_file):
-            with open(index_file) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            files = [os.path.join(path, s) for s in shards]
-            absent = [f for f in files if not os.path.isfile(f)]
-            if absent:
-                raise FileNotFoundError(f"{index_file} lists shard(s) that do not exist: {absent}")
-            return files
-        if os.path.isfile(os.path.join(path, single)):
-            return [os.path.join(path, single)]
-    raise FileNotFoundError(f"{path}: no weights (expected model.safetensors, model.safetensors.index.json, "
-                            f"pytorch_model.bin or pytorch_model.bin.index.json)")
-
-
-def _read_tensors(file: str, device):
-    """Yield (key, tensor) from one weight file, one tensor at a time (.bin files are memory-mapped)."""
-    device = torch.device("cpu" if device is None else device)
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        yield from torch.load(file, map_location=device, weights_only=True, mmap=True).items()
+        checkpoint.save_weights(self.state_dict(), path, self.config.to_hf())
 
 
 class Tokenizer:

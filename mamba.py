@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import checkpoint
 import sampling
 
 
@@ -530,14 +531,7 @@ class MambaLM(nn.Module):
         cache.length += 1
         return self._logits(residual)
 
-    def generate(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                 attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """The new tokens (B, T), T <= max_new_tokens; see sampling.generate."""
-        return sampling.generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, do_sample,
-                                 temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, generator)
+    generate = sampling.generate  # generate(input_ids, inputs_embeds, attention_mask, max_new_tokens, ...) -> (B, T)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
@@ -545,94 +539,30 @@ class MambaLM(nn.Module):
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "MambaLM":
         """Load a Mamba checkpoint folder: HF format (state-spaces/mamba-2.8b-hf) or mamba_ssm's (mamba-2.8b).
 
-        Weights: model.safetensors, model.safetensors.index.json (shards), pytorch_model.bin or
-        pytorch_model.bin.index.json. The model is built on the meta device and each tensor is put in place as it is
-        read, shard by shard, so the weights are never held twice. dtype: None keeps the stored dtype, otherwise
-        every tensor is cast to it except A_log and D, which stay fp32 (as mamba_ssm keeps them).
-        A missing, unexpected or mis-shaped key raises an error naming the key and the file. lm_head.weight may be
-        absent; if present it must equal the embedding (the head is tied), else it is an error.
-        The result is in eval mode, parameters trainable (freeze them yourself).
+        Weights: model.safetensors, pytorch_model.bin or their shards, read strictly by checkpoint.load_weights
+        (a missing, unexpected or mis-shaped key raises an error naming the key and the file). dtype: None keeps
+        the stored dtype, otherwise every tensor is cast to it except A_log and D, which stay fp32 (as mamba_ssm
+        keeps them). lm_head.weight may be absent; if present it must equal the embedding (the head is tied), else
+        it is an error. The result is in eval mode, parameters trainable (freeze them yourself).
         """
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{path}: no config.json (expected a Mamba checkpoint folder)")
-        config = MambaConfig.from_json(config_file)
+        config = MambaConfig.from_json(checkpoint.config_file(path, "a Mamba checkpoint folder"))
         with torch.device("meta"):
             model = cls(config)
-        params = dict(model.named_parameters())
-        loaded, head = set(), None
-        for file in _weight_files(path):
-            for key, tensor in _read_tensors(file):
-                name = key.replace("backbone.embedding.", "backbone.embeddings.")  # mamba_ssm's name -> HF's
-                if name == "lm_head.weight":
-                    head = (file, tensor)
-                    continue
-                if name not in params:
-                    raise KeyError(f"{file}: unexpected key {key!r} (not a parameter of this Mamba model)")
-                if name in loaded:
-                    raise KeyError(f"{file}: key {key!r} appears twice in the checkpoint")
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, the config "
-                                     f"{config_file} implies {tuple(params[name].shape)}")
-                keep_fp32 = name.endswith((".A_log", ".D"))
-                target = torch.float32 if keep_fp32 else (dtype or tensor.dtype)
-                module, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(module), leaf, nn.Parameter(tensor.to(device=device, dtype=target)))
-                loaded.add(name)
-        missing = [k for k in params if k not in loaded]
-        if missing:
-            raise KeyError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                           f"({len(missing)} in all)")
-        if head is not None:
-            file, tensor = head
+        extra = checkpoint.load_weights(model, path, dtype=dtype, device=device,
+                                        rename={"backbone.embedding.": "backbone.embeddings."},  # mamba_ssm -> HF
+                                        fp32=(".A_log", ".D"), aside=("lm_head.weight",))
+        if "lm_head.weight" in extra:
+            file, head = extra["lm_head.weight"]
             emb = model.backbone.embeddings.weight
-            if tensor.shape != emb.shape or not torch.equal(tensor.to(emb.device, emb.dtype), emb):
+            if head.shape != emb.shape or not torch.equal(head.to(emb.device, emb.dtype), emb):
                 raise ValueError(f"{file}: 'lm_head.weight' differs from the embedding; this model ties them")
         return model.eval()
 
     def save_pretrained(self, path: str):
         """Write the HF format: config.json (transformers' field names) and model.safetensors."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
         config = self.config.to_hf_dict()
         config["dtype"] = str(self.backbone.embeddings.weight.dtype).removeprefix("torch.")
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-
-
-def _weight_files(path: str) -> list[str]:
-    """The checkpoint's weight files, in the first layout found: a single file or the shards of an index."""
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json"):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        if not name.endswith(".index.json"):
-            return [file]
-        with open(file) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
-        for s in files:
-            if not os.path.isfile(s):
-                raise FileNotFoundError(f"{file} lists the shard {s}, which does not exist")
-        return files
-    raise FileNotFoundError(f"{path}: no weights (model.safetensors, model.safetensors.index.json, "
-                            f"pytorch_model.bin or pytorch_model.bin.index.json)")
-
-
-def _read_tensors(file: str):
-    """Yield (key, tensor) from one .safetensors or .bin file, one tensor at a time where the format allows."""
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mmap: read lazily
-        while state:
-            yield state.popitem()
+        checkpoint.save_weights(self.state_dict(), path, config)
 
 
 class MambaTokenizer:
