@@ -2,23 +2,26 @@
 
 Same arguments and results as `mamba.selective_scan_ref` (see its docstring and the glossary in mamba.py); this module
 adds only speed. Glossary of the kernels (code name -> symbol):
-    dt      Δ_t       delta after the bias and softplus, fp32                   (BLOCK_D, CHUNK)
-    a       Ā_t       exp(Δ_t A), eq. (3)                                        (BLOCK_D, BLOCK_N, CHUNK)
-    b       B̄_t x_t   Δ_t B_t u_t, eq. (4) in its Euler form                     (BLOCK_D, BLOCK_N, CHUNK)
-    hs      h_t       the state after step t, eq. (5)                            (BLOCK_D, BLOCK_N, CHUNK)
-    s       C_t h_t   the scan's output before the skip and gate, eq. (6)        (BLOCK_D, CHUNK)
+    dt      Δ_t       delta after the bias and softplus, fp32                   (CHUNK, BLOCK_D)
+    a       Ā_t       exp(Δ_t A), eq. (3)                                        (CHUNK, BLOCK_N, BLOCK_D)
+    b       B̄_t x_t   Δ_t B_t u_t, eq. (4) in its Euler form                     (CHUNK, BLOCK_N, BLOCK_D)
+    hs      h_t       the state after step t, eq. (5)                            (CHUNK, BLOCK_N, BLOCK_D)
+    s       C_t h_t   the scan's output before the skip and gate, eq. (6)        (CHUNK, BLOCK_D)
     ds      ∂/∂s_t    the loss gradient reaching eq. (6)
     dh      ∂/∂h_t    the loss gradient reaching the state (through eq. (6) now and eq. (5) later)
     g       ∂/∂h_{t0-1}  what one chunk hands the chunk before it in the backward pass
 
 How it is organised (the plan of mamba_ssm's CUDA kernel, written for Triton):
-- One program per (batch, block of BLOCK_D channels) walks the sequence in chunks of CHUNK time steps. A chunk is
-  loaded as (BLOCK_D, CHUNK) tiles, contiguous along L, so loads and stores are coalesced. Inside a chunk the linear
-  recurrence h_t = a_t h_{t-1} + b_t is a `tl.associative_scan` over time on (a, b) pairs, composed as
-  (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2); the state carried in from the previous chunk is added afterwards:
-  h_t = S_t + P_t h_{t0-1} with (P_t, S_t) the scanned pairs. The state lives in registers, in fp32.
-- The forward stores only the state at each chunk end: (batch, n_chunks, D, N) fp32, CHUNK times smaller than all
-  states. The last of them is the returned last state.
+- One program per (batch, block of BLOCK_D channels) walks the sequence in chunks of CHUNK time steps. A chunk of
+  u, Δ, z is a (CHUNK, BLOCK_D) tile, contiguous along L. Inside a chunk the linear recurrence h_t = a_t h_{t-1} + b_t
+  is a `tl.associative_scan` over time on (a, b) pairs, composed as (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2);
+  the state carried in from the previous chunk is added afterwards: h_t = S_t + P_t h_{t0-1} with (P_t, S_t) the
+  scanned pairs. State arithmetic is fp32, whatever the input dtype.
+- Tiles are (time, state, channel) with channels fastest, so Triton spreads the channels over the threads and keeps
+  each thread's time steps in its registers: the scan is a sequential loop inside a thread, no shuffles (see
+  `_tiles`; for N = 1 the tile is long in time and the threads spread along time instead).
+- The forward stores only the state at each chunk end: (batch, n_chunks, N, D) fp32, CHUNK times smaller than all
+  the states. The last of them is the returned last state.
 - The backward walks the chunks from last to first. In each it re-runs the forward from the stored state of the
   chunk before, then runs the reverse recurrence dh_t = C_t ds_t + Ā_{t+1} dh_{t+1} as a reverse scan.
   dA, dD and d(delta_bias) are summed over time in registers and written per batch element (summed over the batch
@@ -27,9 +30,9 @@ How it is organised (the plan of mamba_ssm's CUDA kernel, written for Triton):
 - N is padded to BLOCK_N, a power of two, with masks (A = 0 there, so the padded states stay 0). Every block of
   channels lies inside one group of B, C: BLOCK_D is a power of two dividing D / G.
 
-Differences from mamba_ssm's kernel: chunks are short (CHUNK steps, 64 for N = 16) because a chunk is one register
-tile, so the stored states are larger (1/CHUNK of all states, not 1/2048) but still linear in L; the backward
-computes Ā_{t+1} by loading Δ one step ahead instead of shuffling Ā_t between threads.
+Differences from mamba_ssm's kernel: a chunk is one register tile, so chunks are short (8 steps for N = 16) and the
+stored states larger (for N = 16 twice the size of u in fp32; mamba_ssm keeps 1 in 2048 steps) but still linear in
+L; the backward computes Ā_{t+1} by loading Δ one step ahead instead of shuffling Ā_t between threads.
 """
 from __future__ import annotations
 
@@ -80,23 +83,28 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _tiles(dstate: int, channels_per_group: int, length: int, chunk: int | None) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_N, CHUNK): a register tile of about 2048 fp32 per (a, b) pair for 4 warps.
+def _tiles(dstate: int, channels_per_group: int, length: int, chunk: int | None) -> tuple[int, int, int, int]:
+    """(CHUNK, BLOCK_N, BLOCK_D of the forward, BLOCK_D of the backward) for 4 warps.
 
-    N = 16: 2 channels x 16 x 64 steps; N = 1 (DASS): 2 channels x 1024 steps; short sequences get a shorter chunk
-    and more channels. BLOCK_D is a power of two dividing D / G so that one block of channels reads one group's
-    B_t, C_t and needs no channel mask.
+    The 3D tiles are (CHUNK, BLOCK_N, BLOCK_D), channels fastest, so Triton lays the channels across the threads
+    and keeps time (and most of N) inside each thread: the scan over time is then a sequential loop in registers
+    and the sum over N of eq. (6) mostly is too. N >= 2: 32 channels (16 in the heavier backward) x N x CHUNK with
+    CHUNK * N = 128 (N = 16: 8 steps). N = 1 (DASS, few channels): 1-2 channels x 1024 steps, which puts the threads
+    along time instead (a parallel scan across them), else there would be too few programs.
+    BLOCK_D is a power of two dividing D / G, so that a block reads one group's B_t, C_t and needs no channel mask.
     """
     block_n = _next_pow2(dstate)
     if chunk is None:
-        chunk = max(64, 2048 // (2 * block_n)) if block_n <= 16 else 32
-        chunk = min(chunk, max(16, _next_pow2(length)))
+        chunk = 1024 if block_n == 1 else min(64, max(2, 128 // block_n))
+        chunk = min(chunk, max(2, _next_pow2(length)))
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 2; got {chunk}")
-    block_d = max(1, min(16, 2048 // (block_n * chunk)))
-    while channels_per_group % block_d:
-        block_d //= 2
-    return block_d, block_n, chunk
+    block_d_fwd, block_d_bwd = (2, 1) if block_n == 1 else (32, 16)
+    while channels_per_group % block_d_fwd:
+        block_d_fwd //= 2
+    while channels_per_group % block_d_bwd:
+        block_d_bwd //= 2
+    return chunk, block_n, block_d_fwd, block_d_bwd
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -130,52 +138,52 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1) * BLOCK_D
-    offs_d = d0 + tl.arange(0, BLOCK_D)                                   # channels, all < D
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < DSTATE
     offs_t = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = d0 + tl.arange(0, BLOCK_D)                                    # channels, all < D
     group = d0 // channels_per_group
-    row = (pid_b * dim + d0) * length                                      # start of this block's rows in (B, D, L)
-    tile = tl.arange(0, BLOCK_D)[:, None] * length + offs_t[None, :]      # (BLOCK_D, CHUNK) offsets in a chunk
-    bc = (pid_b * n_groups + group) * DSTATE * length + offs_n[:, None] * length + offs_t[None, :]  # (BLOCK_N, CHUNK)
-    dn = offs_d[:, None] * DSTATE + offs_n[None, :]                        # (BLOCK_D, BLOCK_N) offsets in (D, N)
-    mask_dn = mask_n[None, :] & (offs_d[:, None] < dim)
+    row = (pid_b * dim + d0) * length                                      # this block's rows of (batch, D, L)
+    td = offs_t[:, None] + tl.arange(0, BLOCK_D)[None, :] * length        # (CHUNK, BLOCK_D) offsets in a chunk
+    tn = (pid_b * n_groups + group) * DSTATE * length + offs_t[:, None] + offs_n[None, :] * length  # (CHUNK, BLOCK_N)
+    mask_nd = (offs_n[:, None] < DSTATE) & (offs_d[None, :] < dim)         # (BLOCK_N, BLOCK_D)
+    nd = offs_n[:, None] + offs_d[None, :] * DSTATE                        # offsets in (D, N)
+    state_nd = offs_n[:, None] * dim + offs_d[None, :]                     # offsets in one (N, D) chunk-end state
 
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)       # padded n: A = 0, so h stays 0
+    A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)      # padded n: A = 0, so h stays 0
     Dskip = tl.load(D_ptr + offs_d).to(tl.float32) if HAS_D else None
     bias = tl.load(bias_ptr + offs_d).to(tl.float32) if HAS_BIAS else None
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * dim * DSTATE + dn, mask=mask_dn, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + pid_b * dim * DSTATE + nd, mask=mask_nd, other=0.0).to(tl.float32)
     else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
     for c in range(0, n_chunks):
         t0 = c * CHUNK
         mask_t = (t0 + offs_t) < length
-        mask = mask_t[None, :] & (offs_d[:, None] < dim)                   # (BLOCK_D, CHUNK)
-        u = tl.load(u_ptr + row + t0 + tile, mask=mask, other=0.0).to(tl.float32)
-        raw = tl.load(delta_ptr + row + t0 + tile, mask=mask, other=0.0).to(tl.float32)
+        mask = mask_t[:, None] & (offs_d[None, :] < dim)                   # (CHUNK, BLOCK_D)
+        u = tl.load(u_ptr + row + t0 + td, mask=mask, other=0.0).to(tl.float32)
+        raw = tl.load(delta_ptr + row + t0 + td, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            raw += bias[:, None]
+            raw += bias[None, :]
         dt = tl.where(mask, _delta(raw, SOFTPLUS), 0.0)                    # Δ = 0 past L: a = 1, b = 0 (identity)
-        mask_bc = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_ptr + bc + t0, mask=mask_bc, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc + t0, mask=mask_bc, other=0.0).to(tl.float32)
+        mask_tn = mask_t[:, None] & (offs_n[None, :] < DSTATE)
+        Bt = tl.load(B_ptr + tn + t0, mask=mask_tn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + tn + t0, mask=mask_tn, other=0.0).to(tl.float32)
 
-        a = tl.exp(dt[:, None, :] * A[:, :, None])                         # eq. (3)  Ā = exp(ΔA)
-        b = (dt * u)[:, None, :] * Bt[None, :, :]                          # eq. (4)  B̄x = ΔB x (Euler)
-        P, S = tl.associative_scan((a, b), axis=2, combine_fn=_compose)   # eq. (5) within the chunk, h_{t0-1} = 0
-        hs = S + P * h[:, :, None]                                         # eq. (5)  add the carried state
-        y = tl.sum(hs * Ct[None, :, :], axis=1)                            # eq. (6)  y = C h
+        a = tl.exp(dt[:, None, :] * A[None, :, :])                         # eq. (3)  Ā = exp(ΔA)
+        b = (dt * u)[:, None, :] * Bt[:, :, None]                          # eq. (4)  B̄x = ΔB x (Euler)
+        P, S = tl.associative_scan((a, b), axis=0, combine_fn=_compose)   # eq. (5) within the chunk, h_{t0-1} = 0
+        hs = S + P * h[None, :, :]                                         # eq. (5)  add the carried state
+        y = tl.sum(hs * Ct[:, :, None], axis=1)                            # eq. (6)  y = C h
         if HAS_D:
-            y += Dskip[:, None] * u                                        # skip D x
+            y += Dskip[None, :] * u                                        # skip D x
         if HAS_Z:
-            z = tl.load(z_ptr + row + t0 + tile, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row + t0 + td, mask=mask, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)                                         # gate y silu(z)
-        tl.store(y_ptr + row + t0 + tile, y, mask=mask)
+        tl.store(y_ptr + row + t0 + td, y, mask=mask)
 
-        h = tl.sum(tl.where(offs_t[None, None, :] == CHUNK - 1, hs, 0.0), axis=2)  # the state at the chunk's end
-        tl.store(states_ptr + (pid_b * n_chunks + c) * dim * DSTATE + dn, h, mask=mask_dn)
+        h = tl.sum(tl.where(offs_t[:, None, None] == CHUNK - 1, hs, 0.0), axis=0)  # the state at the chunk's end
+        tl.store(states_ptr + (pid_b * n_chunks + c) * DSTATE * dim + state_nd, h, mask=mask_nd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,30 +200,30 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1) * BLOCK_D
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < DSTATE
     offs_t = tl.arange(0, CHUNK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
     group = d0 // channels_per_group
     row = (pid_b * dim + d0) * length
-    tile = tl.arange(0, BLOCK_D)[:, None] * length + offs_t[None, :]
-    bc = (pid_b * n_groups + group) * DSTATE * length + offs_n[:, None] * length + offs_t[None, :]
-    dn = offs_d[:, None] * DSTATE + offs_n[None, :]
-    mask_dn = mask_n[None, :] & (offs_d[:, None] < dim)
-    batch_dn = pid_b * dim * DSTATE + dn                                  # offsets in a (batch, D, N) tensor
+    td = offs_t[:, None] + tl.arange(0, BLOCK_D)[None, :] * length
+    tn = (pid_b * n_groups + group) * DSTATE * length + offs_t[:, None] + offs_n[None, :] * length
+    mask_nd = (offs_n[:, None] < DSTATE) & (offs_d[None, :] < dim)
+    nd = offs_n[:, None] + offs_d[None, :] * DSTATE
+    state_nd = offs_n[:, None] * dim + offs_d[None, :]
+    batch_nd = pid_b * dim * DSTATE + nd                                   # offsets in a (batch, D, N) tensor
 
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + nd, mask=mask_nd, other=0.0).to(tl.float32)
     Dskip = tl.load(D_ptr + offs_d).to(tl.float32) if HAS_D else None
     bias = tl.load(bias_ptr + offs_d).to(tl.float32) if HAS_BIAS else None
     if HAS_H0:
-        h_init = tl.load(h0_ptr + batch_dn, mask=mask_dn, other=0.0).to(tl.float32)
+        h_init = tl.load(h0_ptr + batch_nd, mask=mask_nd, other=0.0).to(tl.float32)
     else:
-        h_init = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        h_init = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if HAS_DLAST:  # the last state's gradient enters at t = L - 1, as if from a step with Ā = 1
-        g = tl.load(dlast_ptr + batch_dn, mask=mask_dn, other=0.0).to(tl.float32)
+        g = tl.load(dlast_ptr + batch_nd, mask=mask_nd, other=0.0).to(tl.float32)
     else:
-        g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
@@ -223,77 +231,77 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         c = n_chunks - 1 - i
         t0 = c * CHUNK
         mask_t = (t0 + offs_t) < length
-        mask = mask_t[None, :] & (offs_d[:, None] < dim)
-        mask_bc = mask_n[:, None] & mask_t[None, :]
+        mask = mask_t[:, None] & (offs_d[None, :] < dim)
+        mask_tn = mask_t[:, None] & (offs_n[None, :] < DSTATE)
 
         # Re-run the forward of this chunk from the state stored at the end of the chunk before.
-        h_prev = tl.load(states_ptr + (pid_b * n_chunks + tl.maximum(c - 1, 0)) * dim * DSTATE + dn,
-                         mask=mask_dn, other=0.0)
+        h_prev = tl.load(states_ptr + (pid_b * n_chunks + tl.maximum(c - 1, 0)) * DSTATE * dim + state_nd,
+                         mask=mask_nd, other=0.0)
         h_prev = tl.where(c > 0, h_prev, h_init)
-        u = tl.load(u_ptr + row + t0 + tile, mask=mask, other=0.0).to(tl.float32)
-        raw = tl.load(delta_ptr + row + t0 + tile, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row + t0 + td, mask=mask, other=0.0).to(tl.float32)
+        raw = tl.load(delta_ptr + row + t0 + td, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            raw += bias[:, None]
+            raw += bias[None, :]
         dt = tl.where(mask, _delta(raw, SOFTPLUS), 0.0)
-        Bt = tl.load(B_ptr + bc + t0, mask=mask_bc, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc + t0, mask=mask_bc, other=0.0).to(tl.float32)
-        a = tl.exp(dt[:, None, :] * A[:, :, None])                         # eq. (3)
-        b = (dt * u)[:, None, :] * Bt[None, :, :]                          # eq. (4)
-        P, S = tl.associative_scan((a, b), axis=2, combine_fn=_compose)
-        hs = S + P * h_prev[:, :, None]                                    # eq. (5)  h_t
+        Bt = tl.load(B_ptr + tn + t0, mask=mask_tn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + tn + t0, mask=mask_tn, other=0.0).to(tl.float32)
+        a = tl.exp(dt[:, None, :] * A[None, :, :])                         # eq. (3)
+        b = (dt * u)[:, None, :] * Bt[:, :, None]                          # eq. (4)
+        P, S = tl.associative_scan((a, b), axis=0, combine_fn=_compose)
+        hs = S + P * h_prev[None, :, :]                                    # eq. (5)  h_t
 
         # Gate and skip: y = (s + D u) silu(z), s = C h.
-        dy = tl.load(dy_ptr + row + t0 + tile, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row + t0 + td, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + row + t0 + tile, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row + t0 + td, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
-            pre = tl.sum(hs * Ct[None, :, :], axis=1)                      # eq. (6)  s = C h
+            pre = tl.sum(hs * Ct[:, :, None], axis=1)                      # eq. (6)  s = C h
             if HAS_D:
-                pre += Dskip[:, None] * u
-            tl.store(dz_ptr + row + t0 + tile, dy * pre * sig * (1.0 + z * (1.0 - sig)), mask=mask)  # silu'
+                pre += Dskip[None, :] * u
+            tl.store(dz_ptr + row + t0 + td, dy * pre * sig * (1.0 + z * (1.0 - sig)), mask=mask)  # silu'
             ds = dy * z * sig
         else:
             ds = dy
 
         # Reverse recurrence dh_t = C_t ds_t + Ā_{t+1} dh_{t+1}; Ā_{t+1} is read one step ahead. At the chunk's
         # last step (and at t = L - 1) it is 1 and the carry g = Ā_{t0+CHUNK} dh_{t0+CHUNK} enters instead.
-        mask_next = mask & (offs_t[None, :] < CHUNK - 1) & ((t0 + offs_t + 1) < length)[None, :]
-        raw_next = tl.load(delta_ptr + row + t0 + 1 + tile, mask=mask_next, other=0.0).to(tl.float32)
+        mask_next = mask & (offs_t[:, None] < CHUNK - 1) & ((t0 + offs_t + 1) < length)[:, None]
+        raw_next = tl.load(delta_ptr + row + t0 + 1 + td, mask=mask_next, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            raw_next += bias[:, None]
+            raw_next += bias[None, :]
         dt_next = tl.where(mask_next, _delta(raw_next, SOFTPLUS), 0.0)
-        a_next = tl.exp(dt_next[:, None, :] * A[:, :, None])               # Ā_{t+1}
-        Q, R = tl.associative_scan((a_next, Ct[None, :, :] * ds[:, None, :]), axis=2, combine_fn=_compose,
+        a_next = tl.exp(dt_next[:, None, :] * A[None, :, :])               # Ā_{t+1}
+        Q, R = tl.associative_scan((a_next, Ct[:, :, None] * ds[:, None, :]), axis=0, combine_fn=_compose,
                                    reverse=True)
-        dh = R + Q * g[:, :, None]                                         # ∂L/∂h_t
+        dh = R + Q * g[None, :, :]                                         # ∂L/∂h_t
 
         # Gradients of eqs. (3)-(5). Ā_t h_{t-1} = h_t - b_t avoids the state one step back.
         ah = hs - b
-        dhB = tl.sum(dh * Bt[None, :, :], axis=1)                          # Σ_n dh B
-        ddt = dhB * u + tl.sum(dh * ah * A[:, :, None], axis=1)            # ∂/∂Δ of eqs. (3), (4)
+        dhB = tl.sum(dh * Bt[:, :, None], axis=1)                          # Σ_n dh B
+        ddt = dhB * u + tl.sum(dh * ah * A[None, :, :], axis=1)            # ∂/∂Δ of eqs. (3), (4)
         du = dt * dhB
         if HAS_D:
-            du += Dskip[:, None] * ds
-            dD_acc += tl.sum(ds * u, axis=1)
-        dA_acc += tl.sum(dh * ah * dt[:, None, :], axis=2)                 # ∂/∂A of eq. (3)
-        dB = tl.sum(dh * (dt * u)[:, None, :], axis=0)                     # (BLOCK_N, CHUNK), summed over channels
-        dC = tl.sum(hs * ds[:, None, :], axis=0)                           # ∂/∂C of eq. (6)
-        tl.atomic_add(dB_ptr + bc + t0, dB, mask=mask_bc)
-        tl.atomic_add(dC_ptr + bc + t0, dC, mask=mask_bc)
+            du += Dskip[None, :] * ds
+            dD_acc += tl.sum(ds * u, axis=0)
+        dA_acc += tl.sum(dh * ah * dt[:, None, :], axis=0)                 # ∂/∂A of eq. (3)
+        dB = tl.sum(dh * (dt * u)[:, None, :], axis=2)                     # (CHUNK, BLOCK_N), summed over channels
+        dC = tl.sum(hs * ds[:, None, :], axis=2)                           # ∂/∂C of eq. (6)
+        tl.atomic_add(dB_ptr + tn + t0, dB, mask=mask_tn)
+        tl.atomic_add(dC_ptr + tn + t0, dC, mask=mask_tn)
         ddt = tl.where(mask, ddt * _delta_grad(raw, SOFTPLUS), 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + row + t0 + tile, du, mask=mask)
-        tl.store(ddelta_ptr + row + t0 + tile, ddt, mask=mask)
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + row + t0 + td, du, mask=mask)
+        tl.store(ddelta_ptr + row + t0 + td, ddt, mask=mask)
 
-        g = tl.sum(tl.where(offs_t[None, None, :] == 0, a * dh, 0.0), axis=2)  # ∂L/∂h_{t0-1} = Ā_{t0} dh_{t0}
+        g = tl.sum(tl.where(offs_t[:, None, None] == 0, a * dh, 0.0), axis=0)  # ∂L/∂h_{t0-1} = Ā_{t0} dh_{t0}
 
-    tl.store(dA_ptr + batch_dn, dA_acc, mask=mask_dn)                     # per batch element; summed outside
+    tl.store(dA_ptr + batch_nd, dA_acc, mask=mask_nd)                     # per batch element; summed outside
     if HAS_D:
         tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc)
     if HAS_BIAS:
         tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc)
     if HAS_H0:
-        tl.store(dh0_ptr + batch_dn, g, mask=mask_dn)
+        tl.store(dh0_ptr + batch_nd, g, mask=mask_nd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,10 +318,10 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
         batch, dim, length = u.shape
         dstate, groups = A.shape[1], B.shape[1]
-        block_d, block_n, chunk = _tiles(dstate, dim // groups, length, chunk)
+        chunk, block_n, block_d, block_d_bwd = _tiles(dstate, dim // groups, length, chunk)
         n_chunks = triton.cdiv(length, chunk)
         y = torch.empty_like(u)
-        states = u.new_empty(batch, n_chunks, dim, dstate, dtype=torch.float32)
+        states = u.new_empty(batch, n_chunks, dstate, dim, dtype=torch.float32)
         flags = dict(DSTATE=dstate, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                      HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus,
                      BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk)
@@ -321,10 +329,11 @@ class _SelectiveScan(torch.autograd.Function):
         _scan_fwd_kernel[(batch, dim // block_d)](
             u, delta, A, B, C, x if D is None else D, x if z is None else z,
             x if delta_bias is None else delta_bias, x if initial_state is None else initial_state, y, states,
-            dim, length, groups, dim // groups, n_chunks, **flags)
+            dim, length, groups, dim // groups, n_chunks, **flags, num_warps=4)
+        flags["BLOCK_D"] = block_d_bwd
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
         ctx.flags, ctx.n_chunks = flags, n_chunks
-        return y, states[:, -1].clone()
+        return y, states[:, -1].transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, dy, dlast):
@@ -346,7 +355,7 @@ class _SelectiveScan(torch.autograd.Function):
             u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), opt(initial_state), states,
             dy.contiguous(), opt(None if dlast is None else dlast.contiguous()),
             du, ddelta, dA, dB, dC, opt(dD), opt(dz), opt(dbias), opt(dh0),
-            dim, length, groups, dim // groups, ctx.n_chunks, HAS_DLAST=dlast is not None, **flags)
+            dim, length, groups, dim // groups, ctx.n_chunks, HAS_DLAST=dlast is not None, **flags, num_warps=4)
         return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if D is None else dD.sum(0).to(D.dtype), dz,
                 None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),

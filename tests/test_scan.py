@@ -114,8 +114,8 @@ def test_pytorch_backends_match_fp64(backend, dstate, length, groups, opts):
     assert_all_close(got, reference_for(*case), **FP32_TOL)
 
 
-# (batch, D, N, L, groups, opts, chunk): N = 1 (DASS), 3 (padded to 4), 16 (Mamba); L = 1, odd, several chunks with
-# a partial last one; chunk None is the default chunk through mamba.selective_scan(backend="triton").
+# (batch, D, N, L, groups, opts, chunk): N = 1 (DASS), 3 (padded to 4), 4, 16 (Mamba); L = 1, odd, several chunks
+# with a partial last one; chunk None: the default tiles, through mamba.selective_scan(backend="triton").
 TRITON_CASES = [
     (2, 8, 1, 1, 0, "plain", None),
     (2, 8, 1, 7, 2, "mamba", 4),
@@ -125,6 +125,7 @@ TRITON_CASES = [
     (2, 4, 16, 7, 0, "plain", None),
     (2, 4, 16, 70, 0, "mamba", 16),
     (1, 4, 16, 37, 2, "state", 8),
+    (1, 32, 4, 19, 0, "mamba", None),  # default tiles: 32 channels per forward program, 16 per backward one
 ]
 
 
