@@ -95,6 +95,15 @@ def backend_fn(backend, chunk=None):
     return lambda **kw: mamba.selective_scan(**kw, backend=backend)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation (and stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # fp32 against the fp64 loop: 6x (rtol) and 200x (atol) tighter than the tolerances of mamba_ssm's tests.
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 
