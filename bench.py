@@ -1,4 +1,4 @@
-"""Benchmarks. `python bench.py <command> [--quick] [--device DEVICE]`; commands are listed in COMMANDS.
+"""Benchmarks. `python bench.py <command> [--quick] [--device DEVICE] [--threads N]`; commands are in COMMANDS.
 
     scan   the selective scan (eqs. (3)-(6)). On CUDA: the Triton kernels at Mamba-2.8B and DASS shapes, forward and
            forward+backward, against a device-to-device copy (the memory roofline), the sequential loop and mambapy's
@@ -225,10 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quick", action="store_true", help="fewer shapes")
     common.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    common.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, parents=[common], help=help_text)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     COMMANDS[args.command][0](args)
 
 
