@@ -134,8 +134,9 @@ def _check_bc(name: str, M: Tensor, batch: int, dim: int, dstate: int, tail: tup
 def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, states_ptr,
                      dim, length, n_groups, channels_per_group, n_chunks,
                      DSTATE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr, STORE_ALL: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """STORE_ALL: store the state at every chunk end (for the backward), else only the last one."""
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1) * BLOCK_D
     offs_t = tl.arange(0, CHUNK)
@@ -183,7 +184,10 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         tl.store(y_ptr + row + t0 + td, y, mask=mask)
 
         h = tl.sum(tl.where(offs_t[:, None, None] == CHUNK - 1, hs, 0.0), axis=0)  # the state at the chunk's end
-        tl.store(states_ptr + (pid_b * n_chunks + c) * DSTATE * dim + state_nd, h, mask=mask_nd)
+        if STORE_ALL:
+            tl.store(states_ptr + (pid_b * n_chunks + c) * DSTATE * dim + state_nd, h, mask=mask_nd)
+    if not STORE_ALL:
+        tl.store(states_ptr + pid_b * DSTATE * dim + state_nd, h, mask=mask_nd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,13 +319,13 @@ def _dummy(ref: Tensor) -> Tensor:
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, need_grad):
         batch, dim, length = u.shape
         dstate, groups = A.shape[1], B.shape[1]
         chunk, block_n, block_d, block_d_bwd = _tiles(dstate, dim // groups, length, chunk)
         n_chunks = triton.cdiv(length, chunk)
         y = torch.empty_like(u)
-        states = u.new_empty(batch, n_chunks, dstate, dim, dtype=torch.float32)
+        states = u.new_empty(batch, n_chunks if need_grad else 1, dstate, dim, dtype=torch.float32)
         flags = dict(DSTATE=dstate, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                      HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus,
                      BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk)
@@ -329,7 +333,7 @@ class _SelectiveScan(torch.autograd.Function):
         _scan_fwd_kernel[(batch, dim // block_d)](
             u, delta, A, B, C, x if D is None else D, x if z is None else z,
             x if delta_bias is None else delta_bias, x if initial_state is None else initial_state, y, states,
-            dim, length, groups, dim // groups, n_chunks, **flags, num_warps=4)
+            dim, length, groups, dim // groups, n_chunks, STORE_ALL=need_grad, **flags, num_warps=4)
         flags["BLOCK_D"] = block_d_bwd
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)
         ctx.flags, ctx.n_chunks = flags, n_chunks
@@ -359,7 +363,7 @@ class _SelectiveScan(torch.autograd.Function):
         return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if D is None else dD.sum(0).to(D.dtype), dz,
                 None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
-                None if initial_state is None else dh0.to(initial_state.dtype), None, None)
+                None if initial_state is None else dh0.to(initial_state.dtype), None, None, None)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -391,9 +395,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     _check("z", z, (batch, dim, length))
     _check("delta_bias", delta_bias, (dim,))
     _check("initial_state", initial_state, (batch, dim, dstate))
-    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    y, last = _SelectiveScan.apply(u.contiguous(), delta.contiguous(), A.contiguous(), B, C, c(D), c(z),
-                                   c(delta_bias), c(initial_state), bool(delta_softplus), chunk)
+    tensors = [u, delta, A, B, C, D, z, delta_bias, initial_state]
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, last = _SelectiveScan.apply(*[None if t is None else t.contiguous() for t in tensors],
+                                   bool(delta_softplus), chunk, need_grad)
     return (y, last) if return_last_state else y
 
 

@@ -157,6 +157,19 @@ def test_low_precision_inputs_match_fp64(backend, dstate, length, chunk, dtype, 
     assert_all_close(got, reference(tensors, flags, dtype), **tol)
 
 
+def test_triton_inference_and_strided_inputs():
+    """Without autograd only the last state is stored; inputs that are strided views (as the Mamba mixer's
+    transposes give) are read correctly. Same kernels, so the same numbers bit for bit."""
+    tensors, flags = make_inputs(2, 8, 4, 19, 0, opts="state", seed=8)
+    t = {k: v.float() for k, v in tensors.items()}
+    y, h = triton_scan.selective_scan(**{k: v.clone().requires_grad_() for k, v in t.items()}, **flags, chunk=4)
+    strided = {k: (v.transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() == 3 else v) for k, v in t.items()}
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    with torch.no_grad():
+        y2, h2 = triton_scan.selective_scan(**strided, **flags, chunk=4)
+    assert torch.equal(y.detach(), y2) and torch.equal(h.detach(), h2)
+
+
 def test_triton_keeps_memory_linear_in_length():
     """No (batch, D, N, L) tensor is kept for the backward: only the inputs and the chunk-end states."""
     batch, dim, dstate, length, chunk = 1, 8, 16, 64, 16
