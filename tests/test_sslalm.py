@@ -1,0 +1,268 @@
+"""The model of Fig. 1: parameter counts of the paper, and tiny versions of the four variants end to end."""
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import sampling
+import sslalm
+from dass import DASS, DASSConfig
+from llama import LlamaConfig, LlamaLM
+from mamba import MambaConfig, MambaLM
+
+CORPUS = [
+    "### Instruction:\nWhat can you hear?\n\n### Response:\nA high pitched pure tone.",
+    "### Instruction:\nWrite an audio caption describing the sound.\n\n### Response:\nWhite noise, loud and steady.",
+    "### Instruction:\nIs the pitch rising or falling?\n\n### Response:\nThe pitch is rising quickly.",
+    "a low hum, a click train, brown noise, silence, a chirp, an amplitude modulated tone",
+]
+TINY_DASS = {"small": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
+             "medium": dict(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1))}
+VARIANTS = [(size, llm) for size in ("small", "medium") for llm in ("mamba", "llama")]
+
+
+# ---- the paper's counts (§III-C, §III-E), on the meta device ---------------------------------------------------
+@pytest.mark.parametrize("size,llm,trainable_m,total_b", [
+    ("small", "llama", 42, 6.8), ("medium", "llama", 61, 6.8), ("small", "mamba", 43, 2.8), ("medium", "mamba", 62, 2.8)])
+def test_paper_parameter_counts(size, llm, trainable_m, total_b, capsys):
+    sslalm.main(["params", "--size", size, "--llm", llm, "--json"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["DASS"] == {"small": 29_884_463, "medium": 48_648_239}[size] - (768 * 527 + 527)  # no head
+    assert row["conv"] == 768 * 768 * 9 + 768
+    assert row["linear"] == 768 * {"llama": 4096, "mamba": 2560}[llm] + {"llama": 4096, "mamba": 2560}[llm]
+    assert row["LoRA"] == {"llama": 4_194_304, "mamba": 6_553_600}[llm]
+    assert row["trainable"] == row["DASS"] + row["conv"] + row["linear"] + row["LoRA"]
+    assert round(row["trainable"] / 1e6) == trainable_m
+    assert round(row["total"] / 1e9, 1) == total_b
+
+
+# ---- tiny variants ---------------------------------------------------------------------------------------------
+def _mamba_tokenizer(folder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    return tok.get_vocab_size()
+
+
+def _llama_tokenizer(folder):
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False)  # as LLaMA's: newlines survive
+    return spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).vocab_size()
+
+
+def _base_llm(llm, folder, seed=0):
+    """A tiny random LLM saved in the HF format with its tokenizer: stands in for Mamba-2.8B / Vicuna-7B."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if llm == "mamba":
+        vocab = _mamba_tokenizer(folder)
+        model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=vocab, d_state=4))
+    else:
+        vocab = _llama_tokenizer(folder)
+        model = LlamaLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, vocab_size=vocab))
+    with torch.no_grad():  # a pretrained LM predicts confidently; std-0.02 output embeddings could not
+        (model.backbone.embeddings if llm == "mamba" else model.lm_head).weight.normal_(0, 0.5)
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    out = {llm: _base_llm(llm, root / llm) for llm in ("mamba", "llama")}
+    for size, fields in TINY_DASS.items():
+        torch.manual_seed(1)
+        DASS(DASSConfig(**fields)).save_pretrained(root / f"dass_{size}.safetensors")
+        out[size] = str(root / f"dass_{size}.safetensors")
+    return out
+
+
+def _config(bases, size, llm, **kw):
+    return sslalm.SSLALMConfig(size="custom", llm=llm, dass=TINY_DASS[size], llm_weights=bases[llm],
+                               dass_weights=bases[size], audio_frames=128, **kw)
+
+
+def _batch(model, n=2, frames=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qa = [("What can you hear?", "A high pitched pure tone."), ("Is the pitch rising or falling?", "Falling.")]
+    examples = []
+    for i in range(n):
+        ids, labels = model.encode_example(*qa[i % 2])
+        examples.append({"fbank": torch.randn(frames, 128, generator=g), "input_ids": ids, "labels": labels})
+    return sslalm.collate(examples, pad_id=model.tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("size,llm", VARIANTS)
+def test_forward_backward_reaches_trainable_parts_only(bases, size, llm):
+    model = sslalm.SSLALM.build(_config(bases, size, llm))
+    model.set_trainable(model.PARTS)
+    batch = _batch(model)
+    loss = model(**batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    trainable = {id(p) for part in model.PARTS for p in model.part_parameters(part)}
+    for name, p in model.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None and not p.requires_grad, f"frozen LLM weight {name} got a gradient"
+    lora_b = [p for n, p in model.llm.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad.abs().sum() > 0 for p in lora_b)  # B = 0 at init, so only B moves first
+    assert all(p.grad.abs().sum() > 0 for p in model.part_parameters("projector"))
+    dead = [n for n, p in model.dass.named_parameters() if p.grad.abs().sum() == 0]
+    assert not dead, f"DASS parameters without gradient: {dead}"
+
+
+def test_stage_one_trains_the_projector_only(bases):
+    model = sslalm.SSLALM.build(_config(bases, "small", "mamba"))
+    model.set_trainable({"projector"})
+    model(**_batch(model)).backward()
+    assert all(p.grad is not None for p in model.part_parameters("projector"))
+    assert all(p.grad is None for part in ("dass", "lora") for p in model.part_parameters(part))
+
+
+def test_audio_tokens_follow_the_duration(bases):
+    model = sslalm.SSLALM.build(_config(bases, "small", "mamba"))
+    for frames, tokens in ((1024, 32), (2048, 64), (100, 4), (1, 2)):
+        out = model.audio_tokens(torch.randn(1, frames, 128))
+        assert out.shape == (1, tokens, model.llm.hidden_size), frames
+
+
+@pytest.mark.parametrize("llm", ["mamba", "llama"])
+def test_overfitting_one_batch_drives_the_loss_near_zero(bases, llm):
+    """DASS, the projector and the adapters memorise two examples through the frozen LLM. A random frozen LLaMA
+    adapted on q/k alone cannot express arbitrary text (it can only re-weight frozen values), so the LLaMA case
+    also adapts v/o here; the paper's q/k targets are exercised by every other test."""
+    torch.manual_seed(0)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj") if llm == "llama" else ()
+    model = sslalm.SSLALM.build(_config(bases, "small", llm, lora_dropout=0.0, lora_targets=targets))
+    model.set_trainable(model.PARTS)
+    batch = _batch(model, frames=64)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[150], gamma=0.1)
+    first = None
+    for _ in range(250):
+        loss = model(**batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    assert first > 2.0 and loss.item() < 0.1, (first, loss.item())
+
+
+def _generate_without_cache(model, clip, instruction, max_new_tokens):
+    """Greedy decoding by re-running the whole sequence at every step: no cache, no padding."""
+    prompt = model.encode_prompt(instruction)
+    prefix = torch.cat([model.audio_tokens(model.prepare_audio(clip)[None]),
+                        model.llm.embed(torch.tensor([prompt]))], dim=1)
+    out = []
+    for _ in range(max_new_tokens):
+        embeds = torch.cat([prefix, model.llm.embed(torch.tensor([out], dtype=torch.long))], dim=1)
+        logits = model.llm(inputs_embeds=embeds)[:, -1]
+        token = sampling.next_token(logits, torch.tensor([prompt + out]), repetition_penalty=1.1).item()
+        out.append(token)
+        if token == model.tokenizer.eos_token_id:
+            break
+    return out
+
+
+@pytest.mark.parametrize("llm", ["mamba", "llama"])
+def test_generation_with_the_decode_cache_equals_generation_without(bases, llm):
+    torch.manual_seed(0)
+    model = sslalm.SSLALM.build(_config(bases, "small", llm)).eval()
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.randn(128, 128, generator=g), torch.randn(300, 128, generator=g)]  # 8 and 10 audio tokens
+    questions = ["What can you hear?", "Write an audio caption describing the sound."]
+    cached = model.generate(clips, questions, greedy=True, max_new_tokens=12)
+    for clip, question, row in zip(clips, questions, cached):
+        expected = _generate_without_cache(model, clip, question, 12)
+        eos = model.tokenizer.eos_token_id
+        assert row[:len(expected)] == expected and all(t == eos for t in row[len(expected):])
+
+
+def test_checkpoint_round_trip_recreates_the_trained_model(bases, tmp_path):
+    torch.manual_seed(0)
+    model = sslalm.SSLALM.build(_config(bases, "small", "llama"))
+    model.set_trainable(model.PARTS)
+    batch = _batch(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(**batch).backward()
+        opt.step()
+    model.eval()
+    model.save_checkpoint(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["sslalm"]["llm_weights"] == bases["llama"]
+    again = sslalm.load_checkpoint(tmp_path / "ckpt")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    with torch.no_grad():
+        assert model(**batch).item() == again(**batch).item()
+    clip = [torch.randn(128, 128)]
+    assert model.generate(clip, ["What can you hear?"], greedy=True, max_new_tokens=5) == \
+        again.generate(clip, ["What can you hear?"], greedy=True, max_new_tokens=5)
+
+
+def test_mismatched_checkpoints_are_refused(bases, tmp_path):
+    model = sslalm.SSLALM.build(_config(bases, "small", "mamba"))
+    model.save_checkpoint(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+
+    meta["sslalm"]["lora_r"] = 4  # another adapter shape
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lora_A"):
+        sslalm.load_checkpoint(tmp_path / "ckpt")
+
+    meta["sslalm"]["lora_r"] = 8  # another base LLM of the same shape
+    meta["sslalm"]["llm_weights"] = _base_llm("mamba", tmp_path / "other", seed=5)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not those"):
+        sslalm.load_checkpoint(tmp_path / "ckpt")
+
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        sslalm.load_checkpoint(tmp_path / "ckpt")
+
+
+def test_missing_weights_say_what_to_download(bases, tmp_path):
+    with pytest.raises(FileNotFoundError, match="state-spaces/mamba-2.8b-hf"):
+        sslalm.SSLALM.build(sslalm.SSLALMConfig.paper("small", "mamba", dass_weights=bases["small"]))
+    with pytest.raises(FileNotFoundError, match="vicuna-7b"):
+        sslalm.SSLALM.build(sslalm.SSLALMConfig.paper("small", "llama", llm_weights=str(tmp_path / "nope")))
+    with pytest.raises(FileNotFoundError, match="DASS_small.pth"):
+        sslalm.SSLALM.build(sslalm.SSLALMConfig.paper("small", "mamba", llm_weights=bases["mamba"],
+                                                      dass_weights=str(tmp_path / "DASS_small.pth")))
+
+
+def test_wrong_shapes_give_clear_errors(bases):
+    model = sslalm.SSLALM.build(_config(bases, "small", "mamba"))
+    with pytest.raises(ValueError, match="128"):
+        model.audio_tokens(torch.randn(1, 100, 64))
+    with pytest.raises(ValueError, match="waveform"):
+        model.prepare_audio(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="2 clips and 1 instructions"):
+        model.answer([torch.randn(16000), torch.randn(16000)], ["What can you hear?"])
+
+
+def test_prompt_cutoff_eos_and_response_only_labels(bases):
+    model = sslalm.SSLALM.build(_config(bases, "small", "llama"))
+    ids, labels = model.encode_example("What can you hear?", "A tone.")
+    assert ids[0] == model.tokenizer.bos_token_id and ids[-1] == model.tokenizer.eos_token_id
+    assert labels == ids
+    assert model.tokenizer.decode(ids) == sslalm.PROMPT_TEMPLATE.format(instruction="What can you hear?") + "A tone."
+    long_ids, _ = model.encode_example("What can you hear? " * 40, "A tone.")
+    assert len(long_ids) == 108 and long_ids[-1] != model.tokenizer.eos_token_id  # cut, and no EOS, as LTU
+    model.config.response_only_loss = True
+    ids, labels = model.encode_example("What can you hear?", "A tone.")
+    prompt = model.encode_prompt("What can you hear?")
+    assert labels[:len(prompt)] == [sslalm.IGNORE_INDEX] * len(prompt) and labels[len(prompt):] == ids[len(prompt):]
