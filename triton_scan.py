@@ -330,9 +330,9 @@ class _SelectiveScan(torch.autograd.Function):
                      HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus,
                      BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk)
         x = _dummy(u)
+        opt = lambda t: x if t is None else t  # noqa: E731
         _scan_fwd_kernel[(batch, dim // block_d)](
-            u, delta, A, B, C, x if D is None else D, x if z is None else z,
-            x if delta_bias is None else delta_bias, x if initial_state is None else initial_state, y, states,
+            u, delta, A, B, C, opt(D), opt(z), opt(delta_bias), opt(initial_state), y, states,
             dim, length, groups, dim // groups, n_chunks, STORE_ALL=need_grad, **flags, num_warps=4)
         flags["BLOCK_D"] = block_d_bwd
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, states)

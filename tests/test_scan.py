@@ -18,7 +18,7 @@ import mamba
 import triton_scan
 
 F64 = torch.float64
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+LOW = {"u", "delta", "z", "B", "C"}  # the activations: in the input dtype; A, D, delta_bias, initial_state: fp32
 
 
 def make_inputs(batch=2, dim=8, dstate=16, length=7, groups=0, opts="mamba", seed=0):
@@ -47,8 +47,7 @@ def make_inputs(batch=2, dim=8, dstate=16, length=7, groups=0, opts="mamba", see
 def run(fn, tensors, flags, dtype=torch.float32):
     """Run fn on the inputs cast to dtype (A, D, delta_bias, initial_state stay fp32 unless dtype is fp64), backprop
     fixed random output gradients; return {name: fp64 result} for the outputs and every input's gradient."""
-    low = {"u", "delta", "z", "B", "C"}
-    inputs = {k: v.detach().to(dtype if k in low or dtype == F64 else torch.float32).requires_grad_()
+    inputs = {k: v.detach().to(dtype if k in LOW or dtype == F64 else torch.float32).requires_grad_()
               for k, v in tensors.items()}
     out = fn(**inputs, **flags)
     y, h = out if flags["return_last_state"] else (out, None)
@@ -70,8 +69,7 @@ def run(fn, tensors, flags, dtype=torch.float32):
 
 def reference(tensors, flags, dtype=torch.float32):
     """The fp64 oracle: the sequential loop on fp64 copies of exactly the (rounded) inputs the backend sees."""
-    low = {"u", "delta", "z", "B", "C"}
-    rounded = {k: v.to(dtype if k in low else torch.float32).to(F64) for k, v in tensors.items()}
+    rounded = {k: v.to(dtype if k in LOW else torch.float32).to(F64) for k, v in tensors.items()}
     return run(mamba.selective_scan_ref, rounded, flags, F64)[0]
 
 
@@ -153,7 +151,7 @@ def test_low_precision_inputs_match_fp64(backend, dstate, length, chunk, dtype, 
     """bf16/fp16 u, delta, z, B, C with fp32 state arithmetic: only the rounding of y and the gradients remains."""
     tensors, flags = make_inputs(2, 4, dstate, length, groups=0, opts="mamba", seed=3)
     got, inputs = run(backend_fn(backend, chunk), tensors, flags, dtype)
-    assert inputs["u"].grad.dtype == dtype and inputs["B"].grad.dtype == dtype and inputs["A"].grad.dtype == torch.float32
+    assert inputs["u"].grad.dtype == inputs["B"].grad.dtype == dtype and inputs["A"].grad.dtype == torch.float32
     assert_all_close(got, reference(tensors, flags, dtype), **tol)
 
 
@@ -260,7 +258,7 @@ def test_decode_steps_equal_full_scan(backend, dstate, groups):
 def test_triton_decode_low_precision():
     """bf16 x, dt, z, B, C: y comes back in bf16; the fp32 state matches the fp64 step."""
     tensors, flags = make_inputs(2, 32, 16, 1, 0, opts="mamba", seed=9)
-    t = {k: (v.bfloat16() if k in ("u", "delta", "z", "B", "C") else v.float()) for k, v in tensors.items()}
+    t = {k: (v.bfloat16() if k in LOW else v.float()) for k, v in tensors.items()}
     state = torch.randn(2, 32, 16)
     y_ref, h_ref = mamba.selective_scan_ref(**{k: v.double() for k, v in t.items()}, **flags,
                                             initial_state=state.double())
