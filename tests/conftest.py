@@ -5,3 +5,15 @@ import sys
 # defines the kernels is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory):
+    """Tiny base LLMs ('mamba', 'llama': folders) and tiny DASS checkpoints ('small', 'medium': files)."""
+    from tiny import base_llm, tiny_dass
+    root = tmp_path_factory.mktemp("bases")
+    out = {llm: base_llm(llm, root / llm) for llm in ("mamba", "llama")}
+    out.update({size: tiny_dass(size, root) for size in ("small", "medium")})
+    return out

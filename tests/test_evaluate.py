@@ -484,3 +484,28 @@ def test_missing_inputs_say_what_is_expected(tmp_path, encoder):
     (tmp_path / "p2.jsonl").write_text(json.dumps({"key": "0", "audio_id": "x.wav", "prediction": "Sigh"}) + "\n")
     with pytest.raises(ValueError, match="'Giggle' names no class"):
         ev.evaluate("vs", bad, None, str(tmp_path / "p2.jsonl"), labels=VS, encoder=encoder)
+
+
+def test_cli_scores_a_real_checkpoint_without_stand_ins(bases, tmp_path, capsys):
+    """The whole path with no stand-in: a tiny ssLALM checkpoint, ESC-50's layout, generation, the sentence
+    encoder, the metric. The answers written are the model's own greedy answers to LTU's classification prompt."""
+    import sslalm
+    from tiny import sslalm_config
+    cats = ["dog", "rooster", "chirping_birds"]
+    write_esc50(tmp_path / "ESC-50", cats, [0, 1, 2, 0, 1])
+    torch.manual_seed(0)
+    sslalm.SSLALM.build(sslalm_config(bases, "small", "mamba")).save_checkpoint(tmp_path / "ckpt")
+    m = ev.main(["--task", "esc50", "--checkpoint", str(tmp_path / "ckpt"), "--esc50-root", str(tmp_path / "ESC-50"),
+                 "--greedy", "--max-new-tokens", "6", "--batch-size", "2", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == m
+    rows = [json.loads(line) for line in (tmp_path / "ckpt" / "eval_esc50.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and {r["instruction"] for r in rows} == {ev.PROMPTS["esc50"]}
+    model = sslalm.load_checkpoint(tmp_path / "ckpt")
+    clips = [str(tmp_path / "ESC-50" / "audio" / r["audio_id"]) for r in rows]
+    assert [r["prediction"] for r in rows] == model.answer(clips, [ev.PROMPTS["esc50"]] * 5, greedy=True,
+                                                           max_new_tokens=6)
+    encoder = ev.TextEncoder()
+    labels = encoder.encode([ev.label_prompt(c, "esc50") for c in cats])
+    guesses = (encoder.encode([ev.answer_prompt(r["prediction"], "esc50") for r in rows]) @ labels.T).argmax(1)
+    truth = [cats.index(r["reference"]) for r in rows]
+    assert m["accuracy"] == pytest.approx(float(np.mean(np.asarray(guesses) == np.asarray(truth))))

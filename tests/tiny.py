@@ -1,0 +1,66 @@
+"""Tiny stand-ins for the pretrained parts, written in the real formats: an LLM folder (HF weights + tokenizer)
+and DASS safetensors. Shared by the tests of sslalm.py and evaluate.py (fixture `bases` in conftest.py)."""
+import torch
+
+from dass import DASS, DASSConfig
+from llama import LlamaConfig, LlamaLM
+from mamba import MambaConfig, MambaLM
+
+CORPUS = [
+    "### Instruction:\nWhat can you hear?\n\n### Response:\nA high pitched pure tone.",
+    "### Instruction:\nWrite an audio caption describing the sound.\n\n### Response:\nWhite noise, loud and steady.",
+    "### Instruction:\nIs the pitch rising or falling?\n\n### Response:\nThe pitch is rising quickly.",
+    "a low hum, a click train, brown noise, silence, a chirp, an amplitude modulated tone",
+]
+TINY_DASS = {"small": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
+             "medium": dict(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1))}
+
+
+def mamba_tokenizer(folder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    return tok.get_vocab_size()
+
+
+def llama_tokenizer(folder):
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False)  # as LLaMA's: newlines survive
+    return spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).vocab_size()
+
+
+def base_llm(llm, folder, seed=0):
+    """A tiny random LLM saved in the HF format with its tokenizer: stands in for Mamba-2.8B / Vicuna-7B."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if llm == "mamba":
+        vocab = mamba_tokenizer(folder)
+        model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=vocab, d_state=4))
+    else:
+        vocab = llama_tokenizer(folder)
+        model = LlamaLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, vocab_size=vocab))
+    with torch.no_grad():  # a pretrained LM predicts confidently; std-0.02 output embeddings could not
+        (model.backbone.embeddings if llm == "mamba" else model.lm_head).weight.normal_(0, 0.5)
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+def sslalm_config(bases, size, llm, **kw):
+    """An SSLALMConfig on the tiny parts of the `bases` fixture; short clips (128 frames, 8 audio tokens)."""
+    import sslalm
+    return sslalm.SSLALMConfig(size="custom", llm=llm, dass=TINY_DASS[size], llm_weights=bases[llm],
+                               dass_weights=bases[size], audio_frames=128, **kw)
+
+
+def tiny_dass(size, folder, seed=1):
+    torch.manual_seed(seed)
+    DASS(DASSConfig(**TINY_DASS[size])).save_pretrained(folder / f"dass_{size}.safetensors")
+    return str(folder / f"dass_{size}.safetensors")
