@@ -2,10 +2,12 @@
 (transformers' Mamba scan, mambapy's parallel scan), values and gradients of every input.
 
 The Triton kernels run in Triton's CPU interpreter here (tests/conftest.py sets TRITON_INTERPRET=1): small shapes
-and a small `chunk` so that several chunks, and a partial last chunk, are exercised.
+and a small `chunk` so that several chunks, and a partial last chunk, are exercised. On a machine with a GPU,
+`TRITON_INTERPRET=0 python -m pytest tests/test_scan.py` runs the same tests on the compiled kernels (DEVICE).
 """
 import functools
 import importlib
+import os
 import sys
 
 import pytest
@@ -18,6 +20,7 @@ import mamba
 import triton_scan
 
 F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 LOW = {"u", "delta", "z", "B", "C"}  # the activations: in the input dtype; A, D, delta_bias, initial_state: fp32
 
 
@@ -87,9 +90,19 @@ def assert_all_close(got, want, rtol, atol):
         torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol * scale + 1e-12, msg=lambda m: f"{k}: {m}")
 
 
+def on_device(fn):
+    """fn with its tensor arguments copied to DEVICE and its results copied back (autograd flows through)."""
+    def wrapped(**kw):
+        out = fn(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+    return wrapped
+
+
 def backend_fn(backend, chunk=None):
-    if backend == "triton" and chunk is not None:
-        return lambda **kw: triton_scan.selective_scan(**kw, chunk=chunk)
+    if backend == "triton":
+        if chunk is not None:
+            return on_device(lambda **kw: triton_scan.selective_scan(**kw, chunk=chunk))
+        return on_device(lambda **kw: mamba.selective_scan(**kw, backend=backend))
     return lambda **kw: mamba.selective_scan(**kw, backend=backend)
 
 
@@ -159,12 +172,13 @@ def test_triton_inference_and_strided_inputs():
     """Without autograd only the last state is stored; inputs that are strided views (as the Mamba mixer's
     transposes give) are read correctly. Same kernels, so the same numbers bit for bit."""
     tensors, flags = make_inputs(2, 8, 4, 19, 0, opts="state", seed=8)
-    t = {k: v.float() for k, v in tensors.items()}
+    t = {k: v.float().to(DEVICE) for k, v in tensors.items()}
     y, h = triton_scan.selective_scan(**{k: v.clone().requires_grad_() for k, v in t.items()}, **flags, chunk=4)
     strided = {k: (v.transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() == 3 else v) for k, v in t.items()}
     assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
     with torch.no_grad():
         y2, h2 = triton_scan.selective_scan(**strided, **flags, chunk=4)
+    assert h.device.type == y2.device.type == DEVICE
     assert torch.equal(y.detach(), y2) and torch.equal(h.detach(), h2)
 
 
@@ -172,7 +186,7 @@ def test_triton_keeps_memory_linear_in_length():
     """No (batch, D, N, L) tensor is kept for the backward: only the inputs and the chunk-end states."""
     batch, dim, dstate, length, chunk = 1, 8, 16, 64, 16
     tensors, flags = make_inputs(batch, dim, dstate, length, opts="mamba")
-    inputs = {k: v.float().requires_grad_() for k, v in tensors.items()}
+    inputs = {k: v.float().to(DEVICE).requires_grad_() for k, v in tensors.items()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         triton_scan.selective_scan(**inputs, **flags, chunk=chunk)
@@ -245,28 +259,30 @@ def test_decode_steps_equal_full_scan(backend, dstate, groups):
     tensors, flags = make_inputs(batch, dim, dstate, length, groups, opts="mamba", seed=5)
     h0 = torch.randn(batch, dim, dstate, dtype=F64)
     y_ref, h_ref = mamba.selective_scan_ref(**tensors, **flags, initial_state=h0)
-    t = {k: v.float() for k, v in tensors.items()}
-    state = h0.float().contiguous()
+    device = DEVICE if backend == "triton" else "cpu"
+    t = {k: v.float().to(device) for k, v in tensors.items()}
+    state = h0.float().to(device)
     ys = [mamba.selective_state_update(state, t["u"][..., i], t["delta"][..., i], t["A"], t["B"][..., i],
                                        t["C"][..., i], D=t["D"], z=t["z"][..., i], dt_bias=t["delta_bias"],
                                        dt_softplus=True, backend=backend) for i in range(length)]
     assert all(y.dtype == torch.float32 and y.shape == (batch, dim) for y in ys)
     want = dict(y=y_ref, last_state=h_ref)
-    assert_all_close(dict(y=torch.stack(ys, -1).to(F64), last_state=state.to(F64)), want, **FP32_TOL)
+    assert_all_close(dict(y=torch.stack(ys, -1).cpu().to(F64), last_state=state.cpu().to(F64)), want, **FP32_TOL)
 
 
 def test_triton_decode_low_precision():
     """bf16 x, dt, z, B, C: y comes back in bf16; the fp32 state matches the fp64 step."""
     tensors, flags = make_inputs(2, 32, 16, 1, 0, opts="mamba", seed=9)
-    t = {k: (v.bfloat16() if k in LOW else v.float()) for k, v in tensors.items()}
-    state = torch.randn(2, 32, 16)
-    y_ref, h_ref = mamba.selective_scan_ref(**{k: v.double() for k, v in t.items()}, **flags,
-                                            initial_state=state.double())
+    t = {k: (v.bfloat16() if k in LOW else v.float()).to(DEVICE) for k, v in tensors.items()}
+    state = torch.randn(2, 32, 16).to(DEVICE)
+    y_ref, h_ref = mamba.selective_scan_ref(**{k: v.double().cpu() for k, v in t.items()}, **flags,
+                                            initial_state=state.double().cpu())
     y = triton_scan.selective_state_update(state, t["u"][..., 0], t["delta"][..., 0], t["A"], t["B"][..., 0],
                                            t["C"][..., 0], D=t["D"], z=t["z"][..., 0], dt_bias=t["delta_bias"],
                                            dt_softplus=True)
     assert y.dtype == torch.bfloat16 and state.dtype == torch.float32
-    assert_all_close(dict(y=y.double(), h=state.double()), dict(y=y_ref[..., 0], h=h_ref), rtol=1e-2, atol=1e-2)
+    assert_all_close(dict(y=y.double().cpu(), h=state.double().cpu()), dict(y=y_ref[..., 0], h=h_ref),
+                     rtol=1e-2, atol=1e-2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
