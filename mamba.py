@@ -61,7 +61,8 @@ import sampling
 # ----------------------------------------------------------------------------------------------------------------
 
 def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
-             delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             delta_softplus: bool, D: Tensor | None = None, z: Tensor | None = None,
+             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Check shapes; return Δ in fp32 (bias and softplus applied) and B, C expanded per channel: (batch, D, N, L)."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, D, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
@@ -69,6 +70,10 @@ def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bi
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"A must be (D, N) with D = {dim}; got {tuple(A.shape)}")
     dstate = A.shape[1]
+    for name, t, shape in (("D", D, (dim,)), ("delta_bias", delta_bias, (dim,)), ("z", z, tuple(u.shape)),
+                           ("initial_state", initial_state, (batch, dim, dstate))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
     delta = delta.to(_state_dtype(u))
     if delta_bias is not None:
         delta = delta + delta_bias.to(delta.dtype)[:, None]
@@ -118,7 +123,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     the state is kept in fp32 (fp64 for fp64 inputs).
     `backend` is accepted (and ignored) so that every implementation takes the same arguments.
     """
-    delta, B, C, dstate = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    delta, B, C, dstate = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, D, z, initial_state)
     batch, dim, length = u.shape
     h = delta.new_zeros(batch, dim, dstate) if initial_state is None else initial_state.to(delta.dtype)
     A, x = A.to(delta.dtype), u.to(delta.dtype)
@@ -143,7 +148,7 @@ def _scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     of the decays a_t = exp(Δ_t A) <= 1 appear, never their inverses, so nothing overflows however long L is.
     Memory: one chunk's (batch, D, N, chunk) at a time (plus what autograd keeps).
     """
-    delta, B, C, dstate = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    delta, B, C, dstate = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, D, z, initial_state)
     batch, dim, length = u.shape
     h = delta.new_zeros(batch, dim, dstate) if initial_state is None else initial_state.to(delta.dtype)
     A, x = A.to(delta.dtype), u.to(delta.dtype)
@@ -203,9 +208,9 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
                                                   dt_softplus=dt_softplus)
     if backend != "torch":
         raise ValueError(f"unknown decode backend {backend!r}; use None, 'torch' or 'triton'")
-    batch, dim, dstate = state.shape
     dt, B, C = (t.unsqueeze(-1) for t in (dt, B, C))  # the scan's shapes with L = 1
-    dt, B, C, _ = _prepare(x.unsqueeze(-1), dt, A, B, C, dt_bias, dt_softplus)
+    dt, B, C, _ = _prepare(x.unsqueeze(-1), dt, A, B, C, dt_bias, dt_softplus, D,
+                           None if z is None else z.unsqueeze(-1), state)
     dA = torch.exp(dt * A.to(dt.dtype))                       # eq. (3)   (batch, D, N)
     dBx = dt * B[..., 0] * x.to(dt.dtype)[:, :, None]         # eq. (4)   Euler form
     state.copy_(dA * state + dBx)                             # eq. (5)

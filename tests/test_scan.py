@@ -321,13 +321,26 @@ def test_wrong_shapes_name_the_argument(backend, name, bad):
         mamba.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags, backend=backend)
 
 
-@pytest.mark.parametrize("name, shape", [("D", (7,)), ("z", (2, 8, 6)), ("delta_bias", (8, 1)),
-                                         ("initial_state", (2, 8, 15))])
-def test_triton_wrong_optional_shapes_name_the_argument(name, shape):
+@pytest.mark.parametrize("backend", ["ref", "torch", "triton"])
+@pytest.mark.parametrize("name, shape", [("D", (7,)), ("D", (1,)), ("z", (2, 8, 6)), ("z", (2, 1, 7)),
+                                         ("delta_bias", (8, 1)), ("delta_bias", (1,)), ("initial_state", (2, 8, 15)),
+                                         ("initial_state", (2, 8, 1)), ("initial_state", (8, 16))])
+def test_wrong_optional_shapes_name_the_argument(backend, name, shape):
+    """No backend may broadcast a wrongly shaped optional input silently."""
     tensors, flags = make_inputs(2, 8, 16, 7, opts="plain")
     tensors[name] = torch.zeros(shape)
     with pytest.raises(ValueError, match=name):
-        triton_scan.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags)
+        mamba.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags, backend=backend)
+
+
+@pytest.mark.parametrize("name, shape", [("state", (2, 8, 15)), ("state", (8, 16)), ("B", (2, 3, 16)),
+                                         ("C", (2, 15)), ("z", (2, 9)), ("D", (9,))])
+def test_torch_decode_wrong_shapes_name_the_argument(name, shape):
+    args = dict(state=torch.zeros(2, 8, 16), x=torch.zeros(2, 8), dt=torch.zeros(2, 8), A=-torch.ones(8, 16),
+                B=torch.zeros(2, 16), C=torch.zeros(2, 16))
+    args[name] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=name):
+        mamba.selective_state_update(**args, backend="torch")
 
 
 @pytest.mark.parametrize("name, shape", [("state", (2, 8, 15)), ("dt", (2, 7)), ("B", (2, 3, 16)), ("C", (2, 15)),
