@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import math
 import statistics
 import sys
 import time
@@ -310,8 +311,9 @@ def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
 
 
 def free_memory() -> None:
-    gc.collect()
+    """Give the memory of dropped models and failed cases back to the CUDA allocator (nothing to do on CPU)."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -376,9 +378,15 @@ class Cases:
         return result, why
 
 
-def cell(value: float | None, why: str | None, spec: str = ".3g") -> str:
-    """A table cell: the number, or why there is none (OOM, skipped, error, n/a)."""
-    return why if why is not None else fmt(value, spec)
+def sig(x: float) -> str:
+    """At least 3 significant digits, no exponent: 0.0123, 4.56, 78.9, 12,345."""
+    decimals = max(0, 2 - math.floor(math.log10(abs(x)))) if x else 0
+    return f"{x:,.{decimals}f}"
+
+
+def cell(value: float | None, why: str | None, spec: str | None = None) -> str:
+    """A table cell: the number (spec, default `sig`), or why there is none (OOM, skipped, error, n/a)."""
+    return why if why is not None else "n/a" if value is None else sig(value) if spec is None else f"{value:{spec}}"
 
 
 def count(n: int) -> str:
@@ -541,7 +549,7 @@ def lm_tables(kind: str, args) -> str:
             ms, peak = res or (None, None)
             prefill_why[n] = w
             speed[name, 0, n] = tok_s = ms and n / ms * 1e3
-            prefill_rows.append([name, str(n), cell(ms, w, ".1f"), cell(tok_s, w, ".0f"), mem_cell(peak, w, device)])
+            prefill_rows.append([name, str(n), cell(ms, w), cell(tok_s, w), mem_cell(peak, w, device)])
         by_batch: dict[int, Cases] = {}  # decoding: only after a prefix whose prefill ran; nothing after an OOM
         for b, p in decode_cases:
             cases = by_batch.setdefault(b, Cases(args, power=None))
@@ -549,8 +557,8 @@ def lm_tables(kind: str, args) -> str:
                 cases(p, lambda: decode(model, ids[b, p], steps, reps, device))
             ms, peak = res or (None, None)
             speed[name, b, p] = tok_s = ms and b / ms * 1e3
-            decode_rows.append([name, str(b), str(p), cell(ms, w, ".2f"), cell(tok_s, w, ".1f"), f"{roof[b, p]:.0f}",
-                                cell(tok_s and 100 * tok_s / roof[b, p], w, ".3g"), mem_cell(peak, w, device)])
+            decode_rows.append([name, str(b), str(p), cell(ms, w), cell(tok_s, w), sig(roof[b, p]),
+                                cell(tok_s and 100 * tok_s / roof[b, p], w), mem_cell(peak, w, device)])
         del model
         free_memory()
     for row, key in [(r, (0, int(r[1]))) for r in prefill_rows] + [(r, (int(r[1]), int(r[2]))) for r in decode_rows]:
@@ -667,8 +675,8 @@ def bench_dass(args) -> None:
         for n in frames:
             res, w = (None, why) if why else cases(n, lambda: measure(run(n), device, reps, max_s=args.cap / 4))
             ms, peak = res or (None, None)
-            rows.append([name, count(params) if params else "n/a", str(n), f"{n / 100:g} s", cell(ms, w, ".1f"),
-                         cell(ms and n * 10 / ms, w, ".0f"), mem_cell(peak, w, device)])
+            rows.append([name, count(params) if params else "n/a", str(n), f"{n / 100:g} s", cell(ms, w),
+                         cell(ms and n * 10 / ms, w), mem_cell(peak, w, device)])
         del model
         free_memory()
     print(run_note(device, "bfloat16 autocast, fp32 weights (as in training); batch 1; random weights and input",
@@ -777,12 +785,12 @@ def bench_sslalm(args) -> None:
         for mb in micro[llm]:
             res, w = guarded(args, lambda: train_step_case(model, mb, frames, text, device, reps, args.cap / 4), why)
             r = res or {}
-            step_rows.append([name, str(mb), cell(r.get("ms"), w, ".1f"), cell(r.get("samples_s"), w, ".2f"),
+            step_rows.append([name, str(mb), cell(r.get("ms"), w), cell(r.get("samples_s"), w),
                               mem_cell(r.get("peak"), w, device), mem_cell(r.get("per_sample"), w, device)])
         res, w = guarded(args, lambda: answer_case(model, answer_frames, new_tokens, device, reps), why)
         r = res or {}
-        answer_rows.append([name, cell(r.get("first"), w, ".1f"), cell(r.get("full"), w, ".1f"),
-                            cell(r.get("per_token"), w, ".2f"), mem_cell(r.get("peak"), w, device)])
+        answer_rows.append([name, cell(r.get("first"), w), cell(r.get("full"), w),
+                            cell(r.get("per_token"), w), mem_cell(r.get("peak"), w, device)])
         del model
         free_memory()
     print(sslalm_note(device, smoke, frames, text))
@@ -821,8 +829,8 @@ def bench_train(args) -> None:
                 mb, r, why = largest_fitting(sizes, lambda m: train_step_case(model, m, frames, text, device, reps,
                                                                               args.cap / 4))
             r = r or {}
-            rows.append([name, cell(mb, why, "d"), cell(r.get("ms"), why, ".1f"),
-                         cell(r.get("samples_s"), why, ".2f"), mem_cell(r.get("peak"), why, device),
+            rows.append([name, cell(mb, why, "d"), cell(r.get("ms"), why),
+                         cell(r.get("samples_s"), why), mem_cell(r.get("peak"), why, device),
                          mem_cell(r.get("per_sample"), why, device)])
             del model
             free_memory()
