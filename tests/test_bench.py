@@ -183,3 +183,10 @@ def test_largest_fitting_micro_batch():
         raise ValueError("not a memory problem")
     with contextlib.redirect_stderr(io.StringIO()):
         assert bench.largest_fitting((16, 8), broken) == (16, None, "error: ValueError")
+
+
+def test_ast_patches_as_ast():
+    """16×16 patches with stride 10 over 128 mel bins × 1024 frames: AST's 12 × 101 = 1212 patches."""
+    ast = bench.ASTEncoder(width=16, depth=1, heads=2)
+    assert ast(torch.randn(1, 1024, 128)).shape == (1, 1212, 16)
+    assert ast(torch.randn(2, 6000, 128)).shape == (2, 12 * 599, 16)
