@@ -55,6 +55,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import audio
@@ -113,9 +114,6 @@ def load_openaqa(path: str | Path) -> list[dict]:
         for k in ("instruction", "audio_id", "output"):
             if not e[k].strip():
                 raise DataError(f"{where}: {k!r} is empty")
-        if e["input"].strip():
-            raise DataError(f"{where}: 'input' is not empty ({e['input'][:40]!r}...); this model takes no text "
-                            "input besides the instruction (OpenAQA's non-speech entries have input \"\")")
     return data
 
 
@@ -156,17 +154,18 @@ class BadEntry:
 class OpenAQADataset(torch.utils.data.Dataset):
     """OpenAQA entries -> training examples {"fbank": (T, 128), "input_ids": list, "labels": list, "index": int}.
 
-    encode(instruction, output) -> (input_ids, labels) tokenizes an entry (the model's prompt format and text
+    encode(instruction, output, input) -> (input_ids, labels) tokenizes an entry (the model's prompt format and text
     cutoff: `SSLALM.encode_example`). The audio is read with `audio.load_audio` (soundfile, resampled to 16 kHz)
     and turned into the DASS input (`audio.dass_input`: `audio_frames` frames, or all of them when None).
     A file that is missing or cannot be decoded gives a `BadEntry` instead of an example; the training loop raises
     it as a DataError or, with skip_bad, skips and counts it. Missing files are found up front by `check_files`.
     """
 
-    def __init__(self, entries: list[dict], encode: Callable[[str, str], tuple[list[int], list[int]]],
+    def __init__(self, entries: list[dict], encode: Callable[[str, str, str], tuple[list[int], list[int]]],
                  audio_root: str | Path | None = None, prefixes: Sequence[tuple[str, str]] = (),
-                 audio_frames: int | None = audio.DASS_FRAMES):
+                 audio_frames: int | None = audio.DASS_FRAMES, cache: bool = False):
         self.entries, self.encode, self.audio_frames = entries, encode, audio_frames
+        self.cache = {} if cache else None  # path -> DASS input; in this process only (use with num_workers=0)
         self.paths = [str(resolve_audio(e["audio_id"], audio_root, prefixes)) for e in entries]
         self.index = list(range(len(entries)))  # dataset position -> entry index in the JSON file
 
@@ -196,11 +195,15 @@ class OpenAQADataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict | BadEntry:
         i, path = self.index[k], self.paths[k]
         e = self.entries[i]
-        try:
-            fb = audio.dass_input(audio.load_audio(path), self.audio_frames)  # (T, 128)
-        except (OSError, ValueError) as err:
-            return BadEntry(i, path, str(err))
-        input_ids, labels = self.encode(e["instruction"], e["output"])
+        fb = self.cache.get(path) if self.cache is not None else None
+        if fb is None:
+            try:
+                fb = audio.dass_input(audio.load_audio(path), self.audio_frames)  # (T, 128)
+            except (OSError, ValueError) as err:
+                return BadEntry(i, path, str(err))
+            if self.cache is not None:
+                self.cache[path] = fb
+        input_ids, labels = self.encode(e["instruction"], e["output"], e["input"])
         return {"fbank": fb, "input_ids": input_ids, "labels": labels, "index": i}
 
 
@@ -507,6 +510,10 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
         if st["n_entries"] != n:
             raise DataError(f"--resume {ckpt}: the checkpoint was trained on {st['n_entries']} entries, the data "
                             f"now has {n}; resume with the same data (and --skip-bad setting)")
+        for key in ("batch_size", "seed", "epochs", "max_steps"):
+            if st["config"][key] != getattr(cfg, key):
+                raise ValueError(f"--resume {ckpt}: it was trained with {key} {st['config'][key]}, now {key} is "
+                                 f"{getattr(cfg, key)}; the data order and the schedule depend on it")
         _load_trainable(model, ckpt)
         opt.load_state_dict(st["optimizer"])
         step, order_epoch, order = st["step"], st["order_epoch"], st["order"]
@@ -568,7 +575,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                     loss_sum += loss.detach().double().cpu()
                     n_mb += 1
                     n_samples += k
-                tot = d.all_sum(torch.tensor([loss_sum.item(), n_mb, n_samples], dtype=torch.float64))
+                tot = d.all_sum(torch.tensor([loss_sum.item(), n_mb, n_samples], dtype=torch.float64,
+                                             device=device if d.world > 1 else "cpu")).cpu()
                 if tot[1] == 0:
                     raise DataError(f"step {step + 1}: every entry of the global batch was bad")
                 step_loss = (tot[0] / tot[1]).item()
@@ -643,19 +651,19 @@ def _load_trainable(model: nn.Module, ckpt: str | Path) -> None:
 
 CLASSIFY_PROMPT = "Close-ended question: Write an audio caption describing the sound."  # LTU's evaluation prompt
 
-# mid, display name, kind, what it sounds like
+# mid, display name, kind, what it sounds like ("A loud ...")
 DEMO_CLASSES = [
-    ("/demo/low_tone", "Low tone", "a tone", "a steady low-pitched tone"),
-    ("/demo/middle_tone", "Middle tone", "a tone", "a steady tone of middle pitch"),
-    ("/demo/high_tone", "High tone", "a tone", "a steady high-pitched tone"),
-    ("/demo/white_noise", "White noise", "a noise", "a bright hiss of white noise"),
-    ("/demo/pink_noise", "Pink noise", "a noise", "a soft rushing pink noise"),
-    ("/demo/brown_noise", "Brown noise", "a noise", "a deep rumbling brown noise"),
-    ("/demo/rising_chirp", "Rising chirp", "a sweep", "a tone sweeping upward in pitch"),
-    ("/demo/falling_chirp", "Falling chirp", "a sweep", "a tone sweeping downward in pitch"),
-    ("/demo/click_train", "Click train", "clicks", "a regular train of sharp clicks"),
-    ("/demo/am_tone", "Amplitude-modulated tone", "a tone", "a tone pulsing in loudness"),
-    ("/demo/fm_tone", "Frequency-modulated tone", "a tone", "a warbling tone whose pitch wobbles"),
+    ("/demo/low_tone", "Low tone", "a tone", "steady low-pitched tone"),
+    ("/demo/middle_tone", "Middle tone", "a tone", "steady tone of middle pitch"),
+    ("/demo/high_tone", "High tone", "a tone", "steady high-pitched tone"),
+    ("/demo/white_noise", "White noise", "a noise", "bright hiss of white noise"),
+    ("/demo/pink_noise", "Pink noise", "a noise", "soft rushing pink noise"),
+    ("/demo/brown_noise", "Brown noise", "a noise", "deep rumbling brown noise"),
+    ("/demo/rising_chirp", "Rising chirp", "a sweep", "tone sweeping upward in pitch"),
+    ("/demo/falling_chirp", "Falling chirp", "a sweep", "tone sweeping downward in pitch"),
+    ("/demo/click_train", "Click train", "clicks", "regular train of sharp clicks"),
+    ("/demo/am_tone", "Amplitude-modulated tone", "a tone", "tone pulsing on and off"),
+    ("/demo/fm_tone", "Frequency-modulated tone", "a tone", "warbling tone whose pitch wobbles"),
     ("/demo/silence", "Silence", "silence", "silence"),
 ]
 TONE_BANDS = {"low_tone": (150.0, 300.0), "middle_tone": (600.0, 1000.0), "high_tone": (2500.0, 4000.0)}
@@ -696,12 +704,13 @@ def synth_clip(cls: str, rng: np.random.Generator, sr: int = audio.SAMPLE_RATE) 
             i = int(c * sr)
             x[i:i + 24] += burst[:n - i]
     elif cls in ("am_tone", "fm_tone"):
-        fc, fm = p["freq"], p["mod_rate"] = float(rng.uniform(500, 1200)), float(rng.uniform(3, 8))
-        if cls == "am_tone":
-            m = float(rng.uniform(0.7, 1.0))
-            x = (1 + m * np.sin(2 * np.pi * fm * t + rng.uniform(0, 2 * np.pi))) * np.sin(2 * np.pi * fc * t + phase)
+        fc = p["freq"] = float(rng.uniform(500, 1200))
+        fm = p["mod_rate"] = float(rng.uniform(2, 4) if cls == "am_tone" else rng.uniform(3, 6))
+        if cls == "am_tone":  # the tone switched on and off (square-wave modulation, 10 ms ramps): pulses
+            gate = np.sin(2 * np.pi * fm * t + rng.uniform(0, 2 * np.pi))
+            x = np.clip(gate * 0.5 / (2 * np.pi * fm * 0.01) + 0.5, 0, 1) * np.sin(2 * np.pi * fc * t + phase)
         else:
-            dev = p["freq_deviation"] = float(rng.uniform(0.08, 0.15) * fc)
+            dev = p["freq_deviation"] = float(rng.uniform(0.35, 0.5) * fc)
             x = np.sin(2 * np.pi * fc * t + dev / fm * np.sin(2 * np.pi * fm * t) + phase)
     elif cls == "silence":
         x = rng.standard_normal(n)
@@ -723,8 +732,7 @@ def synth_clip(cls: str, rng: np.random.Generator, sr: int = audio.SAMPLE_RATE) 
 
 def demo_questions(display: str, kind: str, caption: str, loudness: str, rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """(task, instruction, output) for one clip: the classification prompt, an open description, two closed ones."""
-    loud = {"loud": "A loud", "quiet": "A quiet", "silent": ""}[loudness]
-    described = f"{loud} {caption}." if loud else "Silence: nothing can be heard."
+    described = f"A {loudness} {caption}." if loudness != "silent" else "Silence: nothing can be heard."
     return [
         ("cla_label", CLASSIFY_PROMPT, display),
         ("open-ended question", str(rng.choice(["What can you hear?", "Describe the sound."])), described),
@@ -783,3 +791,394 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
         print(f"  {len(DEMO_CLASSES)} classes x {clips_per_class} training clips -> {len(train)} QA pairs "
               f"({len(cla)} classification); {len(evals)} held-out clips -> {paths['eval'].name}")
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo, part 2: a tokenizer, a tiny Mamba LM and a tiny DASS pretrained on the demo's data, then the recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DemoConfig:
+    """Sizes and lengths of `python train.py --demo`; the defaults take a few minutes on 2 CPU cores."""
+    clips_per_class: int = 96          # training clips per class (4 QA pairs each)
+    eval_per_class: int = 10           # held-out clips per class
+    vocab_size: int = 512              # byte-level BPE: 256 bytes + <|endoftext|> + merges
+    lm_d_model: int = 64
+    lm_layers: int = 2
+    lm_d_state: int = 4                # N (16 in Mamba-2.8B): the CPU scan's cost grows with it
+    lm_steps: int = 600                # text-only pretraining of the tiny LM
+    lm_lr: float = 3e-3
+    dass_dims: tuple[int, ...] = (8, 16, 32, 64)
+    dass_depths: tuple[int, ...] = (0, 1, 1, 1)  # no blocks at the first (longest-scan) stage: CPU time
+    dass_steps: int = 600              # classifier pretraining of the tiny DASS
+    dass_lr: float = 3e-3
+    audio_frames: int = 304            # 3.04 s: every demo clip fits, so training and answering see the same input
+    batch_size: int = 32               # also the batch of the two pretrainings
+    micro_batch: int = 16
+    stage1_epochs: int = 5             # projector only, classification pairs
+    stage1_lr: float = 3e-3
+    stage2_epochs: int = 3             # DASS + projector + LoRA, all pairs
+    stage2_lr: float = 3e-4
+    response_only_loss: bool = True    # the loss on the answers only (the paper: on the whole text)
+    warmup_steps: int = 10
+    check_clips: int | None = None     # held-out clips answered at the end (None: all)
+
+
+def demo_texts(entries: list[dict]) -> list[str]:
+    """The LM's pretraining text. Each QA pair in the ssLALM's prompt format, preceded by a description of its clip
+    (the answer to "What can you hear?") and ended by EOS: the LM learns to answer questions about a description
+    that comes before the prompt, the place where the ssLALM will put its audio tokens."""
+    from sslalm import prompt_text
+    described = {e["audio_id"]: e["output"] for e in entries if e["task"] == "open-ended question"}
+    return [f"{described[e['audio_id']]}\n{prompt_text(e['instruction'])}{e['output']}<|endoftext|>" for e in entries]
+
+
+def train_demo_tokenizer(texts: list[str], path: str | Path, vocab_size: int) -> None:
+    """A byte-level BPE like GPT-NeoX's (the Mamba tokenizer): no prefix space, <|endoftext|> = id 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(path))
+
+
+def _pretrain(model: nn.Module, loss_fn: Callable[[list[int]], Tensor], n: int, steps: int, lr: float,
+              batch: int, warmup: int, seed: int, name: str) -> None:
+    """A plain training loop for the demo's two pretrainings: random batches of indices into n examples, AdamW,
+    warm-up then linear decay, clipping at 1.0."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    t0, avg = time.time(), None
+    for step in range(1, steps + 1):
+        loss = loss_fn(torch.randint(n, (batch,), generator=g).tolist())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, warmup, steps)
+        opt.step()
+        avg = loss.item() if avg is None else 0.9 * avg + 0.1 * loss.item()
+        if step % 100 == 0 or step == steps:
+            print(f"      {name} step {step}/{steps}  loss {avg:.3f}  ({time.time() - t0:.0f} s)", file=sys.stderr)
+    model.eval()
+
+
+def pretrain_demo_lm(texts: list[str], tokenizer, cfg: DemoConfig, seed: int, out: Path) -> nn.Module:
+    """Next-token training of a tiny Mamba LM from scratch on `texts`; saved in the HF format in `out`."""
+    from mamba import MambaConfig, MambaLM
+    torch.manual_seed(seed)
+    lm = MambaLM(MambaConfig(d_model=cfg.lm_d_model, n_layer=cfg.lm_layers, d_state=cfg.lm_d_state,
+                             vocab_size=tokenizer.tokenizer.get_vocab_size()))
+    seqs = [tokenizer.encode(t) for t in texts]
+
+    def loss_fn(idx: list[int]) -> Tensor:
+        L = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), L), tokenizer.eos_token_id)
+        labels = torch.full((len(idx), L), -100)
+        for r, i in enumerate(idx):
+            ids[r, :len(seqs[i])] = labels[r, :len(seqs[i])] = torch.tensor(seqs[i])
+        logits = lm(ids)[:, :-1]                                                    # (B, L - 1, V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    _pretrain(lm, loss_fn, len(seqs), cfg.lm_steps, cfg.lm_lr, cfg.batch_size, cfg.warmup_steps, seed, "LM")
+    lm.save_pretrained(str(out))
+    return lm
+
+
+def pretrain_demo_dass(clips: list[dict], cfg: DemoConfig, seed: int, path: Path) -> nn.Module:
+    """A tiny DASS trained from scratch to tag the demo's training clips with their class and their loudness (as
+    DASS was trained to tag AudioSet clips); saved with `DASS.save_pretrained`, head included, like a published
+    DASS checkpoint. The head's first 12 outputs score the classes, the last 2 the loudness (a softmax each)."""
+    from dass import DASS, DASSConfig
+    torch.manual_seed(seed)
+    tags, k = demo_tags(), len(DEMO_CLASSES)
+    model = DASS(DASSConfig(dims=cfg.dass_dims, depths=cfg.dass_depths, n_classes=len(tags)))
+    x = torch.stack([audio.dass_input_from_file(c["file"], cfg.audio_frames) for c in clips])  # (n, T, 128)
+    cls = torch.tensor([tags.index(c["class"]) for c in clips])
+    loud = torch.tensor([tags.index(c["loudness"]) - k if c["loudness"] in tags else -100 for c in clips])
+
+    def loss_fn(idx: list[int]) -> Tensor:
+        logits = model(x[idx])                                                      # (B, 14)
+        return F.cross_entropy(logits[:, :k], cls[idx]) + F.cross_entropy(logits[:, k:], loud[idx], ignore_index=-100)
+
+    _pretrain(model, loss_fn, len(clips), cfg.dass_steps, cfg.dass_lr, cfg.batch_size, cfg.warmup_steps, seed, "DASS")
+    model.save_pretrained(path)
+    return model
+
+
+def demo_tags() -> list[str]:
+    """The demo DASS's output tags: the 12 classes, then the two loudness levels."""
+    return [mid.rsplit("/", 1)[1] for mid, *_ in DEMO_CLASSES] + list(LEVELS_DB)
+
+
+def dass_accuracy(model: nn.Module, clips: list[dict], frames: int) -> float:
+    """How often the DASS's best class tag is the clip's class."""
+    x = torch.stack([audio.dass_input_from_file(c["file"], frames) for c in clips])
+    with torch.no_grad():
+        best = model.eval()(x)[:, :len(DEMO_CLASSES)].argmax(-1).tolist()
+    return sum(demo_tags()[b] == c["class"] for b, c in zip(best, clips)) / len(clips)
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 0) -> dict:
+    """The whole demo (data, tokenizer, LM and DASS pretraining, stages 1 and 2 of the recipe), the final
+    checkpoint in output_dir. Returns the timings and the exact-match accuracy of greedy answers on held-out clips."""
+    import sslalm
+    from dass import DASSConfig
+    from mamba import MambaTokenizer
+    cfg = cfg or DemoConfig()
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    times, t_all = {}, time.time()
+    say = lambda s="": print(s, file=sys.stderr, flush=True)
+
+    say(f"[1/6] Data: synthetic sounds with questions and answers, in OpenAQA's JSON format -> {out}/data")
+    t = time.time()
+    paths = make_demo_data(out, cfg.clips_per_class, cfg.eval_per_class, seed, verbose=False)
+    entries, cla = load_openaqa(paths["train"]), load_openaqa(paths["cla"])
+    clips = [c for c in json.loads(paths["clips"].read_text()) if c["split"] == "train"]
+    say(f"      {len(DEMO_CLASSES)} classes: {', '.join(c[1] for c in DEMO_CLASSES)}")
+    say(f"      {len(clips)} training clips x 4 questions = {len(entries)} QA pairs, e.g. {entries[0]['instruction']!r}"
+        f" -> {entries[0]['output']!r}; {cfg.eval_per_class * len(DEMO_CLASSES)} held-out clips in demo_eval.json")
+    times["data"] = time.time() - t
+
+    t = time.time()
+    say("[2/6] Tokenizer: a byte-level BPE (the kind GPT-NeoX's is, which Mamba uses) learnt from the demo's text")
+    llm_dir = out / "llm"
+    llm_dir.mkdir(exist_ok=True)
+    texts = demo_texts(entries)
+    train_demo_tokenizer(texts, llm_dir / "tokenizer.json", cfg.vocab_size)
+    tok = MambaTokenizer(str(llm_dir / "tokenizer.json"))
+    say(f"      {tok.tokenizer.get_vocab_size()} tokens, <|endoftext|> = {tok.eos_token_id}; "
+        f"{cla[0]['output']!r} -> {tok.tokenizer.encode(cla[0]['output']).tokens}")
+    say(f"[3/6] Language model: Mamba-2.8B was pretrained on the Pile; here a tiny Mamba (d_model {cfg.lm_d_model}, "
+        f"{cfg.lm_layers} layers, N {cfg.lm_d_state}) learns the demo's text from scratch, each QA pair after a "
+        "description of its clip:")
+    say("      " + texts[0].replace("\n", "\\n"))
+    lm = pretrain_demo_lm(texts, tok, cfg, seed, llm_dir)
+    say(f"      {_count(lm.parameters()):,} parameters, saved in Hugging Face's format in {llm_dir}")
+    times["lm"] = time.time() - t
+
+    t = time.time()
+    dass_file = out / "dass" / "dass_demo.safetensors"
+    say(f"[4/6] Audio encoder: DASS was trained to tag AudioSet clips; no DASS this small exists, so a tiny one "
+        f"(dims {cfg.dass_dims}, depths {cfg.dass_depths}) learns to tag the demo's training clips with their class "
+        "and loudness")
+    dass_model = pretrain_demo_dass(clips, cfg, seed, dass_file)
+    held_out = [c for c in json.loads(paths["clips"].read_text()) if c["split"] == "eval"]
+    say(f"      saved in {dass_file}; on its own it tags {dass_accuracy(dass_model, held_out, cfg.audio_frames):.0%} "
+        "of the held-out clips with the right class")
+    times["dass"] = time.time() - t
+
+    say("[5/6] ssLALM, the paper's recipe: DASS -> Conv2d + Linear projector -> audio tokens before the prompt -> "
+        "frozen LM + LoRA")
+    dass_cfg = DASSConfig(dims=cfg.dass_dims, depths=cfg.dass_depths, n_classes=len(demo_tags()))
+    config = sslalm.SSLALMConfig(size="custom", llm="mamba", dass=dataclasses.asdict(dass_cfg),
+                                 llm_weights=str(llm_dir), dass_weights=str(dass_file),
+                                 audio_frames=cfg.audio_frames, response_only_loss=cfg.response_only_loss)
+    torch.manual_seed(seed)
+    model = sslalm.SSLALM.build(config)                      # the same loading code as the real model
+    table = sslalm.parameter_table(model)
+    say("      parameters: " + ", ".join(f"{k} {v:,}" for k, v in table["parts"].items()) +
+        f"; a clip's {cfg.audio_frames} fbank frames -> {2 * math.ceil(cfg.audio_frames / 64)} audio tokens")
+    ds_all = OpenAQADataset(entries, model.encode_example, audio_frames=cfg.audio_frames, cache=True)
+    ds_cla = OpenAQADataset(cla, model.encode_example, audio_frames=cfg.audio_frames, cache=True)
+    common = dict(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, warmup_steps=cfg.warmup_steps, seed=seed,
+                  save_every=0, keep=1, num_workers=0, log_every=25)
+    for stage, ds, parts, lr, epochs in ((1, ds_cla, ("projector",), cfg.stage1_lr, cfg.stage1_epochs),
+                                         (2, ds_all, ("dass", "projector", "lora"), cfg.stage2_lr, cfg.stage2_epochs)):
+        if epochs <= 0:
+            continue
+        t = time.time()
+        model.set_trainable(parts)
+        what = "the classification pairs" if stage == 1 else "all QA pairs"
+        say(f"      stage {stage}: {what} ({len(ds)}); trains {' + '.join(parts)} "
+            f"({_count(p for p in model.parameters() if p.requires_grad):,} parameters), the rest is frozen; "
+            f"lr {lr:g}, {epochs} epochs of batches of {cfg.batch_size} ({cfg.micro_batch} per forward pass)")
+        tc = TrainConfig(lr=lr, epochs=epochs, trainable=parts, name=f"stage {stage}", **common)
+        train(model, ds, sslalm.collate, tok.eos_token_id, tc, out / f"stage{stage}")
+        times[f"stage{stage}"] = time.time() - t
+    save_final(model, out)
+    say(f"      the trained DASS, projector and LoRA weights: {out / 'model.safetensors'} (+ config.json naming "
+        "the base LM and DASS)")
+
+    t = time.time()
+    model.eval()
+    evals = load_openaqa(paths["eval"])
+    evals = evals[::max(1, len(evals) // cfg.check_clips)][:cfg.check_clips] if cfg.check_clips else evals
+    say(f"[6/6] Check: answers to LTU's classification prompt on {len(evals)} held-out clips (the paper's sampling)")
+    right, generator = 0, torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in range(0, len(evals), 24):
+            chunk = evals[s:s + 24]
+            answers = model.answer([e["audio_id"] for e in chunk], [e["instruction"] for e in chunk],
+                                   max_new_tokens=24, generator=generator)  # the paper's sampling
+            right += sum(a == e["output"] for a, e in zip(answers, chunk))
+        clip = evals[-1]["audio_id"]
+        for q in ("What can you hear?", "Is the sound loud or quiet?"):
+            a = model.answer([clip], [q], max_new_tokens=24, generator=generator)[0]
+            say(f"      {Path(clip).name}: {q!r} -> {a!r}")
+    acc = right / len(evals)
+    times["check"] = time.time() - t
+    times["total"] = time.time() - t_all
+    say(f"      exact answers: {right}/{len(evals)} = {acc:.1%}")
+    say(f"done in {times['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items() if k != "total") +
+        f"). Next:\n  python evaluate.py --task demo --checkpoint {out}\n"
+        f"  python sslalm.py ask --checkpoint {out} {clip} \"What can you hear?\"")
+    result = {"accuracy": acc, "times": times, "checkpoint": str(out), "config": dataclasses.asdict(cfg)}
+    (out / "demo_result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real run and the command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_stage(args: argparse.Namespace) -> TrainResult:
+    """One stage of the recipe on the real model (see the module docstring); the final checkpoint in --output-dir."""
+    import sslalm
+    d = init_distributed()
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else args.device or "cpu")
+    if args.device:
+        device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None  # the frozen LLM in bf16 on GPU; trained parts fp32
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if d.main else (lambda s: None)
+    entries = load_openaqa(args.data)                          # malformed data fails before any model is built
+    out = Path(args.output_dir)
+    if args.init_from:
+        say(f"stage {args.stage}: starting from {args.init_from} (its config names the base weights)")
+        model = sslalm.load_checkpoint(args.init_from, device=device, dtype=dtype)
+    else:
+        overrides = {k: v for k, v in dict(tokenizer=args.tokenizer, audio_frames=args.audio_frames).items()
+                     if v is not None}
+        config = sslalm.SSLALMConfig.paper(args.size, args.llm, dass_weights=args.dass_weights,
+                                           llm_weights=args.llm_weights, **overrides)
+        model = sslalm.SSLALM.build(config, device=device, dtype=dtype)
+    cfg = TrainConfig.for_stage(
+        args.stage, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.micro_batch,
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
+        max_steps=args.max_steps, seed=args.seed, save_every=args.save_every, keep=args.keep,
+        num_workers=args.num_workers, skip_bad=args.skip_bad, log_every=args.log_every,
+        trainable=tuple(args.trainable.split(",")) if args.trainable else None)
+    model.set_trainable(cfg.trainable)
+    if args.grad_checkpointing:
+        model.llm.gradient_checkpointing = True
+    table = sslalm.parameter_table(model)
+    say(f"stage {args.stage}: trains {' + '.join(cfg.trainable)} "
+        f"({_count(p for p in model.parameters() if p.requires_grad):,} of {table['total']:,} parameters), "
+        f"lr {cfg.lr:g}, {cfg.epochs} epoch(s), batch {cfg.batch_size} = {d.world} process(es) x micro-batch "
+        f"{cfg.micro_batch} x accumulation, {len(entries):,} entries from {args.data}")
+    ds = OpenAQADataset(entries, model.encode_example, args.audio_root or Path(args.data).resolve().parent,
+                        parse_prefixes(args.audio_prefix), model.config.audio_frames)
+    missing = ds.check_files(args.skip_bad)
+    pad_id = getattr(model.tokenizer, "pad_token_id", None)
+    pad_id = model.tokenizer.eos_token_id if pad_id is None else pad_id
+    res = train(model, ds, sslalm.collate, pad_id, cfg, out, resume=args.resume, d=d, device=device)
+    res.bad = missing + res.bad
+    if d.main:
+        save_final(model, out)
+        report_bad(res.bad)
+        plot_losses(out)
+        say(f"done: {res.steps} steps; the model is in {out} (config.json + model.safetensors)")
+    return res
+
+
+def plot_losses(output_dir: str | Path) -> Path | None:
+    """loss.png from log.jsonl, if matplotlib is installed (it is not a dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    log = Path(output_dir) / "log.jsonl"
+    recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    if not recs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    path = Path(output_dir) / "loss.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="See the module docstring for the recipe.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="synthetic sounds -> a tiny ssLALM on CPU in minutes")
+    p.add_argument("--output-dir", required=True, help="checkpoints, log.jsonl and the final model go here")
+    p.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("model")
+    m.add_argument("--size", choices=("small", "medium"), default="small", help="DASS size")
+    m.add_argument("--llm", choices=("mamba", "llama"), default="mamba", help="mamba: ssLALM; llama: hybrid LALM")
+    m.add_argument("--dass-weights", help="DASS checkpoint (DASS_small.pth / DASS_medium.pth)")
+    m.add_argument("--llm-weights", help="folder of the LLM (state-spaces/mamba-2.8b-hf or lmsys/vicuna-7b-v1.5)")
+    m.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model (default: in --llm-weights)")
+    m.add_argument("--init-from", help="the previous stage's output dir (its config names the base weights)")
+    m.add_argument("--audio-frames", type=int, help="fbank frames per clip (default 1024)")
+    m.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM blocks in backward")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="the stage's OpenAQA JSON file")
+    d.add_argument("--audio-root", help="relative audio_id paths are under this folder (default: the JSON's folder)")
+    d.add_argument("--audio-prefix", action="append", default=[], metavar="OLD=NEW",
+                   help="rewrite audio_id paths starting with OLD (repeatable)")
+    d.add_argument("--skip-bad", action="store_true", help="skip (and report) entries whose audio is missing/bad")
+    d.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+    t = p.add_argument_group("recipe (defaults: REFERENCE §7 for the --stage)")
+    t.add_argument("--stage", type=int, choices=sorted(STAGES), default=1)
+    t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (the lr schedule ends there)")
+    t.add_argument("--batch-size", type=int, help="global batch (default 256)")
+    t.add_argument("--micro-batch", type=int, help="entries per forward pass per process (default 4)")
+    t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--grad-clip", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
+    c = p.add_argument_group("checkpoints and logs")
+    c.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; 0: only at the end)")
+    c.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
+    c.add_argument("--resume", nargs="?", const="latest", help="continue from the newest checkpoint in "
+                   "--output-dir (or the one given)")
+    c.add_argument("--log-every", type=int, default=10, help="progress lines when stderr is not a terminal")
+    e = p.add_argument_group("demo")
+    e.add_argument("--demo-clips", type=int, help="training clips per class")
+    e.add_argument("--demo-lm-steps", type=int, help="pretraining steps of the tiny LM")
+    e.add_argument("--demo-epochs", type=int, help="epochs of demo stage 2")
+    args = p.parse_args(argv)
+    if not args.demo and not args.data:
+        p.error("--data is required (or --demo)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.demo:
+            kw = dict(clips_per_class=args.demo_clips, lm_steps=args.demo_lm_steps, stage2_epochs=args.demo_epochs)
+            run_demo(args.output_dir, DemoConfig(**{k: v for k, v in kw.items() if v is not None}), args.seed)
+        else:
+            run_stage(args)
+    except (DataError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
