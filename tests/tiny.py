@@ -64,3 +64,33 @@ def tiny_dass(size, folder, seed=1):
     torch.manual_seed(seed)
     DASS(DASSConfig(**TINY_DASS[size])).save_pretrained(folder / f"dass_{size}.safetensors")
     return str(folder / f"dass_{size}.safetensors")
+
+
+def overfit(bases_json, llm, steps=250):
+    """Train the trainable parts on one batch of two examples; returns (first loss, last loss)."""
+    import json
+    import sslalm
+    bases = json.loads(bases_json)
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
+    torch.manual_seed(0)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj") if llm == "llama" else ()
+    model = sslalm.SSLALM.build(sslalm_config(bases, "small", llm, lora_dropout=0.0, lora_targets=targets))
+    model.set_trainable(model.PARTS)
+    g = torch.Generator().manual_seed(0)
+    qa = [("What can you hear?", "A high pitched pure tone."), ("Is the pitch rising or falling?", "Falling.")]
+    examples = []
+    for q, a in qa:
+        ids, labels = model.encode_example(q, a)
+        examples.append({"fbank": torch.randn(64, 128, generator=g), "input_ids": ids, "labels": labels})
+    batch = sslalm.collate(examples, pad_id=model.tokenizer.eos_token_id)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[150], gamma=0.1)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    return losses[0], losses[-1]
