@@ -383,7 +383,7 @@ def test_cli_missing_weights_is_a_clean_error(tmp_path):
                        cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "error:" in r.stderr
-    assert "mamba-2.8b-hf" in r.stderr and "download" in r.stderr
+    assert "state-spaces/mamba-2.8b" in r.stderr and "download" in r.stderr
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([entry("a.wav"), {"instruction": "x"}]))
     r = subprocess.run([sys.executable, "train.py", "--data", str(bad), "--output-dir", str(tmp_path / "run")],
