@@ -422,3 +422,15 @@ def test_small_demo_run_gives_a_loadable_checkpoint_that_trains_further(tmp_path
     before = model.trainable_state_dict()
     after = again.trainable_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora" in k)
+
+
+def test_demo_is_deterministic_given_the_seed(tmp_path):
+    files = []
+    for run in ("a", "b"):
+        train.run_demo(tmp_path / run, train.DemoConfig(**{**TINY_DEMO, "check_clips": 1}), seed=3)
+        files.append([(tmp_path / run / f).read_bytes() for f in ("model.safetensors", "llm/model.safetensors",
+                                                                   "llm/tokenizer.json", "data/demo_train.json")])
+    a, b = files
+    assert [x == y for x, y in zip(a, b)] == [True, True, True, False]  # audio_id paths differ: a/ vs b/
+    ja, jb = (json.loads(x[3]) for x in files)
+    assert [e["output"] for e in ja] == [e["output"] for e in jb]
