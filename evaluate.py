@@ -806,7 +806,7 @@ def table_row(metrics: dict, name: str = "model") -> str:
 # Command line
 
 def model_answer_fn(checkpoint: str, device: str | None, dtype: str | None, greedy: bool,
-                    max_new_tokens: int) -> AnswerFn:
+                    max_new_tokens: int, llm_weights: str | None = None) -> AnswerFn:
     """answer_fn backed by sslalm's model, loaded on the first call (nothing is loaded if every clip is answered)."""
     model = None
 
@@ -815,7 +815,7 @@ def model_answer_fn(checkpoint: str, device: str | None, dtype: str | None, gree
         if model is None:
             import sslalm
             torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
-            model = sslalm.load_checkpoint(checkpoint, device=device, dtype=torch_dtype)
+            model = sslalm.load_checkpoint(checkpoint, device=device, dtype=torch_dtype, llm_weights=llm_weights)
         settings = {**GENERATION, "max_new_tokens": max_new_tokens}
         return model.answer(audio, instructions, greedy=greedy, **settings)
 
@@ -826,6 +826,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Score a trained model on one of Table I's benchmarks, offline.")
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--checkpoint", help="trained model directory (sslalm.load_checkpoint)")
+    p.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
     p.add_argument("--data", help="LTU eval JSON (demo: demo_eval.json in CHECKPOINT or up to 2 folders above)")
     p.add_argument("--labels", help="label CSV index,mid,display_name (demo: demo_labels.csv beside demo_eval.json)")
     p.add_argument("--audio-root", help="folder holding the audio files the eval JSON names")
@@ -867,8 +868,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             else f"{a.checkpoint}.eval_{a.task}.jsonl"
     print(f"answers: {output}", file=sys.stderr)
     torch.manual_seed(a.seed)
-    answer_fn = model_answer_fn(a.checkpoint, a.device, a.dtype, a.greedy, a.max_new_tokens) if a.checkpoint \
-        else None
+    answer_fn = (model_answer_fn(a.checkpoint, a.device, a.dtype, a.greedy, a.max_new_tokens, a.llm_weights)
+                 if a.checkpoint else None)
     encoder = TextEncoder(a.text_encoder) if TASKS[a.task].kind != "caption" else None
     metrics = evaluate(a.task, clips, answer_fn, output, labels=labels, encoder=encoder, batch_size=a.batch_size,
                        limit=a.limit, spice_jar=a.spice_jar)

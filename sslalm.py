@@ -238,14 +238,24 @@ class SSLALM(nn.Module):
             with torch.no_grad():
                 own[name].copy_(value)
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is."""
+    def save_checkpoint(self, path: str | os.PathLike, home: str | os.PathLike | None = None) -> None:
+        """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is.
+
+        The config names the base weights by absolute path, or relative to the checkpoint's folder when they lie
+        inside it (then the folder can be moved as a whole). That folder is `path`, or `home` if the files are
+        written elsewhere first and moved there."""
         path = Path(path)
+        home = Path(home or path).resolve()
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / "model.safetensors.tmp"
         save_file({k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}, str(tmp))
         os.replace(tmp, path / "model.safetensors")
-        meta = {"sslalm": self.config.to_dict(), "llm_fingerprint": llm_fingerprint(self.llm)}
+        config = self.config.to_dict()
+        for key in ("llm_weights", "dass_weights", "tokenizer"):
+            if config[key]:
+                where = Path(config[key]).resolve()
+                config[key] = where.relative_to(home).as_posix() if where.is_relative_to(home) else str(where)
+        meta = {"sslalm": config, "llm_fingerprint": llm_fingerprint(self.llm)}
         (path / "config.tmp").write_text(json.dumps(meta, indent=2))
         os.replace(path / "config.tmp", path / "config.json")
 
@@ -365,9 +375,11 @@ def load_tokenizer(config: SSLALMConfig):
     return Tokenizer(str(path))  # puts BOS first, as LTU's prompts have it
 
 
-def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> SSLALM:
-    """Rebuild a trained model: the base LLM from the path its config names, then the checkpoint's DASS,
-    projector and LoRA weights on top. The result is the trained model exactly."""
+def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+                    llm_weights: str | None = None, tokenizer: str | None = None) -> SSLALM:
+    """Rebuild a trained model: the base LLM from the path its config names (or from `llm_weights`, if the base
+    weights have moved; they must be the same weights), then the checkpoint's DASS, projector and LoRA weights on
+    top. The result is the trained model exactly."""
     path = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
@@ -376,8 +388,8 @@ def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     if "sslalm" not in meta:
         raise ValueError(f"{path / 'config.json'} is not an ssLALM checkpoint config (no 'sslalm' entry)")
     config = SSLALMConfig.from_dict(meta["sslalm"])
-    config.llm_weights = _resolve(config.llm_weights, path)
-    config.tokenizer = _resolve(config.tokenizer, path)
+    config.llm_weights = llm_weights or _resolve(config.llm_weights, path)
+    config.tokenizer = tokenizer or _resolve(config.tokenizer, path)
     model = SSLALM.build(config, device=device, dtype=dtype, load_dass=False)
     expected = meta.get("llm_fingerprint") or []
     found = llm_fingerprint(model.llm)
@@ -424,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--checkpoint", required=True, help="a folder written by train.py")
     a.add_argument("clip", help="an audio file (any length; resampled to 16 kHz)")
     a.add_argument("question", nargs="+", help="the question (e.g. 'What can you hear?')")
+    a.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
     a.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
     a.add_argument("--max-new-tokens", type=int, default=400)
     a.add_argument("--seed", type=int, default=0)
@@ -444,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else None
-        model = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
+        model = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, llm_weights=args.llm_weights)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         print(model.answer([args.clip], [" ".join(args.question)], greedy=args.greedy,
                            max_new_tokens=args.max_new_tokens, generator=generator)[0])

@@ -391,7 +391,7 @@ def save_final(model: nn.Module, output_dir: str | Path) -> None:
     tmp = out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_checkpoint(tmp)
+    model.save_checkpoint(tmp, home=out)
     _fsync_dir(tmp)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
         os.replace(f, out / f.name)
@@ -766,7 +766,8 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
     data/demo_clips.json                  every clip's class and synthesis parameters
     demo_eval.json, demo_labels.csv       the held-out clips with LTU's classification prompt, and the labels
                                           (index,mid,display_name) for `evaluate.py --task demo`
-    audio_id holds absolute paths.
+    Paths inside the JSON files are relative to the file's own folder (what train.py and evaluate.py resolve them
+    against), so the folder can be moved or copied as a whole.
     """
     out = Path(out_dir).resolve()
     rng = np.random.default_rng(seed)
@@ -782,13 +783,14 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
                 x, p = synth_clip(cls, rng)
                 f = out / "data" / split / f"{cls}_{j:03d}.wav"
                 sf.write(str(f), x, audio.SAMPLE_RATE, subtype="PCM_16")
-                clips.append({"file": str(f), "split": split, **p})
+                in_data = f.relative_to(out / "data").as_posix()  # as data/*.json name it
+                clips.append({"file": in_data, "split": split, **p})
                 if split == "eval":
-                    evals.append(dict(instruction=CLASSIFY_PROMPT, input="", audio_id=str(f), dataset="demo",
-                                      task="cla_label", output=display))
+                    evals.append(dict(instruction=CLASSIFY_PROMPT, input="", audio_id=f"data/{in_data}",
+                                      dataset="demo", task="cla_label", output=display))
                     continue
                 for task, q, a in demo_questions(display, kind, caption, p["loudness"], rng):
-                    e = dict(instruction=q, input="", audio_id=str(f), dataset="demo", task=task, output=a)
+                    e = dict(instruction=q, input="", audio_id=in_data, dataset="demo", task=task, output=a)
                     train.append(e)
                     if task == "cla_label":
                         cla.append(e)
@@ -969,7 +971,8 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
     t = time.time()
     paths = make_demo_data(out, cfg.clips_per_class, cfg.eval_per_class, seed, verbose=False)
     entries, cla = load_openaqa(paths["train"]), load_openaqa(paths["cla"])
-    clips = [c for c in json.loads(paths["clips"].read_text()) if c["split"] == "train"]
+    all_clips = [{**c, "file": str(paths["clips"].parent / c["file"])} for c in json.loads(paths["clips"].read_text())]
+    clips = [c for c in all_clips if c["split"] == "train"]
     say(f"      {len(DEMO_CLASSES)} classes: {', '.join(c[1] for c in DEMO_CLASSES)}")
     say(f"      {len(clips)} training clips x 4 questions = {len(entries)} QA pairs, e.g. {entries[0]['instruction']!r}"
         f" -> {entries[0]['output']!r}; {cfg.eval_per_class * len(DEMO_CLASSES)} held-out clips in demo_eval.json")
@@ -1000,7 +1003,7 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
         f"(dims {cfg.dass_dims}, depths {cfg.dass_depths}) learns to tag the demo's training clips with their class "
         "and loudness")
     dass_model = pretrain_demo_dass(clips, cfg, seed, dass_file)
-    held_out = [c for c in json.loads(paths["clips"].read_text()) if c["split"] == "eval"]
+    held_out = [c for c in all_clips if c["split"] == "eval"]
     say(f"      saved in {dass_file}; on its own it tags {dass_accuracy(dass_model, held_out, cfg.audio_frames):.0%} "
         "of the held-out clips with the right class")
     times["dass"] = time.time() - t
@@ -1016,8 +1019,8 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
     table = sslalm.parameter_table(model)
     say("      parameters: " + ", ".join(f"{k} {v:,}" for k, v in table["parts"].items()) +
         f"; a clip's {cfg.audio_frames} fbank frames -> {2 * math.ceil(cfg.audio_frames / 64)} audio tokens")
-    ds_all = OpenAQADataset(entries, model.encode_example, audio_frames=cfg.audio_frames, cache=True)
-    ds_cla = OpenAQADataset(cla, model.encode_example, audio_frames=cfg.audio_frames, cache=True)
+    ds_all, ds_cla = (OpenAQADataset(e, model.encode_example, paths["train"].parent, audio_frames=cfg.audio_frames,
+                                     cache=True) for e in (entries, cla))
     common = dict(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, warmup_steps=cfg.warmup_steps, seed=seed,
                   save_every=0, keep=1, num_workers=0, log_every=25)
     for stage, ds, parts, lr, epochs in ((1, ds_cla, ("projector",), cfg.stage1_lr, cfg.stage1_epochs),
@@ -1039,7 +1042,7 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
 
     t = time.time()
     model.eval()
-    evals = load_openaqa(paths["eval"])
+    evals = [{**e, "audio_id": str(resolve_audio(e["audio_id"], out))} for e in load_openaqa(paths["eval"])]
     evals = evals[::max(1, len(evals) // cfg.check_clips)][:cfg.check_clips] if cfg.check_clips else evals
     say(f"[6/6] Check: answers to LTU's classification prompt on {len(evals)} held-out clips (the paper's sampling)")
     right, generator = 0, torch.Generator().manual_seed(seed)
@@ -1080,8 +1083,10 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     entries = load_openaqa(args.data)                          # malformed data fails before any model is built
     out = Path(args.output_dir)
     if args.init_from:
-        say(f"stage {args.stage}: starting from {args.init_from} (its config names the base weights)")
-        model = sslalm.load_checkpoint(args.init_from, device=device, dtype=dtype)
+        say(f"stage {args.stage}: starting from {args.init_from} (its config names the base weights; "
+            "--llm-weights overrides it)")
+        model = sslalm.load_checkpoint(args.init_from, device=device, dtype=dtype, llm_weights=args.llm_weights,
+                                       tokenizer=args.tokenizer)
     else:
         if args.stage > 1:
             say(f"note: stage {args.stage} without --init-from starts from a new projector and new LoRA adapters")

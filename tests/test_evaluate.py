@@ -351,7 +351,7 @@ def fake_sslalm(monkeypatch, labels):
     FakeModel.calls = []
     model = FakeModel(labels)
     monkeypatch.setitem(sys.modules, "sslalm", types.SimpleNamespace(
-        load_checkpoint=lambda path, device=None, dtype=None: model))
+        load_checkpoint=lambda path, device=None, dtype=None, llm_weights=None: model))
     return model
 
 

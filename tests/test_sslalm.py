@@ -168,6 +168,33 @@ def test_mismatched_checkpoints_are_refused(bases, tmp_path):
         sslalm.load_checkpoint(tmp_path / "ckpt")
 
 
+def test_checkpoints_survive_moving_the_base_weights(bases, tmp_path):
+    import shutil
+    from dataclasses import replace
+    torch.manual_seed(0)
+    model = sslalm.SSLALM.build(replace(_config(bases, "small", "mamba"),
+                                        llm_weights=str(shutil.copytree(bases["mamba"], tmp_path / "base"))))
+    model.save_checkpoint(tmp_path / "ckpt")  # the base lies outside the checkpoint: named by absolute path
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["sslalm"]["llm_weights"] == \
+        str((tmp_path / "base").resolve())
+    (tmp_path / "base").rename(tmp_path / "moved_base")
+    with pytest.raises(FileNotFoundError, match="base"):
+        sslalm.load_checkpoint(tmp_path / "ckpt")
+    again = sslalm.load_checkpoint(tmp_path / "ckpt", llm_weights=str(tmp_path / "moved_base"))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="not those"):  # the override must be the same base weights
+        sslalm.load_checkpoint(tmp_path / "ckpt", llm_weights=_base_llm("mamba", tmp_path / "other", seed=5))
+
+    run = tmp_path / "run"  # a base inside the checkpoint folder is named relative to it: the folder can move
+    model = sslalm.SSLALM.build(replace(_config(bases, "small", "mamba"),
+                                        llm_weights=str(shutil.copytree(bases["mamba"], run / "llm"))))
+    model.save_checkpoint(run)
+    assert json.loads((run / "config.json").read_text())["sslalm"]["llm_weights"] == "llm"
+    run.rename(tmp_path / "run_moved")
+    again = sslalm.load_checkpoint(tmp_path / "run_moved")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_missing_weights_say_what_to_download(bases, tmp_path):
     with pytest.raises(FileNotFoundError, match="state-spaces/mamba-2.8b-hf"):
         sslalm.SSLALM.build(sslalm.SSLALMConfig.paper("small", "mamba", dass_weights=bases["small"]))

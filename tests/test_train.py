@@ -341,7 +341,7 @@ def test_demo_data_is_valid_openaqa_with_distinguishable_classes(tmp_path):
     clips = json.loads(paths["clips"].read_text())
     assert {c["file"] for c in clips if c["split"] == "train"} == {e["audio_id"] for e in entries}
     for c in clips:
-        f, mag, x = _spectrum(c["file"])
+        f, mag, x = _spectrum(str(paths["clips"].parent / c["file"]))
         assert 1.0 <= len(x) / 16000 <= 3.0
         rms_db = 10 * np.log10(np.mean(x ** 2))
         cls = c["class"]
@@ -402,10 +402,11 @@ def test_small_demo_run_gives_a_loadable_checkpoint_that_trains_further(tmp_path
     err = capsys.readouterr().err
     for step in ("[1/6]", "[3/6]", "[4/6]", "stage 1", "stage 2", "[6/6]"):
         assert step in err
+    out = out.rename(tmp_path / "moved")  # the demo folder is self-contained: it works wherever it is
     model = sslalm.load_checkpoint(out)
     assert model.config.audio_frames == train.DemoConfig.audio_frames
     ev = train.load_openaqa(out / "demo_eval.json")[0]
-    answer = model.answer([ev["audio_id"]], [ev["instruction"]], greedy=True, max_new_tokens=5)[0]
+    answer = model.answer([str(out / ev["audio_id"])], [ev["instruction"]], greedy=True, max_new_tokens=5)[0]
     assert isinstance(answer, str)
     from safetensors.torch import load_file
     saved = load_file(str(out / "model.safetensors"))
@@ -431,6 +432,4 @@ def test_demo_is_deterministic_given_the_seed(tmp_path):
         files.append([(tmp_path / run / f).read_bytes() for f in ("model.safetensors", "llm/model.safetensors",
                                                                    "llm/tokenizer.json", "data/demo_train.json")])
     a, b = files
-    assert [x == y for x, y in zip(a, b)] == [True, True, True, False]  # audio_id paths differ: a/ vs b/
-    ja, jb = (json.loads(x[3]) for x in files)
-    assert [e["output"] for e in ja] == [e["output"] for e in jb]
+    assert [x == y for x, y in zip(a, b)] == [True, True, True, True]
