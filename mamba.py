@@ -149,8 +149,9 @@ def _scan_recurrence_(a: Tensor, b: Tensor, h0: Tensor, reverse: bool = False, c
       1. each chunk's end state from a zero start, and the chunk's decay prod(a_t) over its T steps;
       2. the state entering each chunk, carried chunk to chunk (L/T small steps);
       3. the chunks again, in place, now started from their true entering state.
-    So about 2·sqrt(L) + L/T vectorised steps instead of L. Only products of decays a_t = exp(Δ_t A) <= 1 appear,
-    never their inverses, so nothing overflows however long L is. Rows past the last whole chunk run one by one.
+    So 2T + L/T vectorised steps (3·sqrt(L) by default) instead of L. Only products of decays a_t = exp(Δ_t A) <= 1
+    appear, never their inverses, so nothing overflows however long L is. Rows past the last whole chunk run one by
+    one.
     """
     length, width = a.shape
     T = chunk or max(1, math.isqrt(length))

@@ -66,8 +66,9 @@ def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | Non
     The prompt is inputs_embeds (B, P, d) followed by the embeddings of input_ids (B, L); either may be absent.
     inputs_embeds is how the audio tokens arrive. Rows of different lengths are left-padded and marked with
     attention_mask (B, P + L), 1 for real positions. The tokens that count as seen for the repetition penalty are
-    seen_ids (B, S) if given (entries < 0 are padding), else input_ids, plus every generated token. A row that has produced eos_token_id is finished: it gets pad_token_id (default: the EOS)
-    from then on, and generation stops when every row has finished.
+    seen_ids (B, S) if given (entries < 0 are padding), else input_ids, plus every generated token. A row that has
+    produced eos_token_id is finished: it gets pad_token_id (default: the EOS) from then on, and generation stops
+    when every row has finished.
     """
     parts = []
     if inputs_embeds is not None:
