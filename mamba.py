@@ -38,7 +38,9 @@ The language model (MambaLM; defaults = Mamba-2.8B), names as in the checkpoints
 Where it differs from the official code: the residual stream is always fp32 and the RMSNorm multiplies by its
 weight in fp32 before casting (mamba_ssm's fused kernel does the same; transformers casts first); the
 depthwise conv is plain PyTorch (no causal-conv1d kernel); left padding is masked by zeroing the conv's input
-and output (transformers zeroes the mixer input, the same thing when in_proj has no bias).
+and output (transformers zeroes the mixer input, the same thing when in_proj has no bias). On CUDA, a decode
+step is recorded once per generation as a CUDA graph and replayed (`_GraphedDecode`; `cuda_graph = False` turns it
+off), as gpt-fast does with torch.compile: at batch 1 the launches, not the arithmetic, would set the pace.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -507,11 +510,39 @@ class MambaCache:
     conv: Tensor  # (n_layer, B, d_inner, d_conv) the last d_conv inputs of each layer's conv, model dtype
     ssm: Tensor   # (n_layer, B, d_inner, N) h_t of eq. (5), fp32
     length: int = 0  # positions consumed
+    graph: "_GraphedDecode | None" = None  # the decode step recorded as a CUDA graph for this cache
 
     @classmethod
     def allocate(cls, cfg: MambaConfig, batch: int, dtype: torch.dtype, device) -> "MambaCache":
         return cls(torch.zeros(cfg.n_layer, batch, cfg.d_inner, cfg.d_conv, dtype=dtype, device=device),
                    torch.zeros(cfg.n_layer, batch, cfg.d_inner, cfg.d_state, dtype=torch.float32, device=device))
+
+
+class _GraphedDecode:
+    """`MambaLM.decode_step` recorded once as a CUDA graph and replayed for every token. At batch 1 the ~15 kernel
+    launches per layer cost more than their work; a replay is one launch. The graph reads the token from a fixed
+    buffer, steps the cache in place and writes the logits into a fixed buffer (valid until the next replay)."""
+
+    def __init__(self, model: "MambaLM", cache: MambaCache, batch: int):
+        self.token = torch.zeros(batch, dtype=torch.long, device=cache.ssm.device)
+        saved = cache.conv.clone(), cache.ssm.clone()
+        try:
+            side = torch.cuda.Stream(device=cache.ssm.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph: Triton compiles, cuBLAS gets its workspace
+                model._step(self.token, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run
+                self.logits = model._step(self.token, cache)
+        finally:
+            cache.conv.copy_(saved[0])  # undo the warm-up's step
+            cache.ssm.copy_(saved[1])
+
+    def __call__(self, token: Tensor) -> Tensor:
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
 
 
 class MambaLM(nn.Module):
@@ -526,6 +557,7 @@ class MambaLM(nn.Module):
         self.config = config
         self.hidden_size = config.d_model
         self.gradient_checkpointing = False  # recompute each block in backward (long prefixes in training)
+        self.cuda_graph = True  # decode steps on CUDA replay a CUDA graph (False: launch every kernel each step)
         self.backbone = nn.ModuleDict(dict(
             embeddings=nn.Embedding(config.vocab_size, config.d_model),
             layers=nn.ModuleList(MambaBlock(config) for _ in range(config.n_layer)),
@@ -614,11 +646,26 @@ class MambaLM(nn.Module):
         return self._logits(residual[:, -1]), cache
 
     def decode_step(self, token: Tensor, cache: MambaCache) -> Tensor:
-        """token (B,) -> logits (B, V) for the position after it; cache advances by one position in place."""
+        """token (B,) -> logits (B, V) for the position after it; cache advances by one position in place.
+        On CUDA (with self.cuda_graph) the step is a CUDA graph recorded at the first call for this cache; the
+        logits it returns are then overwritten by the next step."""
+        if token.is_cuda and self.cuda_graph and not torch.is_grad_enabled() and cache.graph is None:
+            try:
+                cache.graph = _GraphedDecode(self, cache, token.shape[0])
+            except RuntimeError as e:  # e.g. a kernel that cannot be captured: say so, and step eagerly
+                warnings.warn(f"decoding without a CUDA graph: recording the decode step failed ({e})")
+                self.cuda_graph = False
+        if token.is_cuda and self.cuda_graph and cache.graph is not None:
+            logits = cache.graph(token)
+        else:
+            logits = self._step(token, cache)
+        cache.length += 1
+        return logits
+
+    def _step(self, token: Tensor, cache: MambaCache) -> Tensor:
         residual = self.embed(token).float()                                 # (B, d_model)
         for i, block in enumerate(self.backbone.layers):
             residual = residual + block.mixer.step(block.norm(residual), cache.conv[i], cache.ssm[i]).float()
-        cache.length += 1
         return self._logits(residual)
 
     generate = sampling.generate  # generate(input_ids, inputs_embeds, attention_mask, max_new_tokens, ...) -> (B, T)
