@@ -31,6 +31,7 @@ from torch import Tensor
 
 import checkpoint
 import sampling
+from mamba import RMSNorm  # the same norm; LLaMA rounds where transformers does (scale_in_fp32=False)
 
 
 @dataclass
@@ -95,19 +96,6 @@ PRESETS = {
     "vicuna-7b-v1.3": LlamaConfig(rms_norm_eps=1e-6, max_position_embeddings=2048),
     "vicuna-7b-v1.1": LlamaConfig(rms_norm_eps=1e-6, max_position_embeddings=2048),
 }
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(..., d) -> (..., d); normalised in fp32, scaled in x's dtype (as HF)."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -191,8 +179,8 @@ class Block(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, scale_in_fp32=False)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, scale_in_fp32=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
                 layer: int = 0) -> Tensor:
@@ -220,7 +208,7 @@ class LlamaLM(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps, scale_in_fp32=False),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed_tokens
         self.gradient_checkpointing = False  # True: recompute each block in backward (training memory)

@@ -405,18 +405,24 @@ class MambaConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight, computed in fp32; the result has the weight's dtype."""
+    """x / sqrt(mean(x²) + eps) · weight, normalised in fp32 (both LLMs of the paper use it).
 
-    def __init__(self, dim: int, eps: float):
+    The checkpoints' own code differs in where it rounds, and each model follows its own: Mamba (mamba_ssm) scales
+    in fp32 and returns the weight's dtype; LLaMA (transformers) casts back to x's dtype, then scales.
+    """
+
+    def __init__(self, dim: int, eps: float, scale_in_fp32: bool = True):
         super().__init__()
-        self.eps = eps
+        self.eps, self.scale_in_fp32 = eps, scale_in_fp32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., dim) any float dtype -> (..., dim)."""
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(self.weight.dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_in_fp32:
+            return (h * self.weight.float()).to(self.weight.dtype)
+        return self.weight * h.to(x.dtype)
 
 
 class MambaMixer(nn.Module):
