@@ -182,18 +182,6 @@ def test_triton_inference_and_strided_inputs():
     assert torch.equal(y.detach(), y2) and torch.equal(h.detach(), h2)
 
 
-def test_triton_kernels_compile_for_an_h100():
-    """Beyond the interpreter: Triton's compiler and ptxas turn every kernel variant the models launch (Mamba's and
-    DASS's tiles; forward, backward, decode step) into a cubin for sm_90, with no GPU needed."""
-    import subprocess
-    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "compile_kernels.py")
-    run = subprocess.run([sys.executable, tool, "--arch", "90", "--dtypes", "fp32,bf16"], capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    compiled = [line for line in run.stdout.splitlines() if "registers" in line]
-    assert len(compiled) == 2 * 2 * 5, run.stdout  # (Mamba, DASS) x (fp32, bf16) x 5 kernel variants
-
-
 def test_triton_keeps_memory_linear_in_length():
     """No (batch, D, N, L) tensor is kept for the backward: only the inputs and the chunk-end states."""
     batch, dim, dstate, length, chunk = 1, 8, 16, 64, 16
@@ -380,3 +368,15 @@ def test_import_without_triton_says_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton.language", None)
     with pytest.raises(ImportError, match="Triton scan backend .* needs the triton package"):
         importlib.import_module("triton_scan")
+
+
+def test_triton_kernels_compile_for_an_h100():
+    """Beyond the interpreter: Triton's compiler and ptxas turn every kernel variant the models launch (Mamba's and
+    DASS's tiles; forward, backward, decode step) into a cubin for sm_90, with no GPU needed."""
+    import subprocess
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "compile_kernels.py")
+    run = subprocess.run([sys.executable, tool, "--arch", "90", "--dtypes", "fp32,bf16"], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = [line for line in run.stdout.splitlines() if "registers" in line]
+    assert len(compiled) == 2 * 2 * 5, run.stdout  # (Mamba, DASS) x (fp32, bf16) x 5 kernel variants

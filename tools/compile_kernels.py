@@ -71,8 +71,11 @@ def ptxas_report(ptx: str, arch: int) -> str:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         suffix = "a" if arch >= 90 else ""
-        out = subprocess.run([str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
-                             capture_output=True, text=True, check=True).stderr
+        run = subprocess.run([str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
+                             capture_output=True, text=True)
+    if run.returncode:  # the cubin came from Triton itself; only this report is lost
+        return f"registers n/a ({ptxas} -v failed: {run.stderr.strip().splitlines()[-1:]})"
+    out = run.stderr
     regs = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
     return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
