@@ -31,6 +31,7 @@ N_MELS = 128
 PREEMPHASIS = 0.97
 LOW_FREQ = 20.0       # Hz; the top of the mel range is the Nyquist frequency
 DASS_MEAN, DASS_STD = -4.2677393, 4.5689974  # AudioSet fbank statistics used by AST and DASS
+SILENT_FRAME = -DASS_MEAN / (2 * DASS_STD)  # a zero (padded) fbank frame after normalisation, ≈ 0.467
 DASS_FRAMES = 1024    # 10.24 s: the length DASS was trained on
 
 
@@ -184,7 +185,7 @@ def dass_input(waveform: Tensor, target_length: int | None = DASS_FRAMES) -> Ten
 
     The clip's mean is removed, the fbank is zero-padded at the end or cropped to `target_length` frames (None:
     keep every frame, for long audio), then normalised (x - DASS_MEAN) / (2 DASS_STD). Padded frames therefore
-    equal DASS_MEAN / (2 DASS_STD) ≈ 0.467, not 0, exactly as in the official pipeline.
+    equal SILENT_FRAME = -DASS_MEAN / (2 DASS_STD) ≈ 0.467, not 0, exactly as in the official pipeline.
     """
     x = fbank(waveform - waveform.mean())
     if target_length is not None:

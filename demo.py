@@ -335,7 +335,8 @@ def dass_accuracy(model: nn.Module, clips: list[dict], frames: int) -> float:
 
 def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 0) -> dict:
     """The whole demo (data, tokenizer, LM and DASS pretraining, stages 1 and 2 of the recipe), the final
-    checkpoint in output_dir. Returns the timings and the exact-match accuracy of greedy answers on held-out clips."""
+    checkpoint in output_dir. Returns the timings and the exact-match accuracy of answers (the paper's sampling)
+    on the held-out clips."""
     import sslalm
     from dass import DASSConfig
     from mamba import MambaTokenizer

@@ -45,6 +45,8 @@ Where this differs from LTU's scripts:
     coco-caption's jar (--spice-jar; it needs Java and the Stanford CoreNLP jars in the jar's lib/) or is reported
     as not computed.
   - The demo task asks each entry's own instruction (the model was trained on those), not the fixed prompt.
+As in LTU, each clip is cut (or padded) to the training length (1024 frames, 10.24 s) before the model hears it;
+--whole-clips keeps long clips whole instead (more audio tokens; the model was not trained on those).
 """
 from __future__ import annotations
 
@@ -141,7 +143,10 @@ def load_eval_json(path: str, audio_root: str | None = None) -> list[Clip]:
         raise FileNotFoundError(f"eval JSON not found: {path}. Expected LTU's eval data: a JSON list of objects "
                                 f"with the keys {', '.join(OPENAQA_KEYS)} (e.g. esc50.json from LTU's eval set)")
     with open(path) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON list of objects, got {type(data).__name__}")
     roots = [r for r in (audio_root, os.path.dirname(os.path.abspath(path))) if r]
@@ -806,7 +811,7 @@ def table_row(metrics: dict, name: str = "model") -> str:
 # Command line
 
 def model_answer_fn(checkpoint: str, device: str | None, dtype: str | None, greedy: bool,
-                    max_new_tokens: int, llm_weights: str | None = None) -> AnswerFn:
+                    max_new_tokens: int, llm_weights: str | None = None, whole_clips: bool = False) -> AnswerFn:
     """answer_fn backed by sslalm's model, loaded on the first call (nothing is loaded if every clip is answered)."""
     model = None
 
@@ -817,7 +822,7 @@ def model_answer_fn(checkpoint: str, device: str | None, dtype: str | None, gree
             torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
             model = sslalm.load_checkpoint(checkpoint, device=device, dtype=torch_dtype, llm_weights=llm_weights)
         settings = {**GENERATION, "max_new_tokens": max_new_tokens}
-        return model.answer(audio, instructions, greedy=greedy, **settings)
+        return model.answer(audio, instructions, greedy=greedy, crop=not whole_clips, **settings)
 
     return answer
 
@@ -836,7 +841,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
     p.add_argument("--max-new-tokens", type=int, default=GENERATION["max_new_tokens"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
+    p.add_argument("--device", help="default: cuda if available (in bf16), else cpu (fp32)")
+    p.add_argument("--whole-clips", action="store_true", help="long clips whole instead of cut to the training "
+                   "length as LTU's evaluation does")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--output", help="predictions JSONL, resumed if present (default: CHECKPOINT/eval_TASK.jsonl)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
@@ -868,8 +875,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             else f"{a.checkpoint}.eval_{a.task}.jsonl"
     print(f"answers: {output}", file=sys.stderr)
     torch.manual_seed(a.seed)
-    answer_fn = (model_answer_fn(a.checkpoint, a.device, a.dtype, a.greedy, a.max_new_tokens, a.llm_weights)
-                 if a.checkpoint else None)
+    if a.device is None:
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.dtype is None and a.device.startswith("cuda"):
+        a.dtype = "bf16"
+    answer_fn = (model_answer_fn(a.checkpoint, a.device, a.dtype, a.greedy, a.max_new_tokens, a.llm_weights,
+                                 a.whole_clips) if a.checkpoint else None)
     encoder = TextEncoder(a.text_encoder) if TASKS[a.task].kind != "caption" else None
     metrics = evaluate(a.task, clips, answer_fn, output, labels=labels, encoder=encoder, batch_size=a.batch_size,
                        limit=a.limit, spice_jar=a.spice_jar)

@@ -50,10 +50,12 @@ class LlamaConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must divide into num_attention_heads "
-                             f"{self.num_attention_heads}, which must divide into num_key_value_heads "
-                             f"{self.num_key_value_heads}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} must be divisible by "
+                             f"num_key_value_heads {self.num_key_value_heads}")
 
     @property
     def head_dim(self) -> int:
@@ -252,8 +254,7 @@ class LlamaLM(nn.Module):
         if attention_mask is None:
             pos, mask = torch.arange(L, device=x.device).expand(B, L), None
         else:
-            if attention_mask.shape != (B, L):
-                raise ValueError(f"attention_mask must be (B, L) = {(B, L)}; got {tuple(attention_mask.shape)}")
+            sampling.check_attention_mask(attention_mask, B, L)
             pos, mask = _padding_mask(attention_mask)
         return self.lm_head(self._blocks(x, pos, mask)).float()
 
@@ -266,10 +267,9 @@ class LlamaLM(nn.Module):
         self._check_length(max_length)
         if max_length < L:
             raise ValueError(f"max_length {max_length} is shorter than the prompt ({L})")
+        sampling.check_attention_mask(attention_mask, B, L, prompt=True)
         if attention_mask is None:
             attention_mask = torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
-        if not attention_mask[:, -1].bool().all():
-            raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row")
         pos, mask = _padding_mask(attention_mask)
         valid = torch.zeros(B, max_length, dtype=torch.bool, device=inputs_embeds.device)
         valid[:, :L] = attention_mask.bool()

@@ -149,6 +149,10 @@ def _check_hyper(model: nn.Module, r: int, alpha: float, source: str):
 @torch.no_grad()
 def _load_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str):
     """Copy adapter tensors into model's adapters after checking that the keys and shapes agree exactly."""
+    merged = [name for name, m in lora_modules(model).items() if m.merged]
+    if merged:
+        raise ValueError(f"{source}: the adapters of {merged[0]} (and {len(merged) - 1} more) are merged into the "
+                         "weights; call unmerge_lora(model) before loading adapters")
     own = lora_state_dict(model)
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:

@@ -83,6 +83,8 @@ def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bi
     if delta_softplus:
         delta = F.softplus(delta)  # softplus(x) = log(1 + e^x), linear above 20 like the kernels
     B, C = (_grouped(M, name, batch, dim, dstate, length).to(delta.dtype) for M, name in ((B, "B"), (C, "C")))
+    if B.shape[1] != C.shape[1]:
+        raise ValueError(f"B and C must have the same number of groups; got {B.shape[1]} and {C.shape[1]}")
     return delta, B, C, dstate
 
 
@@ -624,9 +626,11 @@ class MambaLM(nn.Module):
         """input_ids (B, L) and/or inputs_embeds (B, P, d_model) -> logits (B, P + L, V) fp32.
 
         With both, the sequence is inputs_embeds followed by the embedded input_ids (audio tokens, then text).
-        attention_mask (B, P + L): 1 at real positions, 0 at left padding.
+        attention_mask (B, P + L): 1 at real positions, 0 at padding (left padding for prompts; right padding in
+        training batches only affects the padded positions themselves).
         """
         residual = self._prompt(input_ids, inputs_embeds).float()
+        sampling.check_attention_mask(attention_mask, *residual.shape[:2])
         for block in self.backbone.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 residual = torch.utils.checkpoint.checkpoint(block, residual, attention_mask, use_reentrant=False)
@@ -644,6 +648,7 @@ class MambaLM(nn.Module):
         same size whatever the length.
         """
         batch = inputs_embeds.shape[0]
+        sampling.check_attention_mask(attention_mask, batch, inputs_embeds.shape[1], prompt=True)
         cache = MambaCache.allocate(self.config, batch, self.backbone.norm_f.weight.dtype, inputs_embeds.device)
         residual = inputs_embeds.float()
         for i, block in enumerate(self.backbone.layers):

@@ -18,6 +18,18 @@ from torch import Tensor
 PAPER_SAMPLING = dict(do_sample=True, temperature=0.1, top_k=500, top_p=0.95, repetition_penalty=1.1)
 
 
+def check_attention_mask(attention_mask: Tensor | None, batch: int, length: int, prompt: bool = False) -> None:
+    """attention_mask, 1 at real positions and 0 at padding, must be (batch, length); a prompt to generate after
+    must be left-padded (its last position real in every row), or its last logits would come from padding."""
+    if attention_mask is None:
+        return
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask must be (batch, length) = {(batch, length)}; "
+                         f"got {tuple(attention_mask.shape)}")
+    if prompt and length and not attention_mask[:, -1].bool().all():
+        raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row")
+
+
 def process_logits(logits: Tensor, seen: Tensor | None, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, repetition_penalty: float = 1.0) -> Tensor:
     """Turn next-token logits (B, V) into the scores that are sampled from (filtered entries are -inf).
@@ -51,6 +63,8 @@ def next_token(logits: Tensor, seen: Tensor | None = None, do_sample: bool = Fal
     """logits (B, V) -> token ids (B,): the argmax (greedy) or a draw from the processed distribution."""
     if not do_sample:
         return process_logits(logits, seen, repetition_penalty=repetition_penalty).argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling; got {temperature} (do_sample=False is greedy)")
     scores = process_logits(logits, seen, temperature, top_k, top_p, repetition_penalty)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
@@ -79,9 +93,7 @@ def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | Non
         raise ValueError("generate needs input_ids, inputs_embeds or both")
     embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     batch, length = embeds.shape[:2]
-    if attention_mask is not None and attention_mask.shape != (batch, length):
-        raise ValueError(f"attention_mask must be (batch, prompt length) = {(batch, length)}; "
-                         f"got {tuple(attention_mask.shape)}")
+    check_attention_mask(attention_mask, batch, length, prompt=True)
     logits, cache = model.prefill(embeds, attention_mask, length + max_new_tokens)
     seen = seen_ids if seen_ids is not None else input_ids
     seen = seen if seen is not None else embeds.new_zeros(batch, 0, dtype=torch.long)

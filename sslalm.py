@@ -183,7 +183,9 @@ class SSLALM(nn.Module):
 
     # ---- text ----------------------------------------------------------------------------------------------
     def encode_prompt(self, instruction: str, input: str = "") -> list[int]:
-        return self.tokenizer.encode(prompt_text(instruction, input))[:self.config.text_cutoff]
+        """The prompt for answering, whole: text_cutoff applies to training text only (as in LTU), and cutting
+        here would drop the template's '### Response:' from a long instruction."""
+        return self.tokenizer.encode(prompt_text(instruction, input))
 
     def encode_example(self, instruction: str, output: str, input: str = "") -> tuple[list[int], list[int]]:
         """LTU's training text: prompt + answer + EOS, cut at text_cutoff tokens; labels IGNORE_INDEX where no loss
@@ -270,18 +272,19 @@ class SSLALM(nn.Module):
     @torch.no_grad()
     def generate(self, clips: list, instructions: list[str], *, max_new_tokens: int = 400, greedy: bool = False,
                  temperature: float = 0.1, top_k: int = 500, top_p: float = 0.95, repetition_penalty: float = 1.1,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, crop: bool = False) -> list[list[int]]:
         """The answer tokens for one instruction per clip, batched with left padding and the LLM's decode cache.
 
         Defaults are the paper's sampling settings (§III-D); greedy=True takes the argmax instead. Clips shorter
-        than the training length are padded to it; longer ones are kept whole (more audio tokens).
+        than the training length are padded to it; longer ones are kept whole (more audio tokens), or cut to it
+        with crop=True (LTU's evaluation does that). See `prepare_audio`.
         """
         if len(clips) != len(instructions):
             raise ValueError(f"got {len(clips)} clips and {len(instructions)} instructions")
         device = self.audio_proj.weight.device
         rows, prompts = [], []
         for clip, instruction in zip(clips, instructions):
-            fb = self.prepare_audio(clip).to(device)
+            fb = self.prepare_audio(clip, crop).to(device)
             prompt = self.encode_prompt(instruction)
             tokens = self.audio_tokens(fb[None].to(self.audio_proj.weight.dtype))[0]
             text = self.llm.embed(torch.tensor([prompt], device=device))[0]
@@ -300,17 +303,24 @@ class SSLALM(nn.Module):
                                 generator=generator, seen_ids=seen)
         return new.tolist()
 
-    def prepare_audio(self, clip) -> Tensor:
-        """A path, a waveform (S,) at 16 kHz or an fbank (T, 128) -> the DASS input (max(T, audio_frames), 128)."""
+    def prepare_audio(self, clip, crop: bool = False) -> Tensor:
+        """A path, a waveform (S,) at 16 kHz or a DASS input (T, 128) -> the DASS input (T', 128).
+
+        T' = audio_frames (the training length) for shorter clips, which are padded with silence as in training;
+        longer clips keep all their frames (T' = T: audio tokens in proportion to the duration), or their first
+        audio_frames frames with crop=True.
+        """
         if isinstance(clip, (str, os.PathLike)):
             clip = audio.load_audio(clip)
-        if clip.dim() == 2 and clip.shape[1] == audio.N_MELS:
-            return clip
-        if clip.dim() != 1:
-            raise ValueError(f"a clip must be a path, a waveform (S,) or an fbank (T, {audio.N_MELS}); "
+        if clip.dim() == 1:
+            clip = audio.dass_input(clip, target_length=None)
+        if clip.dim() != 2 or clip.shape[1] != audio.N_MELS:
+            raise ValueError(f"a clip must be a path, a waveform (S,) or a DASS input (T, {audio.N_MELS}); "
                              f"got shape {tuple(clip.shape)}")
-        whole = audio.dass_input(clip, target_length=None)
-        return whole if whole.shape[0] >= self.config.audio_frames else audio.dass_input(clip, self.config.audio_frames)
+        frames = self.config.audio_frames
+        if clip.shape[0] < frames:
+            return F.pad(clip, (0, 0, 0, frames - clip.shape[0]), value=audio.SILENT_FRAME)
+        return clip[:frames] if crop else clip
 
 
 def prompt_text(instruction: str, input: str = "") -> str:
@@ -326,7 +336,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Tensor]:
     with IGNORE_INDEX. Returns fbank (B, T, 128), input_ids, labels, attention_mask (B, L)."""
     frames = max(e["fbank"].shape[0] for e in examples)
     length = max(len(e["input_ids"]) for e in examples)
-    silent = -audio.DASS_MEAN / (2 * audio.DASS_STD)
+    silent = audio.SILENT_FRAME
     batch = {
         "fbank": torch.full((len(examples), frames, audio.N_MELS), silent),
         "input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),

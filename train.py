@@ -288,6 +288,9 @@ def init_distributed() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} but RANK or MASTER_ADDR is not set: launch data-parallel runs with "
+                         "torchrun (or set RANK, MASTER_ADDR, MASTER_PORT for every process), or unset WORLD_SIZE")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -409,7 +412,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    max_steps: int | None = None   # stop (and end the lr schedule) after this many steps
+    max_steps: int | None = None   # train exactly this many steps, overriding epochs (as HF's Trainer)
     seed: int = 0
     save_every: int = 1000         # steps; 0: only at the end
     keep: int = 2                  # checkpoints kept
@@ -763,7 +766,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
     t.add_argument("--lr", type=float)
     t.add_argument("--epochs", type=int)
-    t.add_argument("--max-steps", type=int, help="stop after this many steps (the lr schedule ends there)")
+    t.add_argument("--max-steps", type=int, help="train exactly this many steps, overriding --epochs as Hugging "
+                   "Face's Trainer does (the lr schedule ends there)")
     t.add_argument("--batch-size", type=int, help="global batch (default 256)")
     t.add_argument("--micro-batch", type=int, help="entries per forward pass per process (default 4)")
     t.add_argument("--warmup-steps", type=int)

@@ -341,9 +341,10 @@ class FakeModel:
         self.listen = ToneAnswers(labels, "{}")
 
     def answer(self, audio, instructions, *, max_new_tokens=400, greedy=False, temperature=0.1, top_k=500,
-               top_p=0.95, repetition_penalty=1.1):
+               top_p=0.95, repetition_penalty=1.1, crop=False):
         FakeModel.calls.append(dict(n=len(audio), max_new_tokens=max_new_tokens, greedy=greedy,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, rp=repetition_penalty))
+                                    temperature=temperature, top_k=top_k, top_p=top_p, rp=repetition_penalty,
+                                    crop=crop))
         return self.listen(audio, instructions)
 
 
@@ -369,7 +370,7 @@ def test_cli_esc50_native_layout(tmp_path, monkeypatch, capsys):
     assert "| ESC50 (Acc) |" in "\n".join(out) and "| 87.5 |" in "\n".join(out)
     assert [c["n"] for c in FakeModel.calls] == [3, 3, 2]
     assert FakeModel.calls[0] == dict(n=3, max_new_tokens=400, greedy=False, temperature=0.1, top_k=500,
-                                      top_p=0.95, rp=1.1)
+                                      top_p=0.95, rp=1.1, crop=True)  # the paper's sampling, LTU's 10.24 s
     assert len((tmp_path / "ckpt" / "eval_esc50.jsonl").read_text().splitlines()) == 8
 
 
@@ -389,6 +390,9 @@ def test_cli_demo_uses_checkpoint_files_and_entry_instructions(tmp_path, monkeyp
     ev.main(["--task", "demo", "--checkpoint", str(ckpt), "--json", "--greedy"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(0.75)
     assert model.listen.instructions == ["What is the sound?"] * 4 and FakeModel.calls[0]["greedy"]
+    ev.main(["--task", "demo", "--checkpoint", str(ckpt), "--json", "--whole-clips", "--output",
+             str(tmp_path / "whole.jsonl")])
+    assert FakeModel.calls[-1]["crop"] is False
     # an intermediate checkpoint of the run (OUT/checkpoints/step-N) finds the run's files too
     step = ckpt / "checkpoints" / "step-0000010"
     step.mkdir(parents=True)

@@ -279,6 +279,12 @@ def test_generation_input_errors(pair):
     embeds = ours.embed(torch.tensor([[5, 6, 7]]))
     with pytest.raises(ValueError, match="left-padded"):
         ours.prefill(embeds, torch.tensor([[1, 1, 0]]), 8)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        ours.prefill(embeds, torch.tensor([[1, 1]]), 8)
+    with pytest.raises(ValueError, match="num_attention_heads 32 must be divisible by num_key_value_heads 5"):
+        llama.LlamaConfig(num_key_value_heads=5)
+    with pytest.raises(ValueError, match="hidden_size 100 must be divisible by num_attention_heads 32"):
+        llama.LlamaConfig(hidden_size=100)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ours.prefill(embeds, None, ours.config.max_position_embeddings + 1)
     _, cache = ours.prefill(embeds, None, 4)

@@ -169,6 +169,9 @@ def test_save_load_round_trip(checkpoint, tmp_path):
         lora.load_lora(wrong_targets, tmp_path / "adapters.safetensors")
     with pytest.raises(ValueError, match="no LoRA adapters"):
         lora.save_lora(llama.LlamaLM.from_pretrained(path), tmp_path / "none.safetensors")
+    lora.merge_lora(other)  # loading into merged weights would leave the old update in them
+    with pytest.raises(ValueError, match="merged into the weights; call unmerge_lora"):
+        lora.load_lora(other, tmp_path / "adapters.safetensors")
 
 
 def test_export_loads_in_peft(checkpoint, tmp_path):

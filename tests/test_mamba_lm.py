@@ -167,6 +167,10 @@ def test_left_padded_batch_equals_rows_alone(ckpt, tmp_path, config):
             assert torch.equal(batch[i], ours.generate(r[None], max_new_tokens=12)[0])
         unmasked, _ = ours.prefill(ours.embed(ids))
         assert rel_err(unmasked[0], logits[0]) > 1e-2  # without the mask the padding does change the answer
+        with pytest.raises(ValueError, match="left-padded"):  # right padding would answer from the padding
+            ours.generate(ids, attention_mask=mask.flip(1), max_new_tokens=2)
+        with pytest.raises(ValueError, match="attention_mask must be"):
+            ours(ids, attention_mask=mask[:, 1:])
 
 
 def test_inputs_embeds_then_ids(ckpt):
@@ -341,6 +345,9 @@ def test_process_logits_matches_transformers_processors():
                                     generator=torch.Generator().manual_seed(13))
         expect = torch.multinomial(want.softmax(-1), 1, generator=torch.Generator().manual_seed(13))[:, 0]
         assert torch.equal(drawn, expect)
+    for temperature in (0.0, -0.5):  # transformers refuses these too; 0 would give nan, < 0 the least likely
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            sampling.next_token(logits, seen, True, temperature)
 
 
 TEXTS = ["Hello, world!", "  two  spaces\nand a newline\ttab", "Ünïcödé — 日本語 🙂 ok",

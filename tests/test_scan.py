@@ -313,10 +313,11 @@ def test_torch_fallback_long_sequence_is_stable():
 @pytest.mark.parametrize("backend", ["ref", "torch", "triton"])
 @pytest.mark.parametrize("name, bad", [("delta", lambda t: t["delta"][..., :-1]), ("A", lambda t: t["A"][:-1]),
                                        ("B", lambda t: t["B"][:, :-1]), ("C", lambda t: t["C"][..., :-1]),
-                                       ("B", lambda t: torch.zeros(2, 3, 16, 7))])
+                                       ("B", lambda t: torch.zeros(2, 3, 16, 7)),
+                                       ("groups", lambda t: t["B"][:, None].expand(2, 2, 16, 7))])  # C: 1 group
 def test_wrong_shapes_name_the_argument(backend, name, bad):
     tensors, flags = make_inputs(2, 8, 16, 7, opts="plain")
-    tensors[name] = bad(tensors)
+    tensors["B" if name == "groups" else name] = bad(tensors)
     with pytest.raises(ValueError, match=name):
         mamba.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags, backend=backend)
 

@@ -5,6 +5,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import audio
 import sampling
 import sslalm
 from tiny import base_llm as _base_llm, sslalm_config as _config
@@ -74,6 +75,28 @@ def test_audio_tokens_follow_the_duration(bases):
     for frames, tokens in ((1024, 32), (2048, 64), (100, 4), (1, 2)):
         out = model.audio_tokens(torch.randn(1, frames, 128))
         assert out.shape == (1, tokens, model.llm.hidden_size), frames
+
+
+def test_answering_pads_short_clips_and_keeps_or_crops_long_ones(bases):
+    model = sslalm.SSLALM.build(_config(bases, "small", "mamba"))  # trained length: 128 frames
+    short = torch.randn(40, 128)
+    padded = model.prepare_audio(short)
+    assert padded.shape == (128, 128) and torch.equal(padded[:40], short)
+    assert torch.all(padded[40:] == audio.SILENT_FRAME)  # the value collate pads training batches with
+    wave = torch.randn(16000 * 3)  # 3 s: 298 frames
+    assert torch.equal(model.prepare_audio(wave), audio.dass_input(wave, target_length=None))
+    assert torch.equal(model.prepare_audio(wave, crop=True), audio.dass_input(wave, target_length=128))
+    tiny = torch.randn(4000)  # 0.25 s: padded to the trained length as the training data was
+    assert torch.allclose(model.prepare_audio(tiny), audio.dass_input(tiny, target_length=128), atol=1e-6)
+    with pytest.raises(ValueError, match="DASS input"):
+        model.prepare_audio(torch.randn(2, 16000))
+
+
+def test_long_instructions_keep_the_response_marker(bases):
+    model = sslalm.SSLALM.build(_config(bases, "small", "mamba"))
+    prompt = model.encode_prompt("Describe every sound you hear, in order. " * 20)
+    assert len(prompt) > model.config.text_cutoff
+    assert model.tokenizer.decode(prompt).endswith("### Response:\n")
 
 
 @pytest.mark.parametrize("llm", ["mamba", "llama"])

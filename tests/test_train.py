@@ -314,6 +314,13 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
 
 
+def test_data_parallel_without_torchrun_says_what_is_missing(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="RANK or MASTER_ADDR is not set: launch data-parallel runs with torchrun"):
+        train.init_distributed()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------------------------
