@@ -573,7 +573,7 @@ def lm_tables(kind: str, args) -> str:
             prefill_why[n] = w
             speed[name, 0, n] = tok_s = ms and n / ms * 1e3
             prefill_rows.append([name, str(n), cell(ms, w), cell(tok_s, w), mem_cell(peak, w, device)])
-        by_batch: dict[tuple[str, int], Cases] = {}  # decoding: only after a prefix whose prefill ran; nothing after an OOM
+        by_batch: dict[tuple[str, int], Cases] = {}  # decoding: after a prefix whose prefill ran; none after an OOM
         variants = [(name, decode)]
         if name == ours and kind == "mamba" and device.type == "cuda":  # the CUDA graph's worth, in the same run
             variants.append((f"{ours}, no CUDA graph", lambda *a: our_decode(*a, graph=False)))

@@ -1,6 +1,5 @@
 """The model of Fig. 1: parameter counts of the paper, and tiny versions of the four variants end to end."""
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
