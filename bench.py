@@ -589,7 +589,7 @@ def lm_tables(kind: str, args) -> str:
         del model
         free_memory()
     for row, key in [(r, (0, int(r[1]))) for r in prefill_rows] + [(r, (int(r[1]), int(r[2]))) for r in decode_rows]:
-        a, b = speed[row[0], *key], speed[theirs, *key]  # tokens/s
+        a, b = speed[(row[0], *key)], speed[(theirs, *key)]  # tokens/s
         row.append("" if row[0] == theirs else fmt(a / b, ".3g", "x") if a and b else "n/a")
     if kind == "mamba":
         import importlib.util
