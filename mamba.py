@@ -18,7 +18,7 @@ that, so this code uses it too.
 
 The scan has three implementations that compute the same thing:
     selective_scan_ref   the sequential loop of eqs. (3)-(6): slow, plain, the oracle;
-    _scan_chunked        the PyTorch fallback: eqs. (3), (4), (6) for all t at once, eq. (5) in ~sqrt(L) chunks;
+    _scan_chunked        the PyTorch fallback: eqs. (3), (4), (6) on many t at once, eq. (5) in ~sqrt(L) chunks;
     triton_scan          Triton kernels (forward, backward, decode step) for CUDA tensors (module triton_scan.py).
 `selective_scan` picks one; `selective_state_update` is the one-token step used when generating.
 
