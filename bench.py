@@ -137,14 +137,7 @@ def scan_row(batch, dim, dstate, length, dtype, device, backend, copy_gbs, pscan
         return torch.autograd.grad(y, leaves, dy)
 
     ms_fwd = timeit(fwd, device, reps=reps)
-    peak = None
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fwd_bwd()
-        torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    peak = extra_peak_mib(fwd_bwd, device)
     ms_fb = timeit(fwd_bwd, device, reps=reps)
     gbs = scan_bytes(batch, dim, dstate, length, dtype) / ms_fwd / 1e6
 
@@ -167,13 +160,7 @@ def scan_row(batch, dim, dstate, length, dtype, device, backend, copy_gbs, pscan
             return torch.autograd.grad(mambapy_scan(**t, pscan=pscan), leaves, dy)
 
         ms_p = timeit(p_fwd, device, warmup=1, reps=3)
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            p_fwd_bwd()
-            torch.cuda.synchronize(device)
-            peak_p = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        peak_p = extra_peak_mib(p_fwd_bwd, device)
         ms_pfb = timeit(p_fwd_bwd, device, warmup=1, reps=3)
     ratio = lambda a, b: None if a is None else a / b  # noqa: E731
     return [f"({batch}, {dim}, {dstate}, {length})", str(dtype).removeprefix("torch."),
@@ -294,6 +281,16 @@ def peak_gib(device: torch.device) -> float | None:
 
 def allocated_gib(device: torch.device) -> float | None:
     return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def extra_peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """The most memory one call of fn allocates beyond what was allocated before it, MiB (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    reset_peak(device)
+    base = allocated_gib(device)
+    fn()
+    return (peak_gib(device) - base) * 1024
 
 
 def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1,

@@ -145,8 +145,8 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return (y, h) if return_last_state else y
 
 
-def _scan_recurrence_(a: Tensor, b: Tensor, h0: Tensor, reverse: bool = False, chunk: int | None = None) -> Tensor:
-    """Solve h_t = a_t h_{t-1} + b_t (eq. (5)) in place of b, from h_{-1} = h0; returns the last state.
+def _scan_recurrence_(a: Tensor, b: Tensor, h0: Tensor, reverse: bool = False, chunk: int | None = None) -> None:
+    """Solve h_t = a_t h_{t-1} + b_t (eq. (5)) in place of b, from h_{-1} = h0.
 
     a, b: (L, M), time-major and contiguous; h0: (M,). reverse=True runs backwards in time: h_t = a_t h_{t+1} + b_t
     from h_L = h0 (the adjoint recurrence of the backward pass). All L steps are sequential, but they are cut into
@@ -183,7 +183,6 @@ def _scan_recurrence_(a: Tensor, b: Tensor, h0: Tensor, reverse: bool = False, c
     for t in (range(length - main - 1, -1, -1) if reverse else range(main, length)):
         b[t].addcmul_(a[t], h)                                     # the leftover rows
         h = b[t]
-    return h
 
 
 class _Recurrence(torch.autograd.Function):
@@ -207,9 +206,7 @@ class _Recurrence(torch.autograd.Function):
         length = len(a)
         g = grad_hs.contiguous().clone()  # becomes g_t = dL/dh_t in total: g_t = grad_t + a_{t+1} g_{t+1}
         flat = g.view(length, h0.numel())
-        if length:
-            _scan_recurrence_(a[1:].view(length - 1, flat.shape[1]), flat[:-1], flat[-1], reverse=True,
-                              chunk=ctx.chunk)
+        _scan_recurrence_(a[1:].view(length - 1, flat.shape[1]), flat[:-1], flat[-1], reverse=True, chunk=ctx.chunk)
         grad_a = torch.empty_like(a)      # dL/da_t = g_t h_{t-1}
         torch.mul(g[1:], hs[:-1], out=grad_a[1:])
         torch.mul(g[:1], h0.view(a.shape[1:]), out=grad_a[:1])
@@ -218,7 +215,7 @@ class _Recurrence(torch.autograd.Function):
             grad_dtx = (g @ B.transpose(-1, -2))
         if ctx.needs_input_grad[2]:       # dL/dB_t = Σ_channels g_t (Δx)_t
             grad_B = (dtx.transpose(-1, -2) @ g)
-        if ctx.needs_input_grad[3] and length:
+        if ctx.needs_input_grad[3]:
             grad_h0 = (a[0] * g[0]).view(h0.shape)
         return grad_a, grad_dtx, grad_B, grad_h0, None
 
@@ -660,16 +657,13 @@ class MambaLM(nn.Module):
         """token (B,) -> logits (B, V) for the position after it; cache advances by one position in place.
         On CUDA (with self.cuda_graph) the step is a CUDA graph recorded at the first call for this cache; the
         logits it returns are then overwritten by the next step."""
-        if token.is_cuda and self.cuda_graph and not torch.is_grad_enabled() and cache.graph is None:
+        if cache.graph is None and token.is_cuda and self.cuda_graph and not torch.is_grad_enabled():
             try:
                 cache.graph = _GraphedDecode(self, cache, token.shape[0])
             except RuntimeError as e:  # e.g. a kernel that cannot be captured: say so, and step eagerly
                 warnings.warn(f"decoding without a CUDA graph: recording the decode step failed ({e})")
                 self.cuda_graph = False
-        if token.is_cuda and self.cuda_graph and cache.graph is not None:
-            logits = cache.graph(token)
-        else:
-            logits = self._step(token, cache)
+        logits = cache.graph(token) if cache.graph is not None else self._step(token, cache)
         cache.length += 1
         return logits
 

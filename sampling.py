@@ -7,7 +7,8 @@ The paper (§III-D) generates with temperature 0.1, top-k 500, top-p 0.95 and a 
 A model takes part by providing three methods:
     embed(input_ids (B, L)) -> (B, L, d)
     prefill(inputs_embeds (B, L, d), attention_mask (B, L) or None, max_length) -> (logits of the last position
-        (B, V), cache); the cache has room for max_length positions in all
+        (B, V), cache); the cache has room for max_length positions in all; the mask is checked with
+        `check_attention_mask(..., prompt=True)`
     decode_step(token (B,), cache) -> logits (B, V), advancing the cache by one position in place
 """
 from __future__ import annotations
@@ -93,7 +94,6 @@ def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | Non
         raise ValueError("generate needs input_ids, inputs_embeds or both")
     embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     batch, length = embeds.shape[:2]
-    check_attention_mask(attention_mask, batch, length, prompt=True)
     logits, cache = model.prefill(embeds, attention_mask, length + max_new_tokens)
     seen = seen_ids if seen_ids is not None else input_ids
     seen = seen if seen is not None else embeds.new_zeros(batch, 0, dtype=torch.long)
