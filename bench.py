@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dass
-import mamba
+import scan
 from dass import DASS, DASSConfig
 from llama import LlamaConfig, LlamaLM
 from mamba import MambaConfig, MambaLM
@@ -127,13 +127,13 @@ def scan_row(batch, dim, dstate, length, dtype, device, backend, copy_gbs, pscan
 
     def fwd():
         with torch.no_grad():
-            return mamba.selective_scan(**t, **kwargs, backend=backend)
+            return scan.selective_scan(**t, **kwargs, backend=backend)
 
     dy = torch.randn(batch, dim, length, device=device, dtype=dtype)
     leaves = [t[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
 
     def fwd_bwd():
-        y = mamba.selective_scan(**t, **kwargs, backend=backend)
+        y = scan.selective_scan(**t, **kwargs, backend=backend)
         return torch.autograd.grad(y, leaves, dy)
 
     ms_fwd = timeit(fwd, device, reps=reps)
@@ -145,7 +145,7 @@ def scan_row(batch, dim, dstate, length, dtype, device, backend, copy_gbs, pscan
     ms_ref = None
     est_ref_ms = 64.0 * (batch * dim * dstate * length) / (4 * 5120 * 16 * 1024)  # measured on an H200
     if not cuda or est_ref_ms <= ref_max_ms:
-        ms_ref = timeit(lambda: mamba.selective_scan(**{k: v.detach() for k, v in t.items()}, **kwargs,
+        ms_ref = timeit(lambda: scan.selective_scan(**{k: v.detach() for k, v in t.items()}, **kwargs,
                                                      backend="ref"), device, warmup=1, reps=2)
     # mambapy: it materialises about eight (batch, L, D, N) fp32 tensors in forward+backward.
     ms_p = ms_pfb = peak_p = None
@@ -199,7 +199,7 @@ def scan_cpu_table(shapes, lengths, reps=3) -> str:
     for batch, dim, dstate in shapes:
         for length in lengths:
             t = scan_inputs(batch, dim, dstate, length, torch.float32, device)
-            run = lambda backend: mamba.selective_scan(**t, delta_softplus=True, backend=backend)  # noqa: E731
+            run = lambda backend: scan.selective_scan(**t, delta_softplus=True, backend=backend)  # noqa: E731
             with torch.no_grad():
                 ms_loop = timeit(lambda: run("ref"), device, warmup=1, reps=reps)
                 ms_torch = timeit(lambda: run("torch"), device, warmup=1, reps=reps)
@@ -208,8 +208,8 @@ def scan_cpu_table(shapes, lengths, reps=3) -> str:
             rows.append([f"({batch}, {dim}, {dstate}, {length})", f"{ms_loop:.1f}", f"{ms_torch:.1f}",
                          f"{ms_loop / ms_torch:.1f}x", f"{ms_fb:.1f}"])
     header = ["(batch, D, N, L)", "loop fwd ms", "fallback fwd ms", "speedup", "fallback fwd+bwd ms"]
-    return (f"fp32 on CPU, {torch.get_num_threads()} threads; fallback = mamba._scan_chunked (backend 'torch'), "
-            f"loop = mamba.selective_scan_ref.\n\n" + table(header, rows))
+    return (f"fp32 on CPU, {torch.get_num_threads()} threads; fallback = scan._scan_chunked (backend 'torch'), "
+            f"loop = scan.selective_scan_ref.\n\n" + table(header, rows))
 
 
 def bench_scan(args) -> None:

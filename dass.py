@@ -1,6 +1,6 @@
 """DASS: the state-space audio encoder of the paper (§III-B), a VMamba-v2 ("v05_noz") network over the fbank image.
 
-Glossary (code name -> meaning; SS2D follows eqs. (3)-(6) through mamba.selective_scan):
+Glossary (code name -> meaning; SS2D follows eqs. (3)-(6) through scan.selective_scan):
     x           the fbank image, H = frequency (128 mel bins), W = time (frames)      (B, 1, H, W)
     d           channels of a stage: dims = 96, 192, 384, 768
     H, W        the map size at a stage: H = 32, 16, 8, 4 and W = ceil(frames / 4 ... / 32)
@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba import selective_scan
+from scan import selective_scan
 
 WINDOW = 8192  # frames (81.92 s) per pass for long audio; see DASS.features
 

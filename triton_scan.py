@@ -1,6 +1,6 @@
 """Triton kernels for the selective scan of eqs. (3)-(6): forward, backward and the one-token decode step.
 
-Same arguments and results as `mamba.selective_scan_ref` (see its docstring and the glossary in mamba.py); this module
+Same arguments and results as `scan.selective_scan_ref` (see its docstring and the glossary in scan.py); this module
 adds only speed. Glossary of the kernels (code name -> symbol):
     dt      Δ_t       delta after the bias and softplus, fp32                   (CHUNK, BLOCK_D)
     a       Ā_t       exp(Δ_t A), eq. (3)                                        (CHUNK, BLOCK_N, BLOCK_D)
@@ -42,7 +42,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
-except ImportError as e:  # mamba.py imports this module only when the Triton backend is asked for
+except ImportError as e:  # scan.py imports this module only when the Triton backend is asked for
     raise ImportError("the Triton scan backend (backend='triton') needs the triton package "
                       "(`pip install triton`); use backend='torch' without it") from e
 
@@ -369,7 +369,7 @@ class _SelectiveScan(torch.autograd.Function):
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, initial_state: Tensor | None = None, chunk: int | None = None):
-    """The selective scan of eqs. (3)-(6) with Triton kernels; arguments and results as `mamba.selective_scan_ref`.
+    """The selective scan of eqs. (3)-(6) with Triton kernels; arguments and results as `scan.selective_scan_ref`.
 
     u, delta, z: (batch, D, L) fp32/fp16/bf16; A: (D, N); B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias:
     (D,); initial_state: (batch, D, N). Returns y (batch, D, L) in u's dtype and, if return_last_state, the last
@@ -444,7 +444,7 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
 def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                            D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
                            dt_softplus: bool = False) -> Tensor:
-    """One decode step of eqs. (3)-(6) with a Triton kernel; as `mamba.selective_state_update`.
+    """One decode step of eqs. (3)-(6) with a Triton kernel; as `scan.selective_state_update`.
 
     state: (batch, D, N) fp32 contiguous, updated in place; x, dt, z: (batch, D); A: (D, N); B, C: (batch, N) or
     (batch, G, N); D, dt_bias: (D,). Returns y (batch, D) in x's dtype. Not differentiable (inference only).

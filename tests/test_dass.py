@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import audio
 import dass
 from dass import DASS, SS2D, DASSConfig
-from mamba import selective_scan_ref
+from scan import selective_scan_ref
 
 TINY = DASSConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
 

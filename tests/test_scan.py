@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mambapy.pscan import pscan
 from transformers.models.mamba.modeling_mamba import mamba_selective_scan
 
-import mamba
+import scan
 import triton_scan
 
 F64 = torch.float64
@@ -73,7 +73,7 @@ def run(fn, tensors, flags, dtype=torch.float32):
 def reference(tensors, flags, dtype=torch.float32):
     """The fp64 oracle: the sequential loop on fp64 copies of exactly the (rounded) inputs the backend sees."""
     rounded = {k: v.to(dtype if k in LOW else torch.float32).to(F64) for k, v in tensors.items()}
-    return run(mamba.selective_scan_ref, rounded, flags, F64)[0]
+    return run(scan.selective_scan_ref, rounded, flags, F64)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,8 +102,8 @@ def backend_fn(backend, chunk=None):
     if backend == "triton":
         if chunk is not None:
             return on_device(lambda **kw: triton_scan.selective_scan(**kw, chunk=chunk))
-        return on_device(lambda **kw: mamba.selective_scan(**kw, backend=backend))
-    return lambda **kw: mamba.selective_scan(**kw, backend=backend)
+        return on_device(lambda **kw: scan.selective_scan(**kw, backend=backend))
+    return lambda **kw: scan.selective_scan(**kw, backend=backend)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,7 +135,7 @@ def test_pytorch_backends_match_fp64(backend, dstate, length, groups, opts):
 
 
 # (batch, D, N, L, groups, opts, chunk): N = 1 (DASS), 3 (padded to 4), 4, 16 (Mamba); L = 1, odd, several chunks
-# with a partial last one; chunk None: the default tiles, through mamba.selective_scan(backend="triton").
+# with a partial last one; chunk None: the default tiles, through scan.selective_scan(backend="triton").
 TRITON_CASES = [
     (2, 8, 1, 1, 0, "plain", None),
     (2, 8, 1, 7, 2, "mamba", 4),
@@ -202,13 +202,13 @@ def test_torch_backend_gradcheck():
     names = list(tensors)
 
     def fn(*args):
-        y, h = mamba._scan_chunked(**dict(zip(names, args)), **flags, chunk=2)
+        y, h = scan._scan_chunked(**dict(zip(names, args)), **flags, chunk=2)
         return y, h
 
     assert torch.autograd.gradcheck(fn, [tensors[k].clone().requires_grad_() for k in names])
     grouped, flags = make_inputs(batch=1, dim=4, dstate=2, length=3, groups=2, opts="plain", seed=2)
     names = list(grouped)
-    assert torch.autograd.gradcheck(lambda *a: mamba.selective_scan(**dict(zip(names, a)), **flags, backend="torch"),
+    assert torch.autograd.gradcheck(lambda *a: scan.selective_scan(**dict(zip(names, a)), **flags, backend="torch"),
                                     [grouped[k].clone().requires_grad_() for k in names])
 
 
@@ -258,11 +258,11 @@ def test_decode_steps_equal_full_scan(backend, dstate, groups):
     batch, dim, length = 2, 40, 6  # 40 channels: two tiles of 32, the second partial
     tensors, flags = make_inputs(batch, dim, dstate, length, groups, opts="mamba", seed=5)
     h0 = torch.randn(batch, dim, dstate, dtype=F64)
-    y_ref, h_ref = mamba.selective_scan_ref(**tensors, **flags, initial_state=h0)
+    y_ref, h_ref = scan.selective_scan_ref(**tensors, **flags, initial_state=h0)
     device = DEVICE if backend == "triton" else "cpu"
     t = {k: v.float().to(device) for k, v in tensors.items()}
     state = h0.float().to(device)
-    ys = [mamba.selective_state_update(state, t["u"][..., i], t["delta"][..., i], t["A"], t["B"][..., i],
+    ys = [scan.selective_state_update(state, t["u"][..., i], t["delta"][..., i], t["A"], t["B"][..., i],
                                        t["C"][..., i], D=t["D"], z=t["z"][..., i], dt_bias=t["delta_bias"],
                                        dt_softplus=True, backend=backend) for i in range(length)]
     assert all(y.dtype == torch.float32 and y.shape == (batch, dim) for y in ys)
@@ -275,7 +275,7 @@ def test_triton_decode_low_precision():
     tensors, flags = make_inputs(2, 32, 16, 1, 0, opts="mamba", seed=9)
     t = {k: (v.bfloat16() if k in LOW else v.float()).to(DEVICE) for k, v in tensors.items()}
     state = torch.randn(2, 32, 16).to(DEVICE)
-    y_ref, h_ref = mamba.selective_scan_ref(**{k: v.double().cpu() for k, v in t.items()}, **flags,
+    y_ref, h_ref = scan.selective_scan_ref(**{k: v.double().cpu() for k, v in t.items()}, **flags,
                                             initial_state=state.double().cpu())
     y = triton_scan.selective_state_update(state, t["u"][..., 0], t["delta"][..., 0], t["A"], t["B"][..., 0],
                                            t["C"][..., 0], D=t["D"], z=t["z"][..., 0], dt_bias=t["delta_bias"],
@@ -298,15 +298,15 @@ def test_torch_fallback_long_sequence_is_stable():
              A=torch.tensor([[-0.01, -50.0], [-1.0, -5.0]]), B=torch.randn(batch, dstate, length, generator=g),
              C=torch.randn(batch, dstate, length, generator=g))
     assert (t["delta"][0, :, :, None] * t["A"][:, None, :]).min() < -150  # exp() of it is 0 in fp32
-    y, h = mamba.selective_scan(**t, return_last_state=True, backend="torch")
+    y, h = scan.selective_scan(**t, return_last_state=True, backend="torch")
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
-    y_ref, h_ref = mamba.selective_scan_ref(**{k: v.double() for k, v in t.items()}, return_last_state=True)
+    y_ref, h_ref = scan.selective_scan_ref(**{k: v.double() for k, v in t.items()}, return_last_state=True)
     assert_all_close(dict(y=y.double(), h=h.double()), dict(y=y_ref, h=h_ref), **FP32_TOL)
     half = length // 2
     first = {k: (v[..., :half] if v.dim() == 3 else v) for k, v in t.items()}
     second = {k: (v[..., half:] if v.dim() == 3 else v) for k, v in t.items()}
-    y1, h1 = mamba.selective_scan(**first, return_last_state=True, backend="torch")
-    y2, h2 = mamba.selective_scan(**second, return_last_state=True, backend="torch", initial_state=h1)
+    y1, h1 = scan.selective_scan(**first, return_last_state=True, backend="torch")
+    y2, h2 = scan.selective_scan(**second, return_last_state=True, backend="torch", initial_state=h1)
     assert_all_close(dict(y=torch.cat([y1, y2], -1).double(), h=h2.double()), dict(y=y_ref, h=h_ref), **FP32_TOL)
 
 
@@ -319,7 +319,7 @@ def test_wrong_shapes_name_the_argument(backend, name, bad):
     tensors, flags = make_inputs(2, 8, 16, 7, opts="plain")
     tensors["B" if name == "groups" else name] = bad(tensors)
     with pytest.raises(ValueError, match=name):
-        mamba.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags, backend=backend)
+        scan.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["ref", "torch", "triton"])
@@ -331,7 +331,7 @@ def test_wrong_optional_shapes_name_the_argument(backend, name, shape):
     tensors, flags = make_inputs(2, 8, 16, 7, opts="plain")
     tensors[name] = torch.zeros(shape)
     with pytest.raises(ValueError, match=name):
-        mamba.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags, backend=backend)
+        scan.selective_scan(**{k: v.float() for k, v in tensors.items()}, **flags, backend=backend)
 
 
 @pytest.mark.parametrize("name, shape", [("state", (2, 8, 15)), ("state", (8, 16)), ("B", (2, 3, 16)),
@@ -341,7 +341,7 @@ def test_torch_decode_wrong_shapes_name_the_argument(name, shape):
                 B=torch.zeros(2, 16), C=torch.zeros(2, 16))
     args[name] = torch.zeros(shape)
     with pytest.raises(ValueError, match=name):
-        mamba.selective_state_update(**args, backend="torch")
+        scan.selective_state_update(**args, backend="torch")
 
 
 @pytest.mark.parametrize("name, shape", [("state", (2, 8, 15)), ("dt", (2, 7)), ("B", (2, 3, 16)), ("C", (2, 15)),
