@@ -6,10 +6,9 @@
     sslalm  ssLALM and the hybrid LALM (Fig. 1, four sizes): training step throughput, answering about a 10 s clip
     all     each of the above within a time budget (--budget, default 420 s)
 
-Random weights, made directly on the device; --smoke: tiny models and inputs (seconds on a CPU). Times: after
-warm-up calls, each call between two CUDA events on the current stream, the median (CPU: perf_counter, the
-minimum). Memory: torch.cuda.max_memory_allocated (n/a on CPU). A case that runs out of memory reads OOM, one that
-fails "error: <type>" (traceback on stderr), and the run goes on.
+Random weights, made on the device; --smoke: tiny models and inputs (seconds on a CPU). Times: after warm-up,
+each call between two CUDA events on the current stream, the median (CPU: perf_counter, the minimum). Memory:
+torch.cuda.max_memory_allocated (n/a on CPU). Cells read OOM, or "error: <type>" (traceback on stderr), or why skipped.
 """
 from __future__ import annotations
 
@@ -21,24 +20,18 @@ import statistics
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
+import transformers  # the baseline of the mamba and llama tables (requirements-test.txt)
 from torch import Tensor, nn
 
 import dass
-from dass import DASS, DASSConfig
 from llama import LlamaConfig, LlamaLM
 from mamba import MambaConfig, MambaLM
 from sslalm import SSLALM, SSLALMConfig
-
-try:
-    import transformers  # the baseline of the mamba and llama tables (a test dependency)
-except ImportError:
-    transformers = None
 
 BF16 = torch.bfloat16
 OOM = "OOM"
@@ -63,7 +56,6 @@ def timed(fn: Callable[[], object], run: Run, reps: int, warmup: int = 1) -> tup
     """(ms per call of fn, peak GiB allocated meanwhile; None on CPU). Fewer timed calls (at least one) when the
     warm-up shows that `reps` would take more than a quarter of the cap."""
     if run.cuda:
-        torch.cuda.synchronize(run.device)
         torch.cuda.reset_peak_memory_stats(run.device)
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -112,18 +104,18 @@ class Cases:
 
     def __init__(self, run: Run, power: float = 1.0):
         self.run, self.power = run, power
-        self.stopped: str | None = None
-        self.last: tuple[float, float] | None = None  # (size, seconds) of the last case run
+        self.stopped, self.last = None, None  # why the rest are skipped; (size, seconds) of the last case run
 
     def __call__(self, size: float, fn: Callable[[], object], why: str | None = None) -> tuple[object, str | None]:
         if self.last and not self.stopped:
             estimate = self.last[1] * (size / self.last[0]) ** self.power
             if estimate > self.run.cap:
                 self.stopped = f"skipped (≈{estimate:.0f} s > {self.run.cap:g} s cap)"
+        if why or self.stopped:
+            return None, why or self.stopped
         t0 = time.perf_counter()
-        result, why = attempt(fn, self.run, why or self.stopped)
-        self.last = (size, time.perf_counter() - t0)
-        self.stopped = "skipped (OOM before)" if why == OOM else self.stopped
+        result, why = attempt(fn, self.run)
+        self.last, self.stopped = (size, time.perf_counter() - t0), "skipped (OOM before)" if why == OOM else None
         return result, why
 
 
@@ -134,30 +126,27 @@ def cell(value: float | None, why: str | None = None, suffix: str = "") -> str:
     return f"{value:,.{max(0, 2 - math.floor(math.log10(abs(value)))) if value else 0}f}{suffix}"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def note(run: Run, dtype: str, *lines: str) -> str:
-    """The lines above a table: device, torch version, dtype, then `lines` (markdown line breaks)."""
+def show(run: Run, dtype: str, lines: list[str], *tables: tuple[list[str], list[list[str]]]) -> None:
+    """Print the lines above the tables (device, torch version, dtype, then `lines`), then each (header, rows) as a
+    markdown table."""
     name = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu, {torch.get_num_threads()} threads"
-    return "\n".join(s + "  " for s in (f"device: {name}; torch {torch.__version__}; dtype: {dtype}", *lines))
+    print("\n".join(s + "  " for s in (f"device: {name}; torch {torch.__version__}; dtype: {dtype}", *lines)))
+    for header, rows in tables:
+        print("\n| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|")
+        print("\n".join("| " + " | ".join(row) + " |" for row in rows))
 
 
 def params(model: nn.Module) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:,.2f}M"
 
 
-@contextmanager
-def on(device: torch.device | str, dtype: torch.dtype):
-    """Tensors made inside are made on `device` in `dtype`: a model built here never exists in fp32 or on the host
-    (MambaLM keeps A_log and D in fp32 by itself, as its checkpoints do)."""
+def make(cls: type, config, device: torch.device | str) -> nn.Module:
+    """cls(config) made on `device` in bf16, never in fp32 or on the host (MambaLM keeps A_log and D fp32 itself)."""
     old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(BF16)
     try:
         with torch.device(device):
-            yield
+            return cls(config).eval()
     finally:
         torch.set_default_dtype(old)
 
@@ -165,21 +154,19 @@ def on(device: torch.device | str, dtype: torch.dtype):
 # ---- mamba, llama: the language models beside transformers' on the same weights --------------------------------
 
 def build_lm(kind: str, device: torch.device | str, smoke: bool) -> nn.Module:
-    """Mamba-2.8B or LLaMA-7B (Vicuna-7B's shape; tiny with smoke) in bf16 on the device."""
-    if kind == "mamba":
-        cfg = MambaConfig(d_model=64, n_layer=2, vocab_size=512) if smoke else MambaConfig()
-    else:  # max_position_embeddings only bounds the positions: room to decode after 4096 tokens
+    """Mamba-2.8B or LLaMA-7B (Vicuna-7B's shape; tiny with smoke) in bf16 on the device. On a GPU, MambaLM's
+    decode steps must replay a CUDA graph: cuda_graph = "require" makes a failed capture raise, not step eagerly."""
+    if kind == "llama":  # max_position_embeddings only bounds the positions: room to decode after 4096 tokens
         tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=512)
-        cfg = LlamaConfig(**(tiny if smoke else {}), max_position_embeddings=8192)
-    with on(device, BF16):
-        return (MambaLM if kind == "mamba" else LlamaLM)(cfg).eval()
+        return make(LlamaLM, LlamaConfig(**(tiny if smoke else {}), max_position_embeddings=8192), device)
+    model = make(MambaLM, MambaConfig(d_model=64, n_layer=2, vocab_size=512) if smoke else MambaConfig(), device)
+    model.cuda_graph = "require" if torch.device(device).type == "cuda" else False
+    return model
 
 
 def build_hf(kind: str, ours: nn.Module, device: torch.device) -> nn.Module:
     """transformers' MambaForCausalLM (its PyTorch path unless mamba_ssm is installed) or LlamaForCausalLM (SDPA)
     holding ours' very weight tensors (assigned, not copied: the same weights in no more memory)."""
-    if transformers is None:
-        raise ModuleNotFoundError("transformers is not installed")
     d = ours.config.to_hf_dict() if kind == "mamba" else ours.config.to_hf()
     d = {k: v for k, v in d.items() if k not in ("architectures", "model_type")}
     if kind == "mamba":
@@ -187,38 +174,19 @@ def build_hf(kind: str, ours: nn.Module, device: torch.device) -> nn.Module:
     else:
         config, cls = transformers.LlamaConfig(**d), transformers.LlamaForCausalLM
         config._attn_implementation = "sdpa"
-    with on(device, BF16):
-        model = cls(config).eval()
-    weights = ours.state_dict()
+    model, weights = make(cls, config, device), ours.state_dict()
     if kind == "mamba":
         weights["lm_head.weight"] = weights["backbone.embeddings.weight"]  # tied
     model.load_state_dict(weights, assign=True)  # strict: ours have exactly transformers' keys
     return model
 
 
-def our_prefill(model: nn.Module, ids: Tensor) -> Callable[[], object]:
-    return lambda: model.prefill(model.embed(ids), None, ids.shape[1])
-
-
-def hf_prefill(model: nn.Module, ids: Tensor) -> Callable[[], object]:
-    """transformers' forward without a cache; only the last position's logits where it can (logits_to_keep)."""
+def prefill(model: nn.Module, ids: Tensor) -> Callable[[], object]:
+    """Ours: to the last logits and the cache; transformers': forward without a cache (last logits where it can)."""
+    if isinstance(model, (MambaLM, LlamaLM)):
+        return lambda: model.prefill(model.embed(ids), None, ids.shape[1])
     kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     return lambda: model(input_ids=ids, use_cache=False, **kw)
-
-
-def our_decode(model: nn.Module, ids: Tensor, steps: int, reps: int, run: Run) -> tuple[float, float | None]:
-    """(ms per greedy decode step after the prompt ids (B, P), peak GiB while decoding). The first step, which
-    records MambaLM's CUDA graph on a GPU, comes before the timing: the timed steps are replays alone."""
-    logits, cache = model.prefill(model.embed(ids), None, ids.shape[1] + 1 + (reps + 1) * steps)
-    token = model.decode_step(logits.argmax(-1), cache).argmax(-1)
-
-    def decode():
-        nonlocal token
-        for _ in range(steps):
-            token = model.decode_step(token, cache).argmax(-1)
-
-    ms, peak = timed(decode, run, reps)
-    return ms / steps, peak
 
 
 def hf_generate(model: nn.Module, ids: Tensor, n: int) -> Tensor:
@@ -227,12 +195,22 @@ def hf_generate(model: nn.Module, ids: Tensor, n: int) -> Tensor:
                           do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
 
 
-def hf_decode(model: nn.Module, ids: Tensor, steps: int, reps: int, run: Run) -> tuple[float, float | None]:
-    """(ms per step, peak GiB of the whole call) of transformers' generate: (time of 1 + steps new tokens - time of
-    1) / steps, so that the prefill cancels out; None when lost in the timing noise."""
-    one, _ = timed(lambda: hf_generate(model, ids, 1), run, reps)
-    ms, peak = timed(lambda: hf_generate(model, ids, 1 + steps), run, reps)
-    return ((ms - one) / steps if ms > one else None), peak
+def decode(model: nn.Module, ids: Tensor, steps: int, reps: int, run: Run) -> tuple[float | None, float | None]:
+    """(ms per greedy decode step after the prompt ids (B, P), peak GiB). Ours: a first step (recording MambaLM's
+    CUDA graph on a GPU) before the timing, so the timed steps are replays alone. transformers': (time of generate
+    to 1 + steps new tokens - time to 1) / steps, None if lost in the noise, peak of the whole call."""
+    if not isinstance(model, (MambaLM, LlamaLM)):
+        one, _ = timed(lambda: hf_generate(model, ids, 1), run, reps)
+        ms, peak = timed(lambda: hf_generate(model, ids, 1 + steps), run, reps)
+        return ((ms - one) / steps if ms > one else None), peak
+    logits, cache = model.prefill(model.embed(ids), None, ids.shape[1] + 1 + (reps + 1) * steps)
+    tokens = [model.decode_step(logits.argmax(-1), cache).argmax(-1)]
+
+    def decode_steps():
+        for _ in range(steps):
+            tokens.append(model.decode_step(tokens[-1], cache).argmax(-1))
+    ms, peak = timed(decode_steps, run, reps)
+    return ms / steps, peak
 
 
 def agreement(ours: nn.Module, theirs: nn.Module, ids: Tensor, n: int) -> str:
@@ -245,8 +223,8 @@ def agreement(ours: nn.Module, theirs: nn.Module, ids: Tensor, n: int) -> str:
             f"{cell(diff)}% of their largest; {same} of {n} greedy tokens equal")
 
 
-def lm_cases(run: Run, model: nn.Module | None, why: str | None, prefill, decode, ids: dict[tuple, Tensor],
-             lengths: list[int], decode_cases: list[tuple[int, int]], steps: int, reps: int) -> dict:
+def lm_cases(run: Run, model: nn.Module | None, why: str | None, ids: dict[tuple, Tensor], lengths: list[int],
+             decode_cases: list[tuple[int, int]], steps: int, reps: int) -> dict:
     """One model's figures, (ms, peak GiB, why not) by case: (0, n) the prefill of ids[1, n], (b, p) a decode step
     after ids[b, p], skipped when the prefill of its prefix was."""
     _, why = attempt(prefill(model, ids[1, lengths[0]]), run, why)  # warm-up: kernels compile here
@@ -274,11 +252,9 @@ def bench_lm(kind: str, run: Run) -> None:
     g = torch.Generator().manual_seed(0)
     ids = {(b, n): torch.randint(0, meta.config.vocab_size, (b, n), generator=g).to(run.device)
            for b, n in [(1, n) for n in lengths] + decode_cases}
-    if ours is not None and kind == "mamba":
-        ours.cuda_graph = "require" if run.cuda else False  # "require": a failed capture raises (no eager fallback)
-    mine = lm_cases(run, ours, why, our_prefill, our_decode, ids, lengths, decode_cases, steps, reps)
+    mine = lm_cases(run, ours, why, ids, lengths, decode_cases, steps, reps)
     theirs, why = attempt(lambda: build_hf(kind, ours, run.device), run, why)
-    hf = lm_cases(run, theirs, why, hf_prefill, hf_decode, ids, lengths, decode_cases, steps, reps)
+    hf = lm_cases(run, theirs, why, ids, lengths, decode_cases, steps, reps)
     agrees, why = attempt(lambda: agreement(ours, theirs, ids[1, lengths[0]], steps), run, why)
 
     def row(key: tuple[int, int], tokens: int) -> list[str]:
@@ -288,27 +264,24 @@ def bench_lm(kind: str, run: Run) -> None:
 
     hf_path = ("with mamba_ssm's CUDA kernels" if importlib.util.find_spec("mamba_ssm") else
                "its PyTorch path (mamba_ssm not installed)") if kind == "mamba" else "SDPA, its dynamic cache"
-    print(note(run, "bfloat16 weights", f"ours: {type(meta).__name__}, {params(meta)} parameters, random; "
-               f"transformers: {hf_path}, the same weight tensors", agrees or f"agreement with transformers: {why}",
-               "prefill: batch 1, to the prompt's last logits; decode: greedy steps after a first one (which records "
-               "MambaLM's CUDA graph on a GPU); peak: ours while decoding, theirs of the whole generate call",
-               "speed-up: transformers' time over ours"))
-    print()
-    print(table(["prompt tokens", "ours ms", "transformers ms", "speed-up", "our tokens/s", "our peak GiB",
-                 "their peak GiB"], [[str(n), *row((0, n), n)] for n in lengths]))
-    print()
-    print(table(["batch", "prefix", "ours ms/step", "transformers ms/step", "speed-up", "our tokens/s",
-                 "our decode peak GiB", "their peak GiB"], [[str(b), str(p), *row((b, p), b)]
-                                                            for b, p in decode_cases]))
+    show(run, "bfloat16 weights", [
+        f"ours: {type(meta).__name__}, {params(meta)} parameters, random; transformers: {hf_path}, the same weight "
+        "tensors", agrees or f"agreement with transformers: {why}",
+        "prefill: batch 1, to the prompt's last logits; decode: greedy steps after a first one (which records "
+        "MambaLM's CUDA graph on a GPU); peak: ours while decoding, theirs of the whole generate call; speed-up: "
+        "transformers' time over ours"],
+        (["prompt tokens", "ours ms", "transformers ms", "speed-up", "our tokens/s", "our peak GiB",
+          "their peak GiB"], [[str(n), *row((0, n), n)] for n in lengths]),
+        (["batch", "prefix", "ours ms/step", "transformers ms/step", "speed-up", "our tokens/s",
+          "our decode peak GiB", "their peak GiB"], [[str(b), str(p), *row((b, p), b)] for b, p in decode_cases]))
 
 
 # ---- dass: DASS-small over long audio beside an AST-style transformer --------------------------------------------
 
 class ASTEncoder(nn.Module):
-    """An AST-style audio transformer, the comparison for DASS: 16×16 patches of the (128 mel × T) fbank taken with
-    stride 10 in both axes as AST does (overlapping: 12 × ((T - 16) // 10 + 1) patches, 1212 for 1024 frames), then
-    `depth` pre-norm ViT blocks (attention by SDPA) and a LayerNorm. No class tokens and no positional embedding:
-    AST's learned table covers 1212 patches only, and neither changes the cost measurably."""
+    """AST-style, the comparison for DASS: 16×16 patches of the (128 mel × T) fbank with stride 10 in both axes, as
+    AST's (12 × ((T - 16) // 10 + 1) patches, 1212 for 1024 frames), `depth` pre-norm ViT blocks (SDPA attention), a
+    LayerNorm. No class tokens or positional embedding (AST's table covers 1212 patches; neither costs much)."""
 
     def __init__(self, width: int = 768, depth: int = 12, heads: int = 12):
         super().__init__()
@@ -322,19 +295,18 @@ class ASTEncoder(nn.Module):
         return self.blocks(self.patch_embed(fbank.transpose(1, 2)[:, None]).flatten(2).transpose(1, 2))
 
 
-SMOKE_DASS = {"small": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
-              "medium": dict(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1))}
+SMOKE_DASS = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))  # a tiny DASS for small and medium
 
 
 @torch.no_grad()
 def bench_dass(run: Run) -> None:
-    frames = [256, 600, 2400] if run.smoke else [1024, 6000, 60000, 360000]
+    frames = [256, 600, 1200] if run.smoke else [1024, 6000, 60000, 360000]
     window, reps = (512, 2) if run.smoke else (dass.WINDOW, 3)
     ast = dict(width=32, depth=2, heads=2) if run.smoke else dict(width=768, depth=12, heads=12)
-    small = DASSConfig(**SMOKE_DASS["small"]) if run.smoke else DASSConfig.small()
+    small = dass.DASSConfig(**SMOKE_DASS) if run.smoke else dass.DASSConfig.small()
     encoders = [  # (name, build, forward, how its time grows with the input)
-        (f"DASS-small, {window}-frame windows", lambda: DASS(small), lambda m, x: m.features(x, window), 1.0),
-        ("DASS-small, one pass", lambda: DASS(small), lambda m, x: m.features(x, None), 1.0),
+        (f"DASS-small, {window}-frame windows", lambda: dass.DASS(small), lambda m, x: m.features(x, window), 1.0),
+        ("DASS-small, one pass", lambda: dass.DASS(small), lambda m, x: m.features(x, None), 1.0),
         ("AST-style, {depth} × {width}".format(**ast), lambda: ASTEncoder(**ast), lambda m, x: m(x), 2.0)]
     g = torch.Generator().manual_seed(0)
     inputs = {n: torch.randn(1, n, 128, generator=g).to(run.device) for n in frames}
@@ -350,23 +322,20 @@ def bench_dass(run: Run) -> None:
                 ms, peak = res or (None, None)
                 rows.append([name, params(model) if model else "n/a", str(n), f"{n / 100:g} s", cell(ms, w),
                              cell(ms and n * 10 / ms, w), cell(peak, w)])
-        del model
-    print(note(run, "bfloat16 autocast, fp32 weights (as in training); batch 1; random weights and input",
-               f"DASS with windows: DASS.features' default for long audio ({window}-frame windows); one pass: "
-               "window=None; the AST-style encoder's time grows with the square of the length",
-               "x real time: seconds of audio per second of compute"))
-    print()
-    print(table(["model", "params", "frames", "audio", "forward ms", "x real time", "peak GiB"], rows))
+        model = None  # frees it before the next is built
+    show(run, "bfloat16 autocast, fp32 weights (as in training); batch 1; random weights and input", [
+        f"DASS with windows: DASS.features' default for long audio ({window}-frame windows); one pass: window=None; "
+        "the AST-style encoder's time grows with the square of the length; x real time: audio seconds per second"],
+        (["model", "params", "frames", "audio", "forward ms", "x real time", "peak GiB"], rows))
 
 
 # ---- sslalm: the full model of Fig. 1 in training and answering ------------------------------------------------
 
 def build_sslalm(llm: str, size: str, run: Run) -> SSLALM:
-    """A variant (tiny with smoke) with random weights as training runs it, made on the device: the frozen LLM in
-    bf16; DASS, the projector and the LoRA adapters in fp32 and trainable. Its tokenizer encodes every prompt as
-    the same random ids and has an EOS that is never produced, so that every answer runs to max_new_tokens."""
+    """A variant (tiny with smoke), random weights, as training runs it: the LLM bf16 and frozen; DASS, projector and
+    LoRA fp32 and trainable. Every prompt is the same random ids; the EOS never comes: answers run to the end."""
     lm = build_lm(llm, run.device, run.smoke)
-    config = SSLALMConfig.paper(size, llm, llm_config=asdict(lm.config), dass=SMOKE_DASS[size] if run.smoke else {})
+    config = SSLALMConfig.paper(size, llm, llm_config=asdict(lm.config), dass=SMOKE_DASS if run.smoke else {})
     g = torch.Generator().manual_seed(0)  # on the host, as are the ids, whatever the default device
     ids = torch.randint(0, lm.config.vocab_size, (24,), generator=g, device="cpu").tolist()
     with torch.device(run.device):
@@ -392,7 +361,6 @@ def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-
     step()  # allocates the optimizer state
     static = torch.cuda.memory_allocated(run.device) / 2**30 if run.cuda else None
     ms, peak = timed(step, run, reps=2 if run.smoke else 3)
@@ -401,12 +369,9 @@ def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
 
 @torch.no_grad()
 def answer(model: SSLALM, frames: int, new_tokens: int, run: Run) -> list[float | None]:
-    """Answering about one clip through SSLALM.generate (batch 1, greedy): ms to the first token, to new_tokens,
-    per further token, and the peak GiB. Per further token: (time to new_tokens - time to 2) / (new_tokens - 2);
-    both calls record the decode step's CUDA graph (if at all) at their first step: the difference is replays."""
+    """ms to the first token, to new_tokens, per further token, and peak GiB, answering about one clip (batch 1,
+    greedy). Per further token: (time to new_tokens - time to 2) / (new_tokens - 2): replays of the CUDA graph."""
     model.eval()
-    if isinstance(model.llm, MambaLM):
-        model.llm.cuda_graph = "require" if run.cuda else False  # "require": a failed capture raises
     clip = [torch.randn(frames, 128, generator=torch.Generator().manual_seed(0)).to(run.device)]
     ms = {n: timed(lambda: model.generate(clip, ["?"], max_new_tokens=n, greedy=True), run, 2 if run.smoke else 3)
           for n in (1, 2, new_tokens)}
@@ -430,19 +395,14 @@ def bench_sslalm(run: Run) -> None:
         train_rows.append([name, w or str(micro), *(cell(x, w) for x in figures or [None] * 4)])
         figures, w = attempt(lambda: answer(model, frames, new_tokens, run), run, why)
         answer_rows.append([name, *(cell(x, w) for x in figures or [None] * 4)])
-        del model
-    print(note(run, "the frozen LLM in bfloat16 weights; DASS, projector and LoRA fp32 (under bf16 autocast when "
-               f"training)", f"{'tiny LLMs and DASS' if run.smoke else 'Mamba-2.8B / LLaMA-7B, DASS'}, random weights",
-               f"training: train.py's step (forward, backward, clipping, AdamW), no gradient checkpointing, at the "
-               f"largest micro-batch of {', '.join(map(str, sizes))} that fits; per sample: (peak - weights and "
-               "optimizer state) / micro-batch",
-               f"answering: a {frames / 100:g} s clip through SSLALM.generate, batch 1, greedy, {new_tokens} new "
-               "tokens; per further token: decode steps alone (CUDA-graph replays on a GPU)"))
-    print()
-    print(table(["model", "micro-batch", "step ms", "samples/s", "peak GiB", "GiB per sample"], train_rows))
-    print()
-    print(table(["model", "first token ms", f"{new_tokens} tokens ms", "ms per further token", "peak GiB"],
-                answer_rows))
+        model = None  # frees it before the next is built
+    show(run, "the LLM bf16, frozen; DASS, projector, LoRA fp32 (under bf16 autocast in training)", [
+        f"training: train.py's step (forward, backward, clipping, AdamW) at the largest micro-batch of {sizes} that "
+        "fits; per sample: (peak - weights and optimizer state) / micro-batch",
+        f"answering: a {frames / 100:g} s clip through SSLALM.generate, batch 1, greedy, {new_tokens} new tokens; "
+        "per further token: decode steps alone (CUDA-graph replays on a GPU)"],
+        (["model", "micro-batch", "step ms", "samples/s", "peak GiB", "GiB per sample"], train_rows),
+        (["model", "first token ms", f"{new_tokens} tokens ms", "ms per further token", "peak GiB"], answer_rows))
 
 
 # ---- all, and the command line ---------------------------------------------------------------------------------
@@ -459,16 +419,12 @@ def bench_all(run: Run) -> None:
     """Each command under a '## name' heading; one starts only with its least budget left (--smoke: any)."""
     for name, (bench, least) in COMMANDS.items():
         print(f"## {name}\n", flush=True)
-        left = run.deadline - time.monotonic()
+        left, t0 = run.deadline - time.monotonic(), time.perf_counter()
         if left <= (0 if run.smoke else least):
-            print(f"skipped: {max(left, 0):.0f} s of the budget left")
-        else:
-            t0 = time.perf_counter()
-            bench(run)
-            print(f"\n({name}: {time.perf_counter() - t0:.0f} s)")
-        print(flush=True)
-        if run.cuda:
-            torch.cuda.empty_cache()
+            print(f"skipped: {max(left, 0):.0f} s of the budget left\n", flush=True)
+            continue
+        bench(run)
+        print(f"\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -477,8 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs, few repetitions")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
-    parser.add_argument("--cap", type=float, default=30.0,
-                        help="seconds per case: bigger inputs of a model are skipped once one would take longer")
+    parser.add_argument("--cap", type=float, default=30.0, help="seconds per case (bigger ones are skipped)")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default: none; all: 420)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
