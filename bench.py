@@ -227,7 +227,7 @@ def lm_cases(run: Run, model: nn.Module | None, why: str | None, ids: dict[tuple
              decode_cases: list[tuple[int, int]], steps: int, reps: int) -> dict:
     """One model's figures, (ms, peak GiB, why not) by case: (0, n) the prefill of ids[1, n], (b, p) a decode step
     after ids[b, p], skipped when the prefill of its prefix was."""
-    _, why = attempt(prefill(model, ids[1, lengths[0]]), run, why)  # warm-up: kernels compile here
+    _, why = attempt(lambda: prefill(model, ids[1, lengths[0]])(), run, why)  # warm-up: kernels compile here
     out, cases = {}, Cases(run)
     for n in lengths:
         res, w = cases(n, lambda: timed(prefill(model, ids[1, n]), run, reps), why)
