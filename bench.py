@@ -127,8 +127,7 @@ def cell(value: float | None, why: str | None = None, suffix: str = "") -> str:
 
 
 def show(run: Run, dtype: str, lines: list[str], *tables: tuple[list[str], list[list[str]]]) -> None:
-    """Print the lines above the tables (device, torch version, dtype, then `lines`), then each (header, rows) as a
-    markdown table."""
+    """Print the note (device, torch version, dtype, then `lines`) and each (header, rows) as a markdown table."""
     name = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu, {torch.get_num_threads()} threads"
     print("\n".join(s + "  " for s in (f"device: {name}; torch {torch.__version__}; dtype: {dtype}", *lines)))
     for header, rows in tables:
@@ -348,6 +347,7 @@ def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
     """A training step as train.py's (forward and backward under bf16 autocast, gradient clipping, AdamW) on clips
     of 1024 frames and 100 text tokens: ms, samples/s, peak GiB, GiB per sample beyond weights and AdamW state."""
     frames, text = (128, 12) if run.smoke else (1024, 100)  # 32 audio tokens; about LTU's 108-token text cutoff
+    model.zero_grad(set_to_none=True)  # what a step that ran out of memory left
     g = torch.Generator().manual_seed(micro)
     ids = torch.randint(0, model.llm.config.vocab_size, (micro, text), generator=g).to(run.device)
     fbank = torch.randn(micro, frames, 128, generator=g).to(run.device)

@@ -34,10 +34,14 @@ def tables(text: str) -> list[list[dict[str, str]]]:
     found, lines = [], text.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
-            header = [c.strip() for c in line.strip("|").split("|")]
-            rows = [dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
-                    for row in lines[i + 2:] if row.startswith("|")]
-            found.append(rows[:next((k for k, r in enumerate(lines[i + 2:]) if not r.startswith("|")), len(rows))])
+            header, rows = [c.strip() for c in line.strip("|").split("|")], []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                cells = [c.strip() for c in row.strip("|").split("|")]
+                assert len(cells) == len(header), row
+                rows.append(dict(zip(header, cells)))
+            found.append(rows)
     return found
 
 
@@ -82,7 +86,8 @@ def test_dass_and_the_ast_style_encoder_run_every_length(sections):
     names = ["DASS-small, 512-frame windows", "DASS-small, one pass", "AST-style, 2 × 32"]
     assert [(r["model"], r["frames"]) for r in rows] == [(m, n) for m in names for n in ("256", "600", "1200")]
     for r in rows:
-        positive(r["forward ms"]) and positive(r["x real time"]) and positive(r["params"])
+        for column in ("params", "forward ms", "x real time"):
+            positive(r[column])
     assert len({r["params"] for r in rows if r["model"].startswith("DASS")}) == 1  # one model, with and without windows
 
 
@@ -99,7 +104,7 @@ def test_sslalm_trains_and_answers_in_all_four_variants(sections):
     assert [r["model"] for r in train] == [r["model"] for r in answers] == names
     for r in train:
         assert r["micro-batch"] == "4"  # nothing runs out of memory on the host at smoke size
-        positive(r["step ms"]) and positive(r["samples/s"])
+        assert positive(r["step ms"]) and positive(r["samples/s"])
     for r in answers:
         assert positive(r["8 tokens ms"]) > 0.5 * positive(r["first token ms"])
 
