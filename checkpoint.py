@@ -28,7 +28,8 @@ import lora
 import weights
 from sslalm import SSLALM, SSLALMConfig
 
-FINGERPRINT_SAMPLES = 32  # values per fingerprinted tensor
+FINGERPRINT_SAMPLES = 32  # values per fingerprinted tensor, at positions i · SPREAD mod size (i < 32): a prime step
+SPREAD = 2654435761       # (Knuth's multiplicative hash) lands on every column of a matrix, unlike an even stride
 PEFT_PREFIX = "base_model.model."
 
 
@@ -117,7 +118,7 @@ def _resolve(path: str | None, base: Path) -> str | None:
 # ---- the base LLM's fingerprint ----------------------------------------------------------------------------------
 
 def llm_fingerprint(llm: nn.Module) -> dict[str, list[float]]:
-    """Evenly spaced samples of the base LLM's weights, so that a checkpoint refuses another base model: the token
+    """Samples of the base LLM's weights, so that a checkpoint refuses another base model: the token
     embedding, every tensor of the last block, and what follows it (the final norm; LLaMA's untied head).
 
     Values are rounded to bf16 first, so that the same weights give the same numbers whether the base is loaded in
@@ -132,8 +133,8 @@ def llm_fingerprint(llm: nn.Module) -> dict[str, list[float]]:
     samples = {}
     for name, p in [params[0], *params[start:]]:
         flat = p.detach().flatten()
-        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-        samples[name] = flat[::step][:FINGERPRINT_SAMPLES].to(torch.bfloat16).double().tolist()
+        index = torch.tensor([i * SPREAD % flat.numel() for i in range(FINGERPRINT_SAMPLES)], device=flat.device)
+        samples[name] = flat[index].to(torch.bfloat16).double().tolist()
     return samples
 
 

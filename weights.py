@@ -81,7 +81,8 @@ def load_state(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], sou
             param = params[key]
             if param.is_meta:
                 module, _, leaf = key.rpartition(".")
-                value = tensor.to(torch.float32 if key.endswith(fp32) else dtype or tensor.dtype)
+                target = torch.float32 if key.endswith(fp32) else dtype or tensor.dtype
+                value = tensor.to(target, copy=True)  # its own memory, not a view into a file's buffer or mapping
                 setattr(model.get_submodule(module), leaf, nn.Parameter(value, requires_grad=param.requires_grad))
             else:
                 with torch.no_grad():
