@@ -17,6 +17,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ def save_checkpoint(model: SSLALM, path: str | os.PathLike, home: str | os.PathL
     tmp = path / "model.safetensors.tmp"
     save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(tmp))
     os.replace(tmp, path / "model.safetensors")
-    config = model.config.to_dict()
+    config = asdict(model.config)
     for key in ("llm_weights", "dass_weights", "tokenizer"):
         if config[key]:
             where = Path(config[key]).resolve()

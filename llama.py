@@ -88,7 +88,8 @@ class KVCache:
         self.valid, self.pos, self.padded, self.length = valid, pos, padded, 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, L, hd) at slots [length, length + L); return all filled slots (B, Hkv, length + L, hd)."""
+        """Write k, v (B, Hkv, L, hd) at slots [length, length + L); return all filled slots
+        (B, Hkv, length + L, hd)."""
         if self.k[layer] is None:
             shape = (*k.shape[:2], self.valid.shape[1], k.shape[3])
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)

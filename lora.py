@@ -98,24 +98,23 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-@torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """W ← W + (α/r)·B A in every wrapped layer (for inference); returns how many layers were merged.
     In bf16/fp16 weights, merge followed by unmerge does not give back W exactly (rounding)."""
-    todo = [m for m in lora_modules(model).values() if not m.merged]
-    for m in todo:
-        m.weight += m.delta_weight().to(m.weight.dtype)
-        m.merged = True
-    return len(todo)
+    return _set_merged(model, True)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo merge_lora: W ← W - (α/r)·B A; returns how many layers were unmerged."""
+    return _set_merged(model, False)
 
 
 @torch.no_grad()
-def unmerge_lora(model: nn.Module) -> int:
-    """Undo merge_lora: W ← W - (α/r)·B A; returns how many layers were unmerged."""
-    todo = [m for m in lora_modules(model).values() if m.merged]
+def _set_merged(model: nn.Module, merged: bool) -> int:
+    todo = [m for m in lora_modules(model).values() if m.merged != merged]
     for m in todo:
-        m.weight -= m.delta_weight().to(m.weight.dtype)
-        m.merged = False
+        m.weight.add_(m.delta_weight().to(m.weight.dtype), alpha=1 if merged else -1)
+        m.merged = merged
     return len(todo)
 
 

@@ -97,7 +97,6 @@ class MambaMixer(nn.Module):
     Parameter names are the checkpoints' (backbone.layers.{i}.mixer.*). A_log and D stay fp32 when the rest of the
     model is loaded in bf16/fp16, as in mamba_ssm.
     """
-    backend: str | None = None  # scan backend passed to selective_scan / selective_state_update (None: automatic)
 
     def __init__(self, cfg: MambaConfig):
         super().__init__()
@@ -138,7 +137,7 @@ class MambaMixer(nn.Module):
         y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2).contiguous(),
                            C.transpose(1, 2).contiguous(), self.D.float(), z=z,
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,  # Δ = softplus(dt_proj(.))
-                           return_last_state=ssm_state is not None, backend=self.backend)  # eqs. (3)-(6), gate
+                           return_last_state=ssm_state is not None)        # eqs. (3)-(6), then the gate
         if ssm_state is not None:
             y, last = y
             ssm_state.copy_(last)
@@ -157,8 +156,7 @@ class MambaMixer(nn.Module):
         delta, B, C = self._ssm_inputs(x)                                    # (B, d_inner), (B, N), (B, N)
         A = -torch.exp(self.A_log.float())
         y = selective_state_update(ssm_state, x, delta, A, B, C, self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
-                                   backend=self.backend)                     # eqs. (3)-(6) at one t
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)  # eqs. (3)-(6) at one t
         return self.out_proj(y)
 
 

@@ -80,9 +80,6 @@ class SSLALMConfig:
     def targets(self) -> tuple[str, ...]:
         return tuple(self.lora_targets) or lora.PAPER_TARGETS[self.llm]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> "SSLALMConfig":
         known = {f.name for f in fields(cls)}

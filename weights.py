@@ -154,46 +154,40 @@ def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
 # Mamba
 # ----------------------------------------------------------------------------------------------------------------
 
+# transformers' MambaConfig fields -> ours; mamba_ssm's config uses our names (its SSM ones inside ssm_cfg)
+HF_MAMBA = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
+            "state_size": "d_state", "expand": "expand", "conv_kernel": "d_conv", "time_step_rank": "dt_rank",
+            "layer_norm_epsilon": "rms_norm_eps", "use_conv_bias": "conv_bias", "use_bias": "bias",
+            "time_step_min": "dt_min", "time_step_max": "dt_max", "time_step_floor": "dt_init_floor"}
+SSM_CFG = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "dt_min", "dt_max", "dt_init_floor"}
+
+
 def mamba_config(path: str) -> MambaConfig:
     """Read config.json in either format: HF (hidden_size, num_hidden_layers, ...) or mamba_ssm (d_model, ...)."""
     with open(path) as f:
         c = json.load(f)
-    if "hidden_size" in c:  # transformers' MambaConfig
-        checks = {"tie_word_embeddings": True, "hidden_act": "silu"}
-        d, expand = c["hidden_size"], c.get("expand", 2)
-        if c.get("intermediate_size", expand * d) != expand * d:
-            raise ValueError(f"{path}: intermediate_size {c['intermediate_size']} != expand {expand} × "
-                             f"hidden_size {d}")
-        rank = c.get("time_step_rank", "auto")
-        cfg = MambaConfig(d_model=d, n_layer=c["num_hidden_layers"], vocab_size=c["vocab_size"],
-                          d_state=c.get("state_size", 16), expand=expand, d_conv=c.get("conv_kernel", 4),
-                          dt_rank=0 if rank == "auto" else rank, rms_norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                          pad_vocab_size_multiple=1, conv_bias=c.get("use_conv_bias", True),
-                          bias=c.get("use_bias", False), dt_min=c.get("time_step_min", 0.001),
-                          dt_max=c.get("time_step_max", 0.1), dt_init_floor=c.get("time_step_floor", 1e-4))
+    if "hidden_size" in c:  # transformers' MambaConfig; its vocabulary is stored padded
+        checks = {"tie_word_embeddings": True, "hidden_act": "silu",
+                  "intermediate_size": c.get("expand", 2) * c["hidden_size"]}
+        fields = {ours: c[hf] for hf, ours in HF_MAMBA.items() if hf in c} | {"pad_vocab_size_multiple": 1}
     elif "d_model" in c:  # mamba_ssm's MambaConfig
         checks = {"rms_norm": True, "tie_embeddings": True, "d_intermediate": 0, "attn_layer_idx": []}
         ssm = dict(c.get("ssm_cfg") or {})
         if ssm.pop("layer", "Mamba1") != "Mamba1":
             raise ValueError(f"{path}: only Mamba-1 layers are supported; ssm_cfg is {c['ssm_cfg']}")
-        known = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "dt_min", "dt_max",
-                 "dt_init_floor", "dt_init", "dt_scale", "use_fast_path"}
-        if set(ssm) - known:
-            raise ValueError(f"{path}: unsupported ssm_cfg entries {sorted(set(ssm) - known)}")
-        cfg = MambaConfig(d_model=c["d_model"], n_layer=c["n_layer"], vocab_size=c["vocab_size"],
-                          d_state=ssm.get("d_state", 16), expand=ssm.get("expand", 2), d_conv=ssm.get("d_conv", 4),
-                          dt_rank=0 if ssm.get("dt_rank", "auto") == "auto" else ssm["dt_rank"],
-                          rms_norm_eps=c.get("norm_epsilon", 1e-5),
-                          pad_vocab_size_multiple=c.get("pad_vocab_size_multiple", 8),
-                          conv_bias=ssm.get("conv_bias", True), bias=ssm.get("bias", False),
-                          dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
-                          dt_init_floor=ssm.get("dt_init_floor", 1e-4))
+        unknown = set(ssm) - SSM_CFG - {"dt_init", "dt_scale", "use_fast_path"}  # these: initialisation, kernels
+        if unknown:
+            raise ValueError(f"{path}: unsupported ssm_cfg entries {sorted(unknown)}")
+        fields = {k: c[k] for k in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple") if k in c}
+        fields |= {k: v for k, v in ssm.items() if k in SSM_CFG} | {"rms_norm_eps": c.get("norm_epsilon", 1e-5)}
     else:
         raise ValueError(f"{path}: neither an HF Mamba config (hidden_size, ...) nor a mamba_ssm one (d_model, ...)")
     for key, want in checks.items():
         if c.get(key) not in (None, want):
             raise ValueError(f"{path}: {key} = {c[key]!r} is not supported (need {want!r})")
-    return cfg
+    if fields.get("dt_rank") == "auto":
+        fields["dt_rank"] = 0  # ceil(d_model / 16)
+    return MambaConfig(**fields)
 
 
 def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> MambaLM:
@@ -224,13 +218,10 @@ def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> Mamb
 def save_mamba(model: MambaLM, path: str) -> None:
     """Write the HF format: config.json in transformers' MambaConfig field names, and model.safetensors."""
     c = model.config
-    config = dict(architectures=["MambaForCausalLM"], model_type="mamba", hidden_size=c.d_model,
-                  intermediate_size=c.d_inner, expand=c.expand, state_size=c.d_state, num_hidden_layers=c.n_layer,
-                  vocab_size=c.vocab_size, conv_kernel=c.d_conv, time_step_rank=c.dt_rank,
-                  layer_norm_epsilon=c.rms_norm_eps, use_bias=c.bias, use_conv_bias=c.conv_bias, hidden_act="silu",
-                  residual_in_fp32=True, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                  time_step_min=c.dt_min, time_step_max=c.dt_max, time_step_floor=c.dt_init_floor,
-                  dtype=str(model.backbone.embeddings.weight.dtype).removeprefix("torch."))
+    config = {hf: getattr(c, ours) for hf, ours in HF_MAMBA.items()}
+    config.update(architectures=["MambaForCausalLM"], model_type="mamba", intermediate_size=c.d_inner,
+                  hidden_act="silu", residual_in_fp32=True, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                  pad_token_id=0, dtype=str(model.backbone.embeddings.weight.dtype).removeprefix("torch."))
     save_weights(model.state_dict(), path, config)
 
 

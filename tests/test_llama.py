@@ -177,7 +177,8 @@ def test_loud_key_errors(tmp_path):
                                          r"\(in model\.safetensors\)"):
         load_llama(variant("unexpected", {**state, "model.layers.0.extra.weight": torch.ones(2)}))
     shaped = {**state, "model.norm.weight": torch.ones(63)}
-    with pytest.raises(ValueError, match=r"model\.norm\.weight: file \(63,\) vs model \(64,\) \(in model\.safetensors\)"):
+    with pytest.raises(ValueError, match=r"model\.norm\.weight: file \(63,\) vs model \(64,\) "
+                                         r"\(in model\.safetensors\)"):
         load_llama(variant("shape", shaped))
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_llama(str(tmp_path))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM, PreTrainedTokenizerFast
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
@@ -358,7 +359,6 @@ TEXTS = ["Hello, world!", "  two  spaces\nand a newline\ttab", "Ünïcödé — 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     """A tiny byte-level BPE built like GPT-NeoX's (NFC, byte-level pre-tokenizer/decoder, <|endoftext|> = 0)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -391,7 +391,8 @@ def test_command_line(tokenizer_file, tmp_path, capsys):
     assert cli.main(["generate", "--model", folder, "--prompt", "hello"]) == 1
     assert "tokenizer.json" in capsys.readouterr().err
     shutil.copy(tokenizer_file, folder)
-    assert cli.main(["generate", "--model", folder, "--prompt", "hello world", "--greedy", "--max-new-tokens", "6"]) == 0
+    argv = ["generate", "--model", folder, "--prompt", "hello world", "--greedy", "--max-new-tokens", "6"]
+    assert cli.main(argv) == 0
     model, tok = load_mamba(folder), MambaTokenizer(folder)
     new = model.generate(torch.tensor([tok.encode("hello world")]), max_new_tokens=6, repetition_penalty=1.1,
                          eos_token_id=0)[0].tolist()
