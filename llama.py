@@ -14,8 +14,10 @@ equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which Lo
 on. Generation goes through sampling.py; this module provides embed / prefill / decode_step with a preallocated
 key/value cache. Checkpoint formats and the tokenizer are in weights.py.
 
-Attention is PyTorch's scaled_dot_product_attention: without padding it runs with is_causal=True and no mask, so
-that the flash / memory-efficient kernels can be used; only left-padded batches pass an explicit mask.
+Written here rather than taken from transformers (the oracle in the tests): the whole model fits in one reading, with
+the same state dict, and shares the cache protocol of sampling.py with mamba.py. Attention is PyTorch's
+scaled_dot_product_attention: without padding it runs with is_causal=True and no mask, so that the flash /
+memory-efficient kernels can be used; only left-padded batches pass an explicit mask.
 Differences from transformers' LlamaForCausalLM: logits are returned in fp32 (as mamba.py does); a decode step attends
 to the filled part of the cache; a padding query attends to itself, so no softmax row is empty (no NaN on any backend).
 """

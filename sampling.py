@@ -3,6 +3,7 @@
 The paper (§III-D) generates with temperature 0.1, top-k 500, top-p 0.95 and a repetition penalty of 1.1
 (`PAPER_SAMPLING`). The logit processing follows the order and the definitions of Hugging Face transformers'
 `generate`, so that greedy decoding gives the same tokens: repetition penalty, then temperature, top-k, top-p.
+Written here because transformers' `generate` drives its own model classes and caches, not ours.
 
 A model takes part by providing three methods:
     embed(input_ids (B, L)) -> (B, L, d)

@@ -8,10 +8,11 @@
     tokenizers tokenizer.json (GPT-NeoX's byte-level BPE, Mamba) read by `tokenizers`; tokenizer.model (LLaMA's
                sentencepiece model) read by `sentencepiece`: both are the libraries the checkpoints were made with
 
-A Hugging Face folder holds its weights in one of four layouts, tried in this order (as transformers does):
-model.safetensors; model.safetensors.index.json (shards: its weight_map names the file of every key);
-pytorch_model.bin; pytorch_model.bin.index.json. Tensors are read one at a time into a model built on the meta
-device, so the weights are never held twice.
+Our models are not transformers' classes, so their folders are read here rather than by from_pretrained
+(transformers is the oracle in the tests). A Hugging Face folder holds its weights in one of four layouts, tried in
+this order (as transformers does): model.safetensors; model.safetensors.index.json (shards: its weight_map names
+the file of every key); pytorch_model.bin; pytorch_model.bin.index.json. Tensors are read one at a time into a
+model built on the meta device, so the weights are never held twice.
 
 Every loader here, and those of checkpoint.py, ends in `load_state`: strict, as in nanoGPT / llama2.c. Every
 parameter must be read exactly once with the right shape; each missing, unexpected, repeated or mis-shaped key is

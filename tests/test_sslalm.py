@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -293,3 +294,18 @@ def test_a_base_whose_last_block_or_head_differs_is_refused(bases, tmp_path, llm
         save_file(state, folder / "model.safetensors")
         with pytest.raises(ValueError, match=f"not those .* was trained on \\({key} differs\\)"):
             checkpoint.load_checkpoint(tmp_path / "ckpt", llm_weights=str(folder))
+
+
+def test_ask_answers_from_a_checkpoint(bases, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = checkpoint.build(_config(bases, "small", "mamba")).eval()
+    checkpoint.save_checkpoint(model, tmp_path / "ckpt")
+    wave = 0.1 * torch.sin(torch.arange(16000 * 2) * (2 * torch.pi * 440 / 16000))  # 2 s of a 440 Hz tone
+    sf.write(tmp_path / "tone.wav", wave.numpy(), 16000)
+    argv = ["ask", "--checkpoint", str(tmp_path / "ckpt"), str(tmp_path / "tone.wav"), "What", "can", "you", "hear?",
+            "--greedy", "--max-new-tokens", "6", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    want = model.answer([str(tmp_path / "tone.wav")], ["What can you hear?"], greedy=True, max_new_tokens=6)[0]
+    assert capsys.readouterr().out == want + "\n"
+    assert cli.main(argv[:2] + [str(tmp_path / "nowhere")] + argv[3:]) == 1
+    assert "is not an ssLALM checkpoint" in capsys.readouterr().err
