@@ -5,8 +5,7 @@
     LLaMA      a Hugging Face folder (lmsys/vicuna-7b-v1.5): config.json, transformers 4.x or 5.x field names
     DASS       the official DASS_small.pth / DASS_medium.pth (a DataParallel state dict, keys module.v.*), our
                safetensors file (the config in its metadata), or the Hugging Face port (keys dass.*, head.*)
-    tokenizers tokenizer.json (GPT-NeoX's byte-level BPE, Mamba) read by `tokenizers`; tokenizer.model (LLaMA's
-               sentencepiece model) read by `sentencepiece`: both are the libraries the checkpoints were made with
+    tokenizers Mamba's tokenizer.json (GPT-NeoX's BPE) and LLaMA's tokenizer.model, by the libraries that made them
 
 Our models are not transformers' classes, so their folders are read here rather than by from_pretrained
 (transformers is the oracle in the tests). A Hugging Face folder holds its weights in one of four layouts, tried in
@@ -77,17 +76,16 @@ def load_state(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], sou
         elif tensor.shape != params[key].shape:
             problems["shape mismatches"].append(f"{key}: file {tuple(tensor.shape)} vs model "
                                                 f"{tuple(params[key].shape)} (in {where})")
+        elif params[key].is_meta:
+            seen[key] = where
+            module, _, leaf = key.rpartition(".")
+            target = torch.float32 if key.endswith(fp32) else dtype or tensor.dtype
+            value = tensor.to(target, copy=True)  # its own memory, not a view into a file's buffer or mapping
+            setattr(model.get_submodule(module), leaf, nn.Parameter(value, requires_grad=params[key].requires_grad))
         else:
             seen[key] = where
-            param = params[key]
-            if param.is_meta:
-                module, _, leaf = key.rpartition(".")
-                target = torch.float32 if key.endswith(fp32) else dtype or tensor.dtype
-                value = tensor.to(target, copy=True)  # its own memory, not a view into a file's buffer or mapping
-                setattr(model.get_submodule(module), leaf, nn.Parameter(value, requires_grad=param.requires_grad))
-            else:
-                with torch.no_grad():
-                    param.copy_(tensor)
+            with torch.no_grad():
+                params[key].copy_(tensor)
     problems = {"missing keys": sorted(wanted - set(seen)), **problems}
     listed = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
               for what, keys in problems.items() if keys]
@@ -216,14 +214,19 @@ def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> Mamb
     return model.eval()
 
 
-def save_mamba(model: MambaLM, path: str) -> None:
-    """Write the HF format: config.json in transformers' MambaConfig field names, and model.safetensors."""
-    c = model.config
+def mamba_hf_config(c: MambaConfig) -> dict:
+    """config.json in transformers' MambaConfig field names (what MambaForCausalLM.from_pretrained reads)."""
     config = {hf: getattr(c, ours) for hf, ours in HF_MAMBA.items()}
     config.update(architectures=["MambaForCausalLM"], model_type="mamba", intermediate_size=c.d_inner,
                   hidden_act="silu", residual_in_fp32=True, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-                  pad_token_id=0, dtype=str(model.backbone.embeddings.weight.dtype).removeprefix("torch."))
-    save_weights(model.state_dict(), path, config)
+                  pad_token_id=0)
+    return config
+
+
+def save_mamba(model: MambaLM, path: str) -> None:
+    """Write the HF format: config.json (`mamba_hf_config`) and model.safetensors."""
+    dtype = str(model.backbone.embeddings.weight.dtype).removeprefix("torch.")
+    save_weights(model.state_dict(), path, mamba_hf_config(model.config) | {"dtype": dtype})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,11 +272,15 @@ def load_llama(path: str, dtype: torch.dtype | None = None, device=None) -> Llam
     return model.eval()
 
 
+def llama_hf_config(c: LlamaConfig) -> dict:
+    """config.json in transformers' LlamaConfig field names."""
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, **asdict(c))
+
+
 def save_llama(model: LlamaLM, path: str) -> None:
     """Write config.json and model.safetensors in the Hugging Face format (transformers can load them)."""
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **asdict(model.config))
-    save_weights(model.state_dict(), path, config)
+    save_weights(model.state_dict(), path, llama_hf_config(model.config))
 
 
 def llm_kind(path: str) -> str:
