@@ -1,117 +1,252 @@
-"""Reading and writing checkpoint folders in the Hugging Face layout, for the language models (mamba.py, llama.py).
+"""Our checkpoints: building the ssLALM from pretrained parts, saving and loading what training produced, and LoRA
+adapter files (ours, and PEFT's format).
 
-A folder holds config.json and the weights in one of four layouts, tried in this order (as transformers does):
-    model.safetensors                 one file
-    model.safetensors.index.json      shards: its weight_map names the file of every key
-    pytorch_model.bin                 one torch.save'd state dict (older checkpoints)
-    pytorch_model.bin.index.json      shards of those
+A checkpoint folder holds
+    config.json          {"sslalm": the SSLALMConfig fields, "llm_fingerprint": samples of the base LLM's weights}
+    model.safetensors    the trainable weights only: DASS, the projector and the LoRA adapters
+The frozen base LLM is read again from the folder the config names (absolute, or relative to the checkpoint folder
+when it lies inside it), and the fingerprint refuses another base model. Reading is strict: weights.load_state.
 
-Loading is strict (as in nanoGPT / llama2.c): every key of the model must be read exactly once with the right shape,
-and each missing, unexpected, repeated or mis-shaped key is an error that names the key and the file. Tensors are
-read one at a time and put into a model built on the meta device, so the weights are never held twice.
+LoRA adapters alone: `save_lora` / `load_lora` (one safetensors file, r/alpha/dropout in its metadata) and PEFT's
+adapter folder, `export_peft` / `import_peft` (adapter_config.json + adapter_model.safetensors, keys
+base_model.model.<module>.lora_A.weight; our module names are the Hugging Face ones).
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import re
+import warnings
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
-LAYOUTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+import lora
+import weights
+from sslalm import SSLALM, SSLALMConfig
 
-
-def config_file(path: str, what: str) -> str:
-    """path/config.json, or FileNotFoundError saying that `what` (e.g. "a Mamba checkpoint folder") was expected."""
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path}: no config.json ({what} is expected)")
-    return file
-
-
-def weight_files(path: str) -> list[str]:
-    """The folder's weight files in the first layout found: a single file, or the shards its index lists."""
-    for name in LAYOUTS:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        if not name.endswith(".index.json"):
-            return [file]
-        with open(file) as f:
-            shards = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-        absent = [s for s in shards if not os.path.isfile(s)]
-        if absent:
-            raise FileNotFoundError(f"{file} lists shard(s) that do not exist: {absent}")
-        return shards
-    raise FileNotFoundError(f"{path}: no weights (expected {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]})")
+FINGERPRINT_SAMPLES = 32  # values per fingerprinted tensor, at positions i · SPREAD mod size (i < 32): a prime step
+SPREAD = 2654435761       # (Knuth's multiplicative hash) lands on every column of a matrix, unlike an even stride
+PEFT_PREFIX = "base_model.model."
 
 
-def read_tensors(file: str, device: torch.device | str | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Yield (key, tensor) from one .safetensors or .bin file, one tensor at a time, on device (default: CPU).
+def build(config: SSLALMConfig, device=None, dtype: torch.dtype | None = None, load_dass: bool = True) -> SSLALM:
+    """The model of Fig. 1 from pretrained parts: DASS from config.dass_weights (unless load_dass is False), the
+    LLM (in `dtype`) and its tokenizer from config.llm_weights. A missing path says what to download."""
+    where = weights.WHERE_TO_GET
+    if not config.llm_weights:
+        raise FileNotFoundError(f"no LLM weights given: pass --llm-weights, {where[config.llm]}")
+    if not Path(config.llm_weights).is_dir():
+        raise FileNotFoundError(f"LLM weights folder {config.llm_weights} not found: {where[config.llm]}")
+    dass = None
+    if load_dass:
+        if not config.dass_weights:
+            raise FileNotFoundError(f"no DASS weights given: pass --dass-weights, {where['dass']}")
+        if not Path(config.dass_weights).exists():
+            raise FileNotFoundError(f"DASS weights {config.dass_weights} not found: {where['dass']}")
+        dass = weights.load_dass(config.dass_weights, config=config.dass_config())
+    llm = weights.LOADERS[config.llm](config.llm_weights, dtype=dtype, device=device)
+    model = SSLALM(config, dass=dass, llm=llm, tokenizer=weights.load_tokenizer(config))
+    return model.to(device) if device is not None else model
 
-    A .bin file is memory-mapped and each tensor leaves the mapping as it is yielded (moved to device if given).
+
+def save_checkpoint(model: SSLALM, path: str | os.PathLike, home: str | os.PathLike | None = None) -> None:
+    """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is.
+
+    The config names the base weights by absolute path, or relative to the checkpoint's folder when they lie inside
+    it (then the folder can be moved as a whole). That folder is `path`, or `home` if the files are written
+    elsewhere first and moved there."""
+    path = Path(path)
+    home = Path(home or path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "model.safetensors.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(tmp))
+    os.replace(tmp, path / "model.safetensors")
+    config = asdict(model.config)
+    for key in ("llm_weights", "dass_weights", "tokenizer"):
+        if config[key]:
+            where = Path(config[key]).resolve()
+            config[key] = where.relative_to(home).as_posix() if where.is_relative_to(home) else str(where)
+    meta = {"sslalm": config, "llm_fingerprint": llm_fingerprint(model.llm)}
+    (path / "config.tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(path / "config.tmp", path / "config.json")
+
+
+def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+                    llm_weights: str | None = None, tokenizer: str | None = None) -> SSLALM:
+    """Rebuild a trained model: the base LLM from the path its config names (or from `llm_weights`, if the base
+    weights have moved; they must be the same weights, in any dtype), then the checkpoint's DASS, projector and
+    LoRA weights on top. The result is the trained model exactly, in eval mode."""
+    path = Path(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an ssLALM checkpoint: {name} is missing")
+    meta = json.loads((path / "config.json").read_text())
+    if "sslalm" not in meta:
+        raise ValueError(f"{path / 'config.json'} is not an ssLALM checkpoint config (no 'sslalm' entry)")
+    config = SSLALMConfig.from_dict(meta["sslalm"])
+    config.llm_weights = llm_weights or _resolve(config.llm_weights, path)
+    config.tokenizer = tokenizer or _resolve(config.tokenizer, path)
+    model = build(config, device=device, dtype=dtype, load_dass=False)
+    expected = meta.get("llm_fingerprint")
+    if not isinstance(expected, dict):
+        warnings.warn(f"{path / 'config.json'} has no fingerprint of this kind: the base LLM weights are not checked")
+    elif (differs := fingerprint_mismatch(expected, llm_fingerprint(model.llm))) is not None:
+        raise ValueError(f"the LLM weights in {config.llm_weights} are not those {path} was trained on "
+                         f"({differs} differs)")
+    load_trainable(model, path)
+    return model.eval()
+
+
+def load_trainable(model: SSLALM, folder: str | os.PathLike) -> None:
+    """Strictly load a checkpoint's trainable weights (folder/model.safetensors) into model, in place."""
+    file = str(Path(folder) / "model.safetensors")
+    tensors = ((key, tensor, file) for key, tensor in weights.read_tensors(file))
+    weights.load_state(model, tensors, file, names=model.trainable_state_dict())
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    """A path from a checkpoint's config: relative ones are relative to the checkpoint folder."""
+    if path is None or Path(path).is_absolute():
+        return path
+    return str(base / path) if (base / path).exists() or not Path(path).exists() else path
+
+
+# ---- the base LLM's fingerprint ----------------------------------------------------------------------------------
+
+def llm_fingerprint(llm: nn.Module) -> dict[str, list[float]]:
+    """Samples of the base LLM's weights, so that a checkpoint refuses another base model: the token
+    embedding, every tensor of the last block, and what follows it (the final norm; LLaMA's untied head).
+
+    Values are rounded to bf16 first, so that the same weights give the same numbers whether the base is loaded in
+    fp32 or bf16 (in fp16, up to one rounding step: see `fingerprint_mismatch`). Empty on the meta device.
     """
-    device = torch.device("cpu" if device is None else device)
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        while state:
-            key, tensor = state.popitem()
-            yield key, tensor.to(device)
+    adapters = {id(p) for p in lora.lora_parameters(llm)}
+    params = [(n, p) for n, p in llm.named_parameters() if id(p) not in adapters]
+    if not params or params[0][1].is_meta:
+        return {}
+    last = max(int(m[1]) for name, _ in params if (m := re.search(r"layers\.(\d+)\.", name)))
+    start = next(i for i, (name, _) in enumerate(params) if f"layers.{last}." in name)
+    samples = {}
+    for name, p in [params[0], *params[start:]]:
+        flat = p.detach().flatten()
+        index = torch.tensor([i * SPREAD % flat.numel() for i in range(FINGERPRINT_SAMPLES)], device=flat.device)
+        samples[name] = flat[index].to(torch.bfloat16).double().tolist()
+    return samples
 
 
-def load_weights(model: nn.Module, path: str, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, rename: dict[str, str] | None = None,
-                 skip: tuple[str, ...] = (), fp32: tuple[str, ...] = (),
-                 aside: tuple[str, ...] = ()) -> dict[str, tuple[str, Tensor]]:
-    """Put every parameter of `model` (built on the meta device) in place from the weight files of folder `path`.
-
-    dtype: None keeps the stored dtype, else every tensor is cast to it except those whose name ends with one of
-    `fp32`, which become fp32. rename: {checkpoint prefix: model prefix}, for checkpoints that name a module
-    differently. Keys ending with one of `skip` are ignored (stored buffers the model computes itself); keys in
-    `aside` are not parameters but are returned as {key: (file, tensor)} for the caller to check.
-    Raises, naming the key and the file, on an unexpected, repeated, mis-shaped or missing key.
-    """
-    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    files = weight_files(path)
-    seen: dict[str, str] = {}  # parameter name -> the file it was read from
-    extra: dict[str, tuple[str, Tensor]] = {}
-    for file in files:
-        for key, tensor in read_tensors(file, device):
-            if key.endswith(skip):
-                continue
-            if key in aside:
-                extra[key] = (file, tensor)
-                continue
-            name = next((new + key[len(old):] for old, new in (rename or {}).items() if key.startswith(old)), key)
-            if name not in params:
-                raise KeyError(f"{file}: unexpected key {key!r} (not a parameter of {type(model).__name__})")
-            if name in seen:
-                raise KeyError(f"{file}: key {key!r} appears twice in the checkpoint (also in {seen[name]})")
-            if tuple(tensor.shape) != params[name]:
-                raise ValueError(f"{file}: {key!r} has shape {tuple(tensor.shape)}, expected {params[name]} from "
-                                 f"{os.path.join(path, 'config.json')}")
-            target = torch.float32 if name.endswith(fp32) else dtype or tensor.dtype
-            module, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(module), leaf, nn.Parameter(tensor.to(target)))
-            seen[name] = file
-    missing = [name for name in params if name not in seen]
-    if missing:
-        raise KeyError(f"{path}: missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in "
-                       f"all; read {[os.path.basename(f) for f in files]})")
-    return extra
+def fingerprint_mismatch(expected: dict[str, list[float]], found: dict[str, list[float]]) -> str | None:
+    """The first tensor whose samples differ, or None. Two samples agree within one bf16 rounding step (2^-7 of
+    the value: fp16 weights are rounded twice on their way to bf16) plus fp16's smallest step (2^-24)."""
+    if not found:
+        return None  # a model on the meta device has nothing to compare
+    for name in sorted(expected.keys() | found.keys()):
+        a, b = expected.get(name, []), found.get(name, [])
+        if len(a) != len(b) or any(abs(x - y) > 2 ** -7 * max(abs(x), abs(y)) + 2 ** -24 for x, y in zip(a, b)):
+            return name
+    return None
 
 
-def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
-    """Write the folder `path`: config.json (the dict `config`) and model.safetensors (the tensors of `state`)."""
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
+# ---- LoRA adapter files ------------------------------------------------------------------------------------------
+
+def _lora_settings(model: nn.Module) -> dict:
+    """The r, alpha, dropout shared by all adapters of model (an error if there are none or they differ)."""
+    mods = lora.lora_modules(model)
+    if not mods:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters (call add_lora first)")
+    settings = {(m.r, m.alpha, m.dropout) for m in mods.values()}
+    if len(settings) > 1:
+        raise ValueError(f"adapters with different (r, alpha, dropout) cannot be described by one config: {settings}")
+    r, alpha, dropout = settings.pop()
+    return dict(r=r, alpha=alpha, dropout=dropout)
+
+
+def _load_adapters(model: nn.Module, tensors: dict, r: int, alpha: float, file: str) -> None:
+    """Strictly copy adapter tensors into model's adapters, which must have this r and alpha and not be merged."""
+    have = _lora_settings(model)
+    if (have["r"], have["alpha"]) != (r, alpha):
+        raise ValueError(f"{file}: adapters have r={r}, alpha={alpha}; the model's have r={have['r']}, "
+                         f"alpha={have['alpha']}")
+    merged = [name for name, m in lora.lora_modules(model).items() if m.merged]
+    if merged:
+        raise ValueError(f"{file}: the adapters of {merged[0]} (and {len(merged) - 1} more) are merged into the "
+                         "weights; call unmerge_lora(model) before loading adapters")
+    weights.load_state(model, ((k, v, file) for k, v in tensors.items()), file, names=lora.lora_state_dict(model))
+
+
+def save_lora(model: nn.Module, path: str) -> None:
+    """Write the adapters alone to a safetensors file; r, alpha, dropout go into its metadata."""
+    meta = {"format": "pt", "lora": json.dumps(_lora_settings(model))}
+    save_file({k: v.contiguous() for k, v in lora.lora_state_dict(model).items()}, str(path), metadata=meta)
+
+
+def load_lora(model: nn.Module, path: str) -> None:
+    """Load adapters written by save_lora into a model that add_lora has given the same adapters."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora", "null"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta is None:
+        raise ValueError(f"{path}: no 'lora' metadata (not written by save_lora)")
+    _load_adapters(model, tensors, meta["r"], meta["alpha"], str(path))
+
+
+def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str | None = None,
+                task_type: str = "CAUSAL_LM") -> None:
+    """Write adapter_config.json + adapter_model.safetensors so that peft's PeftModel.from_pretrained(transformers
+    model, directory) loads the adapters."""
+    settings = _lora_settings(model)
+    names = list(lora.lora_modules(model))
+    targets = sorted({n.rpartition(".")[2] for n in names})
+    covered = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and lora.is_target(n, tuple(targets))]
+    if covered != names:
+        raise ValueError(f"adapters sit on a subset of the layers named {targets}; PEFT's target_modules list "
+                         f"would put them on all {len(covered)}")
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
+    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in lora.lora_state_dict(model).items()}
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def import_peft(model: nn.Module, directory: str) -> list[str]:
+    """Load a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors or adapter_model.bin).
+    A model without adapters gets them (add_lora with the config's targets, r, alpha, dropout). Returns the names of
+    the wrapped modules. Features of PEFT that lora.py does not implement are refused by name."""
+    config_file = os.path.join(directory, "adapter_config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{directory}: no adapter_config.json")
+    with open(config_file) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    plain = {"bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+             "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+    for field, value in plain.items():
+        if cfg.get(field, value) not in (value, None, [], {}):  # None, [] and {} also mean "not used"
+            raise ValueError(f"{config_file}: {field} = {cfg[field]!r} is not supported (only {value!r})")
+    if not isinstance(cfg["target_modules"], list):
+        raise ValueError(f"{config_file}: target_modules must be a list of names; got {cfg['target_modules']!r}")
+    files = [os.path.join(directory, n) for n in ("adapter_model.safetensors", "adapter_model.bin")]
+    files = [file for file in files if os.path.isfile(file)]
+    if not files:
+        raise FileNotFoundError(f"{directory}: no adapter_model.safetensors or adapter_model.bin")
+    tensors = dict(weights.read_tensors(files[0]))
+    foreign = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
+    if foreign:
+        raise ValueError(f"{files[0]}: keys without the PEFT prefix {PEFT_PREFIX!r}: {foreign[:6]}")
+    if not lora.lora_modules(model):
+        lora.add_lora(model, tuple(cfg["target_modules"]), cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
+    tensors = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()}
+    _load_adapters(model, tensors, cfg["r"], cfg["lora_alpha"], files[0])
+    return list(lora.lora_modules(model))

@@ -25,24 +25,19 @@ Differences from the official code (github.com/Saurabhbhati/DASS, VMamba), none 
   * fp32 throughout unless the caller casts (the official model runs under fp16 autocast; ~1e-2 on logits);
   * stochastic depth (drop_path 0.2 / 0.3 in the official AudioSet training) is not implemented;
   * inputs longer than `window` frames are processed in independent windows (see `DASS.features`).
+The three checkpoint formats (official .pth, our safetensors, the Hugging Face port) are read in weights.py.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import math
-import re
-import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from scan import selective_scan
+from scan import init_A_and_delta_bias, selective_scan
 
 WINDOW = 8192  # frames (81.92 s) per pass for long audio; see DASS.features
 
@@ -124,13 +119,10 @@ class SS2D(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
         """The official (Mamba / VMamba "v0") initialisation of the SSM parameters."""
-        d, R, N = self.d, self.dt_rank, self.d_state
+        d, R = self.d, self.dt_rank
         nn.init.uniform_(self.x_proj_weight, -d ** -0.5, d ** -0.5)     # nn.Linear's default for K stacked Linears
         nn.init.uniform_(self.dt_projs_weight, -R ** -0.5, R ** -0.5)
-        dt = torch.exp(torch.rand(self.dt_projs_bias.shape) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_floor)         # Δ log-uniform in [1e-3, 0.1] ...
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # ... through the inverse of softplus
-        self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand(self.A_logs.shape))  # S4D
+        init_A_and_delta_bias(self.A_logs, self.dt_projs_bias, dt_min, dt_max, dt_floor)  # A = -(1..N), Δ log-uniform
         self.Ds.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -246,173 +238,3 @@ class DASS(nn.Module):
     def forward(self, x: Tensor, window: int | None = WINDOW) -> Tensor:
         """(B, T, 128) fbank -> (B, n_classes) logits: mean of `features` over frequency and time, then the head."""
         return self.classifier["head"](self.features(x, window).mean(dim=(2, 3)))
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Checkpoints
-    # ------------------------------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, config: DASSConfig | None = None,
-                        map_location: str | torch.device = "cpu") -> DASS:
-        """Load DASS weights from any of:
-          * an official checkpoint (`DASS_small.pth`, a DataParallel state_dict, keys `module.v.*`);
-          * a safetensors file written by `save_pretrained` (our keys; the config is in its metadata);
-          * the Hugging Face port (keys `dass.*` and `head.*`): its `model.safetensors` / `pytorch_model.bin`,
-            or the directory holding it.
-        The config is taken from the file (ours) or inferred from the tensor shapes unless given. Every missing,
-        unexpected or mis-shaped key raises ValueError naming the key and the file.
-        """
-        path = Path(path)
-        state, meta_config = _read_checkpoint(path, map_location)
-        config = config or meta_config or _infer_config(state, path)
-        model = cls(config)
-        model.load_checkpoint(state, path)
-        return model
-
-    def load_checkpoint(self, state: dict[str, Tensor], source: str | Path = "<state_dict>") -> None:
-        """Strictly load a state dict in our key layout; errors list every bad key and name `source`."""
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in own.items() if k in state and state[k].shape != v.shape]
-        if missing or unexpected or shapes:
-            problems = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
-                        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                           ("shape mismatches", shapes)) if keys]
-            raise ValueError(f"DASS checkpoint {source} does not fit the model {self.config}: " + "; ".join(problems))
-        self.load_state_dict(state)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the weights (our key layout) and the config (in the metadata) to one safetensors file."""
-        from safetensors.torch import save_file
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path), metadata={"format": "dass", "config": json.dumps(asdict(self.config))})
-
-
-def _read_checkpoint(path: Path, map_location) -> tuple[dict[str, Tensor], DASSConfig | None]:
-    """Any supported file -> (state dict in our key layout, config if the file carries one)."""
-    if path.is_dir():
-        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"DASS weights: directory {path} has no model.safetensors or pytorch_model.bin")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"DASS weights {path}: no such file (the official DASS_small.pth / DASS_medium.pth "
-                                "are on the DASS GitHub releases page)")
-    config = None
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path), device=str(map_location))
-        if "config" in meta:
-            config = DASSConfig(**json.loads(meta["config"]))
-    else:
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise ValueError(f"DASS weights {path}: not a readable PyTorch checkpoint ({e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"DASS weights {path}: expected a flat state_dict of tensors, got {type(state).__name__}")
-    if state and all(k.startswith("module.v.") for k in state):        # official DataParallel checkpoint
-        state = {k[len("module.v."):]: v for k, v in state.items()}
-    elif any(k.startswith("dass.") for k in state):                    # Hugging Face port
-        state = _from_hf_keys(state)
-    return state, config
-
-
-_HF_PATCH = {"0": "0", "1": "2", "3": "5", "4": "7"}  # HF patch_embeddings.projection.i -> official patch_embed.j
-
-
-def _from_hf_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The HF port's names (Saurabhbhati/transformers-DASS, modeling_dass.py) -> ours.
-
-    Its conversion script renames module.v.X -> dass.X with: patch_embed.{0,2,5,7} -> patch_embeddings.projection.
-    {0,1,3,4}, downsample.{1,3} -> downsample.{down,norm}, classifier.norm -> norm, classifier.head -> head (no
-    prefix); x_proj_weight (K, R+2N, d) and dt_projs_weight (K, d, R) become grouped 1x1 convs x_proj.weight
-    (K(R+2N), d) and dt_projs.weight (K d, R). dt_projs_bias, A_logs, Ds keep their names and shapes.
-    """
-    out = {}
-    for k, v in state.items():
-        k = re.sub(r"^head\.", "classifier.head.", k)
-        k = re.sub(r"^dass\.norm\.", "classifier.norm.", k)
-        k = re.sub(r"^dass\.", "", k)
-        k = re.sub(r"^patch_embeddings\.projection\.(\d)\.", lambda m: f"patch_embed.{_HF_PATCH.get(m[1], m[1])}.", k)
-        k = k.replace("downsample.down.", "downsample.1.").replace("downsample.norm.", "downsample.3.")
-        if k.endswith("op.x_proj.weight"):
-            k, v = k.replace("x_proj.weight", "x_proj_weight"), v.reshape(4, -1, v.shape[-1])
-        elif k.endswith("op.dt_projs.weight"):
-            k, v = k.replace("dt_projs.weight", "dt_projs_weight"), v.reshape(4, -1, v.shape[-1])
-        out[k] = v
-    return out
-
-
-def _infer_config(state: dict[str, Tensor], path: Path) -> DASSConfig:
-    """Stage widths and depths, N, MLP ratio and class count from the tensor shapes of a state dict (our keys)."""
-    blocks: dict[int, int] = {}
-    for k in state:
-        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k)
-        if m:
-            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
-    try:
-        n_stages = len(blocks)
-        dims = tuple(state[f"layers.{s}.blocks.0.norm.weight"].shape[0] for s in range(n_stages))
-        return DASSConfig(dims=dims, depths=tuple(blocks[s] for s in range(n_stages)),
-                          d_state=state["layers.0.blocks.0.op.A_logs"].shape[1],
-                          mlp_ratio=state["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dims[0],
-                          n_classes=state["classifier.head.weight"].shape[0])
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"DASS weights {path}: cannot infer the model size (missing or odd key {e}); "
-                         "is this a DASS checkpoint?") from e
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: top-5 AudioSet labels of a clip
-# ----------------------------------------------------------------------------------------------------------------
-
-def read_labels(path: str | Path) -> list[str]:
-    """AudioSet class_labels_indices.csv (columns index,mid,display_name) -> display names by index."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label file {path}: no such file")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
-        raise ValueError(f"label file {path}: expected the columns index,mid,display_name")
-    names = {int(r["index"]): r["display_name"] for r in rows}
-    if sorted(names) != list(range(len(names))):
-        raise ValueError(f"label file {path}: indices are not 0..{len(names) - 1}")
-    return [names[i] for i in range(len(names))]
-
-
-def main(argv: list[str] | None = None) -> None:
-    import audio
-    p = argparse.ArgumentParser(description="Tag an audio clip with DASS: print the top AudioSet labels.")
-    p.add_argument("audio", help="audio file (any format and sample rate soundfile reads)")
-    p.add_argument("--weights", required=True, help="DASS_small.pth / DASS_medium.pth, our .safetensors, or the HF port")
-    p.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name); default: print indices")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    try:
-        model = DASS.from_pretrained(args.weights).to(args.device).eval()
-        labels = read_labels(args.labels) if args.labels else [f"class {i}" for i in range(model.config.n_classes)]
-        if len(labels) != model.config.n_classes:
-            raise ValueError(f"label file {args.labels} has {len(labels)} labels; the model has "
-                             f"{model.config.n_classes} classes")
-        wave = audio.load_audio(args.audio)
-        frames = 1 + (wave.numel() - audio.FRAME_LENGTH) // audio.FRAME_SHIFT
-        x = audio.dass_input(wave, audio.DASS_FRAMES if frames <= audio.DASS_FRAMES else None)  # pad short clips
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    with torch.no_grad():
-        scores = torch.sigmoid(model(x[None].to(args.device)))[0].float().cpu()  # multi-label: independent sigmoids
-    for s, i in zip(*scores.topk(min(args.top, len(labels)))):
-        print(f"{s.item():.3f}  {labels[i]}")
-
-
-if __name__ == "__main__":
-    main()

@@ -12,31 +12,31 @@ mlp is SwiGLU: down(silu(gate(x)) * up(x)). RoPE follows the Hugging Face conven
 of each head); the HF checkpoints' q/k weights are permuted for it, so no permutation is needed here. Module names
 equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which LoRA (lora.py) and the PEFT export rely
 on. Generation goes through sampling.py; this module provides embed / prefill / decode_step with a preallocated
-key/value cache.
+key/value cache. Checkpoint formats and the tokenizer are in weights.py.
 
+Written here rather than taken from transformers (the oracle in the tests): the whole model fits in one reading, with
+the same state dict, and shares the cache protocol of sampling.py with mamba.py. Attention is PyTorch's
+scaled_dot_product_attention: without padding it runs with is_causal=True and no mask, so that the flash /
+memory-efficient kernels can be used; only left-padded batches pass an explicit mask.
 Differences from transformers' LlamaForCausalLM: logits are returned in fp32 (as mamba.py does); a decode step attends
 to the filled part of the cache; a padding query attends to itself, so no softmax row is empty (no NaN on any backend).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import checkpoint
 import sampling
 from mamba import RMSNorm  # the same norm; LLaMA rounds where transformers does (scale_in_fp32=False)
 
 
 @dataclass
 class LlamaConfig:
-    """Defaults: Vicuna-7B v1.5 (LLaMA-2-7B). v1.1 / v1.3 (LLaMA-1-7B): see PRESETS."""
+    """Defaults: Vicuna-7B v1.5 (LLaMA-2-7B)."""
     hidden_size: int = 4096
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
@@ -61,44 +61,6 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @classmethod
-    def from_hf(cls, cfg: dict, source: str = "config.json") -> LlamaConfig:
-        """Read a Hugging Face LLaMA config.json (transformers 4.x or 5.x field names); refuse what is not built here."""
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        unsupported = {
-            "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
-            "attention_bias": (cfg.get("attention_bias", False), False),
-            "mlp_bias": (cfg.get("mlp_bias", False), False),
-            "tie_word_embeddings": (cfg.get("tie_word_embeddings", False), False),
-            "rope type": (rope_type, "default"),
-        }
-        for name, (got, want) in unsupported.items():
-            if got != want:
-                raise ValueError(f"{source}: {name} = {got!r} is not supported (only {want!r})")
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        config = cls(hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
-                     num_attention_heads=cfg["num_attention_heads"],
-                     num_key_value_heads=cfg.get("num_key_value_heads"),
-                     intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                     rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                     max_position_embeddings=cfg.get("max_position_embeddings", 2048))
-        if cfg.get("head_dim") not in (None, config.head_dim):
-            raise ValueError(f"{source}: head_dim = {cfg['head_dim']} != hidden_size / num_attention_heads "
-                             f"= {config.head_dim} is not supported")
-        return config
-
-    def to_hf(self) -> dict:
-        return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **asdict(self))
-
-
-PRESETS = {
-    "vicuna-7b-v1.5": LlamaConfig(),
-    "vicuna-7b-v1.3": LlamaConfig(rms_norm_eps=1e-6, max_position_embeddings=2048),
-    "vicuna-7b-v1.1": LlamaConfig(rms_norm_eps=1e-6, max_position_embeddings=2048),
-}
-
 
 def rope_cos_sin(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """pos (B, L) -> cos, sin (B, 1, L, hd) in fp32; frequency i = theta^(-2i/hd), each repeated for both halves."""
@@ -118,17 +80,18 @@ class KVCache:
     """Preallocated keys and values for generation, plus what a decode step needs to know about each row.
 
     k[i], v[i]: (B, Hkv, T, hd) for layer i, allocated on first write in the dtype of the keys (bf16 under autocast);
-    valid: (B, T) bool, True where a real (not padding) token sits; pos: (B,) position id of the next token;
-    length: how many slots are filled.
+    valid: (B, T) bool, True where a real (not padding) token sits; padded: whether any prompt slot is padding (if
+    not, decode steps need no mask); pos: (B,) position id of the next token; length: how many slots are filled.
     """
 
-    def __init__(self, n_layers: int, valid: Tensor, pos: Tensor):
+    def __init__(self, n_layers: int, valid: Tensor, pos: Tensor, padded: bool):
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
-        self.valid, self.pos, self.length = valid, pos, 0
+        self.valid, self.pos, self.padded, self.length = valid, pos, padded, 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, L, hd) at slots [length, length + L); return all filled slots (B, Hkv, length + L, hd)."""
+        """Write k, v (B, Hkv, L, hd) at slots [length, length + L); return all filled slots
+        (B, Hkv, length + L, hd)."""
         if self.k[layer] is None:
             shape = (*k.shape[:2], self.valid.shape[1], k.shape[3])
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
@@ -150,8 +113,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
                 layer: int = 0) -> Tensor:
-        """x (B, L, d); cos, sin (B, 1, L, hd); mask (B, 1, L, S) bool (True: may attend) or None for plain causal
-        -> (B, L, d). With a cache, the new keys go in at slot cache.length and S = cache.length + L."""
+        """x (B, L, d); cos, sin (B, 1, L, hd); mask (B, 1, L, S) bool (True: may attend) or None -> (B, L, d).
+        With a cache, the new keys go in at slot cache.length and S = cache.length + L. mask None means causal
+        without padding: is_causal for a prompt (L = S), every key for a decode step (L = 1)."""
         B, L, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, L, self.n_heads, self.hd).transpose(1, 2), cos, sin)  # (B, H, L, hd)
         k = apply_rope(self.k_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2), cos, sin)  # (B, Hkv, L, hd)
@@ -161,7 +125,7 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:  # grouped-query attention: query head h reads key/value head h // (H / Hkv)
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, L, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1)  # (B, H, L, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_heads * self.hd))
 
 
@@ -190,14 +154,19 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _padding_mask(attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """attention_mask (B, L) of 0/1 -> (pos (B, L), mask (B, 1, L, L) bool): causal, padding keys hidden. A padding
-    query also sees itself, so that no row of the softmax is empty (an empty row would give NaN)."""
+def _positions(attention_mask: Tensor | None, batch: int, length: int, device) -> tuple[Tensor, Tensor | None]:
+    """attention_mask (B, L) of 0/1 or None -> (pos (B, L), mask (B, 1, L, L) bool or None).
+
+    Without padding: pos = 0 .. L-1 and no mask (attention then runs with is_causal=True). With (left) padding:
+    causal, padding keys hidden, and a padding query also sees itself, so that no row of the softmax is empty (an
+    empty row would give NaN).
+    """
+    if attention_mask is None or attention_mask.bool().all():
+        return torch.arange(length, device=device).expand(batch, length), None
     valid = attention_mask.bool()
-    L = valid.shape[1]
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
-    mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=valid.device)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    mask = (causal & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
     return pos, mask[:, None]
 
 
@@ -238,24 +207,15 @@ class LlamaLM(nn.Module):
                 x = block(x, cos, sin, mask, cache, i)
         return self.model.norm(x)
 
-    def _inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-        parts = [t for t in (inputs_embeds, None if input_ids is None else self.embed(input_ids)) if t is not None]
-        if not parts:
-            raise ValueError("give input_ids, inputs_embeds or both")
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, L) and/or inputs_embeds (B, P, d) (embeds first, then ids); attention_mask (B, P + L) with
         0 at padding, or None -> logits (B, P + L, V), fp32."""
-        x = self._inputs(input_ids, inputs_embeds)
+        x = sampling.join(self, input_ids, inputs_embeds)
         B, L, _ = x.shape
         self._check_length(L)
-        if attention_mask is None:
-            pos, mask = torch.arange(L, device=x.device).expand(B, L), None
-        else:
-            sampling.check_attention_mask(attention_mask, B, L)
-            pos, mask = _padding_mask(attention_mask)
+        sampling.check_attention_mask(attention_mask, B, L)
+        pos, mask = _positions(attention_mask, B, L, x.device)
         return self.lm_head(self._blocks(x, pos, mask)).float()
 
     # --- generation: the protocol of sampling.py ---------------------------------------------------------------
@@ -268,12 +228,10 @@ class LlamaLM(nn.Module):
         if max_length < L:
             raise ValueError(f"max_length {max_length} is shorter than the prompt ({L})")
         sampling.check_attention_mask(attention_mask, B, L, prompt=True)
-        if attention_mask is None:
-            attention_mask = torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
-        pos, mask = _padding_mask(attention_mask)
+        pos, mask = _positions(attention_mask, B, L, inputs_embeds.device)
         valid = torch.zeros(B, max_length, dtype=torch.bool, device=inputs_embeds.device)
-        valid[:, :L] = attention_mask.bool()
-        cache = KVCache(len(self.model.layers), valid, pos[:, -1] + 1)
+        valid[:, :L] = True if mask is None else attention_mask.bool()
+        cache = KVCache(len(self.model.layers), valid, pos[:, -1] + 1, padded=mask is not None)
         h = self._blocks(inputs_embeds, pos, mask, cache)
         cache.length = L
         return self.lm_head(h[:, -1]).float(), cache
@@ -283,86 +241,10 @@ class LlamaLM(nn.Module):
         if cache.length >= cache.valid.shape[1]:
             raise ValueError(f"the cache is full ({cache.length} positions)")
         cache.valid[:, cache.length] = True
-        mask = cache.valid[:, None, None, :cache.length + 1]  # (B, 1, 1, S)
+        mask = cache.valid[:, None, None, :cache.length + 1] if cache.padded else None  # (B, 1, 1, S)
         h = self._blocks(self.embed(token[:, None]), cache.pos[:, None], mask, cache)
         cache.length += 1
         cache.pos += 1
         return self.lm_head(h[:, -1]).float()
 
     generate = sampling.generate  # generate(input_ids, inputs_embeds, attention_mask, max_new_tokens, ...) -> (B, T)
-
-    # --- checkpoints --------------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> LlamaLM:
-        """Load a Hugging Face LLaMA checkpoint directory: config.json and model.safetensors, pytorch_model.bin or
-        their shards, read strictly by checkpoint.load_weights (missing, unexpected and mis-shaped keys raise, naming
-        the key and the file). dtype None keeps the stored dtype. Old checkpoints carry the RoPE buffer
-        `...rotary_emb.inv_freq`, which is not a parameter (computed here from rope_theta); it is ignored.
-        The result is in eval mode, its parameters trainable (freeze them yourself, or let lora.add_lora do it)."""
-        config_file = checkpoint.config_file(path, "a LLaMA checkpoint directory")
-        with open(config_file) as f:
-            config = LlamaConfig.from_hf(json.load(f), config_file)
-        with torch.device("meta"):
-            model = cls(config)
-        checkpoint.load_weights(model, path, dtype=dtype, device=device, skip=("rotary_emb.inv_freq",))
-        return model.eval()
-
-    def save_pretrained(self, path: str):
-        """Write config.json and model.safetensors in the Hugging Face format (transformers can load them)."""
-        checkpoint.save_weights(self.state_dict(), path, self.config.to_hf())
-
-
-class Tokenizer:
-    """The LLaMA sentencepiece tokenizer (`tokenizer.model`): unk 0, <s> 1, </s> 2; BOS is prepended by default."""
-
-    def __init__(self, model_file: str):
-        import sentencepiece as spm
-        if os.path.isdir(model_file):
-            model_file = os.path.join(model_file, "tokenizer.model")
-        if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"no sentencepiece tokenizer at {model_file}")
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
-        self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
-        self.vocab_size = self.sp.vocab_size()
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_token_id] * bos + self.sp.encode(text) + [self.eos_token_id] * eos
-
-    def decode(self, ids) -> str:
-        """Token ids (a list or a 1-D tensor) -> text; <s> and </s> give no text."""
-        return self.sp.decode([int(i) for i in ids])
-
-
-def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description="Generate text with a LLaMA / Vicuna checkpoint directory "
-                                            "(config.json, weights, tokenizer.model).")
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=400)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
-    p.add_argument("--temperature", type=float, default=sampling.PAPER_SAMPLING["temperature"])
-    p.add_argument("--top-k", type=int, default=sampling.PAPER_SAMPLING["top_k"])
-    p.add_argument("--top-p", type=float, default=sampling.PAPER_SAMPLING["top_p"])
-    p.add_argument("--repetition-penalty", type=float, default=sampling.PAPER_SAMPLING["repetition_penalty"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if not os.path.isdir(args.model):
-        p.error(f"--model {args.model}: not a directory")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    tokenizer = Tokenizer(os.path.join(args.model, "tokenizer.model"))
-    model = LlamaLM.from_pretrained(args.model, dtype=dtype, device=args.device).eval()
-    torch.manual_seed(args.seed)
-    ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id)
-    print(tokenizer.decode(out[0]))
-
-
-if __name__ == "__main__":
-    main()

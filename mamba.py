@@ -1,6 +1,6 @@
 """The Mamba language model (Mamba-2.8B, the paper's ssLALM LLM), built on the selective scan of scan.py.
 
-The language model (MambaLM; defaults = Mamba-2.8B), names as in the checkpoints:
+Glossary (names as in the checkpoints; defaults = Mamba-2.8B):
     d_model             the residual stream width (2560); D in the scan is d_inner
     d_inner             expand · d_model, the channels the SSM runs on (5120)
     in_proj             d_model -> [x, z], the SSM input and the gate, 2 · d_inner
@@ -13,19 +13,22 @@ The language model (MambaLM; defaults = Mamba-2.8B), names as in the checkpoints
     conv_state          the last d_conv inputs of the conv, per layer           (batch, d_inner, d_conv)
     ssm_state           h_t, per layer                                           (batch, d_inner, N)
 
-Where it differs from the official code: the residual stream is always fp32 and the RMSNorm multiplies by its
-weight in fp32 before casting (mamba_ssm's fused kernel does the same; transformers casts first); the
-depthwise conv is plain PyTorch (no causal-conv1d kernel); left padding is masked by zeroing the conv's input
-and output (transformers zeroes the mixer input, the same thing when in_proj has no bias). On CUDA, a decode
-step is recorded once per generation as a CUDA graph and replayed (`_GraphedDecode`; `cuda_graph = False` turns it
-off), as gpt-fast does with torch.compile: at batch 1 the launches, not the arithmetic, would set the pace.
+A block is r <- r + out_proj(scan(silu(conv(x)), Δ, A, B, C, D) · silu(z)) with [x, z] = in_proj(RMSNorm(r)):
+eqs. (3)-(6) of the paper with Δ, B, C computed from x (`MambaMixer._ssm_inputs`). Generation (sampling.py) runs
+the prompt once (`prefill`), then one token at a time (`decode_step`) from a cache whose size does not grow.
+
+Written here rather than imported from mamba_ssm: that package is CUDA-only compiled code (it does not run on a
+CPU), and its fused kernels hide the equations. Where this code differs from it: the residual stream is always
+fp32 and the RMSNorm multiplies by its weight in fp32 before casting (mamba_ssm's fused kernel does the same;
+transformers casts first); the depthwise conv is plain PyTorch (no causal-conv1d kernel); left padding is masked by
+zeroing the conv's input and output (transformers zeroes the mixer input, the same thing when in_proj has no
+bias). On CUDA, the decode step of each batch size is recorded once as a CUDA graph and replayed (`cuda_graph`), as
+gpt-fast does with torch.compile: at batch 1 the ~15 kernel launches per layer, not the arithmetic, set the pace.
+Checkpoint formats and the tokenizer are in weights.py.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -33,16 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import checkpoint
 import sampling
-from scan import selective_scan, selective_state_update
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The Mamba language model (state-spaces/mamba-*): config, blocks, decode cache, checkpoints, tokenizer, CLI
-# ----------------------------------------------------------------------------------------------------------------
-
-_PRESETS = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
+from scan import init_A_and_delta_bias, selective_scan, selective_state_update
 
 
 @dataclass
@@ -74,67 +69,6 @@ class MambaConfig:
     def d_inner(self) -> int:
         return self.expand * self.d_model
 
-    @classmethod
-    def preset(cls, name: str) -> "MambaConfig":
-        """The public sizes: "130m", "370m", "790m", "1.4b", "2.8b"."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown Mamba size {name!r}; choose one of {list(_PRESETS)}")
-        d_model, n_layer = _PRESETS[name]
-        return cls(d_model=d_model, n_layer=n_layer)
-
-    @classmethod
-    def from_json(cls, path: str) -> "MambaConfig":
-        """Read config.json in either format: HF (hidden_size, num_hidden_layers, ...) or mamba_ssm (d_model, ...)."""
-        with open(path) as f:
-            c = json.load(f)
-        if "hidden_size" in c:  # transformers' MambaConfig
-            checks = {"tie_word_embeddings": True, "hidden_act": "silu"}
-            d, expand = c["hidden_size"], c.get("expand", 2)
-            if c.get("intermediate_size", expand * d) != expand * d:
-                raise ValueError(f"{path}: intermediate_size {c['intermediate_size']} != expand {expand} × "
-                                 f"hidden_size {d}")
-            rank = c.get("time_step_rank", "auto")
-            cfg = cls(d_model=d, n_layer=c["num_hidden_layers"], vocab_size=c["vocab_size"],
-                      d_state=c.get("state_size", 16), expand=expand, d_conv=c.get("conv_kernel", 4),
-                      dt_rank=0 if rank == "auto" else rank, rms_norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                      pad_vocab_size_multiple=1, conv_bias=c.get("use_conv_bias", True),
-                      bias=c.get("use_bias", False), dt_min=c.get("time_step_min", 0.001),
-                      dt_max=c.get("time_step_max", 0.1), dt_init_floor=c.get("time_step_floor", 1e-4))
-        elif "d_model" in c:  # mamba_ssm's MambaConfig
-            checks = {"rms_norm": True, "tie_embeddings": True, "d_intermediate": 0, "attn_layer_idx": []}
-            ssm = dict(c.get("ssm_cfg") or {})
-            if ssm.pop("layer", "Mamba1") != "Mamba1":
-                raise ValueError(f"{path}: only Mamba-1 layers are supported; ssm_cfg is {c['ssm_cfg']}")
-            known = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "dt_min", "dt_max",
-                     "dt_init_floor", "dt_init", "dt_scale", "use_fast_path"}
-            if set(ssm) - known:
-                raise ValueError(f"{path}: unsupported ssm_cfg entries {sorted(set(ssm) - known)}")
-            cfg = cls(d_model=c["d_model"], n_layer=c["n_layer"], vocab_size=c["vocab_size"],
-                      d_state=ssm.get("d_state", 16), expand=ssm.get("expand", 2), d_conv=ssm.get("d_conv", 4),
-                      dt_rank=0 if ssm.get("dt_rank", "auto") == "auto" else ssm["dt_rank"],
-                      rms_norm_eps=c.get("norm_epsilon", 1e-5),
-                      pad_vocab_size_multiple=c.get("pad_vocab_size_multiple", 8),
-                      conv_bias=ssm.get("conv_bias", True), bias=ssm.get("bias", False),
-                      dt_min=ssm.get("dt_min", 0.001), dt_max=ssm.get("dt_max", 0.1),
-                      dt_init_floor=ssm.get("dt_init_floor", 1e-4))
-        else:
-            raise ValueError(f"{path}: neither an HF Mamba config (hidden_size, ...) nor a mamba_ssm one "
-                             f"(d_model, ...)")
-        for key, want in checks.items():
-            if c.get(key) not in (None, want):
-                raise ValueError(f"{path}: {key} = {c[key]!r} is not supported (need {want!r})")
-        return cfg
-
-    def to_hf_dict(self) -> dict:
-        """config.json in transformers' MambaConfig field names (what MambaForCausalLM.from_pretrained reads)."""
-        return dict(architectures=["MambaForCausalLM"], model_type="mamba", hidden_size=self.d_model,
-                    intermediate_size=self.d_inner, expand=self.expand, state_size=self.d_state,
-                    num_hidden_layers=self.n_layer, vocab_size=self.vocab_size, conv_kernel=self.d_conv,
-                    time_step_rank=self.dt_rank, layer_norm_epsilon=self.rms_norm_eps, use_bias=self.bias,
-                    use_conv_bias=self.conv_bias, hidden_act="silu", residual_in_fp32=True,
-                    tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                    time_step_min=self.dt_min, time_step_max=self.dt_max, time_step_floor=self.dt_init_floor)
-
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · weight, normalised in fp32 (both LLMs of the paper use it).
@@ -163,7 +97,6 @@ class MambaMixer(nn.Module):
     Parameter names are the checkpoints' (backbone.layers.{i}.mixer.*). A_log and D stay fp32 when the rest of the
     model is loaded in bf16/fp16, as in mamba_ssm.
     """
-    backend: str | None = None  # scan backend passed to selective_scan / selective_state_update (None: automatic)
 
     def __init__(self, cfg: MambaConfig):
         super().__init__()
@@ -204,7 +137,7 @@ class MambaMixer(nn.Module):
         y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2).contiguous(),
                            C.transpose(1, 2).contiguous(), self.D.float(), z=z,
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,  # Δ = softplus(dt_proj(.))
-                           return_last_state=ssm_state is not None, backend=self.backend)  # eqs. (3)-(6), gate
+                           return_last_state=ssm_state is not None)        # eqs. (3)-(6), then the gate
         if ssm_state is not None:
             y, last = y
             ssm_state.copy_(last)
@@ -223,8 +156,7 @@ class MambaMixer(nn.Module):
         delta, B, C = self._ssm_inputs(x)                                    # (B, d_inner), (B, N), (B, N)
         A = -torch.exp(self.A_log.float())
         y = selective_state_update(ssm_state, x, delta, A, B, C, self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
-                                   backend=self.backend)                     # eqs. (3)-(6) at one t
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)  # eqs. (3)-(6) at one t
         return self.out_proj(y)
 
 
@@ -244,11 +176,11 @@ class MambaBlock(nn.Module):
 
 @dataclass
 class MambaCache:
-    """The decoding state of every layer, allocated once: its size does not depend on the sequence length."""
+    """The decoding state of every layer: its size does not depend on the sequence length."""
     conv: Tensor  # (n_layer, B, d_inner, d_conv) the last d_conv inputs of each layer's conv, model dtype
     ssm: Tensor   # (n_layer, B, d_inner, N) h_t of eq. (5), fp32
     length: int = 0  # positions consumed
-    graph: "_GraphedDecode | None" = None  # the decode step recorded as a CUDA graph for this cache
+    graph: "_GraphedDecode | None" = None  # the CUDA graph whose buffers conv and ssm now are
 
     @classmethod
     def allocate(cls, cfg: MambaConfig, batch: int, dtype: torch.dtype, device) -> "MambaCache":
@@ -257,25 +189,35 @@ class MambaCache:
 
 
 class _GraphedDecode:
-    """`MambaLM.decode_step` recorded once as a CUDA graph and replayed for every token. At batch 1 the ~15 kernel
-    launches per layer cost more than their work; a replay is one launch. The graph reads the token from a fixed
-    buffer, steps the cache in place and writes the logits into a fixed buffer (valid until the next replay)."""
+    """`MambaLM._step` for one batch size, recorded once as a CUDA graph and replayed for every token of every
+    generation: a replay is one launch instead of ~15 per layer. The graph reads the token from a fixed buffer,
+    steps its own cache buffers in place and writes the logits into a fixed buffer (valid until the next replay).
+    A generation's cache moves into those buffers when it first decodes (`bind`)."""
 
-    def __init__(self, model: "MambaLM", cache: MambaCache, batch: int):
-        self.token = torch.zeros(batch, dtype=torch.long, device=cache.ssm.device)
-        saved = cache.conv.clone(), cache.ssm.clone()
-        try:
-            side = torch.cuda.Stream(device=cache.ssm.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph: Triton compiles, cuBLAS gets its workspace
-                model._step(self.token, cache)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # recorded, not run
-                self.logits = model._step(self.token, cache)
-        finally:
-            cache.conv.copy_(saved[0])  # undo the warm-up's step
-            cache.ssm.copy_(saved[1])
+    def __init__(self, model: "MambaLM", cache: MambaCache, key: tuple):
+        if not cache.ssm.is_cuda or torch.is_grad_enabled():
+            raise RuntimeError("a CUDA graph needs CUDA tensors and torch.no_grad()")
+        self.key, self.owner = key, None
+        self.cache = MambaCache.allocate(model.config, cache.ssm.shape[1], cache.conv.dtype, cache.ssm.device)
+        self.token = torch.zeros(cache.ssm.shape[1], dtype=torch.long, device=cache.ssm.device)
+        side = torch.cuda.Stream(device=cache.ssm.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: Triton compiles, cuBLAS gets its workspace
+            model._step(self.token, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # recorded, not run
+            self.logits = model._step(self.token, self.cache)
+
+    def bind(self, cache: MambaCache) -> None:
+        """Make cache's state the graph's: copied into its buffers, which cache then uses. A cache bound before
+        gets its own copy back, so two generations of one batch size never share a state."""
+        if self.owner is not None and self.owner is not cache:
+            old = self.owner
+            old.conv, old.ssm, old.graph = old.conv.clone(), old.ssm.clone(), None
+        self.cache.conv.copy_(cache.conv)
+        self.cache.ssm.copy_(cache.ssm)
+        cache.conv, cache.ssm, cache.graph, self.owner = self.cache.conv, self.cache.ssm, self, cache
 
     def __call__(self, token: Tensor) -> Tensor:
         self.token.copy_(token)
@@ -288,6 +230,10 @@ class MambaLM(nn.Module):
 
     state_dict keys are exactly those of transformers' MambaForCausalLM (backbone.embeddings.weight, ...), without
     lm_head.weight: the head is the embedding matrix itself.
+
+    cuda_graph: True (default) replays a CUDA graph per batch size for decode steps on CUDA, and falls back to
+    eager steps with a warning if recording fails; "require" raises instead (for benchmarks: a number measured
+    without the graph must not pass for one measured with it); False always steps eagerly.
     """
 
     def __init__(self, config: MambaConfig):
@@ -295,7 +241,8 @@ class MambaLM(nn.Module):
         self.config = config
         self.hidden_size = config.d_model
         self.gradient_checkpointing = False  # recompute each block in backward (long prefixes in training)
-        self.cuda_graph = True  # decode steps on CUDA replay a CUDA graph (False: launch every kernel each step)
+        self.cuda_graph: bool | str = True
+        self._graphs: dict[tuple, _GraphedDecode] = {}  # batch size, dtype, device -> the recorded decode step
         self.backbone = nn.ModuleDict(dict(
             embeddings=nn.Embedding(config.vocab_size, config.d_model),
             layers=nn.ModuleList(MambaBlock(config) for _ in range(config.n_layer)),
@@ -307,29 +254,22 @@ class MambaLM(nn.Module):
         """mamba_ssm's initialisation, for training from scratch.
 
         Embedding N(0, 0.02²); in_proj, x_proj, conv1d: PyTorch's defaults; out_proj: PyTorch's default scaled by
-        1/sqrt(n_layer) (GPT-2's residual rescaling); Linear biases 0; dt_proj.weight U(±dt_rank^-0.5);
-        dt_proj.bias = softplus⁻¹(Δ) with Δ log-uniform in [dt_min, dt_max] (floored at dt_init_floor), so that
-        Δ starts in that range; A = -(1, 2, ..., N) in every channel (S4D-real); D = 1; norm weights 1.
+        1/sqrt(n_layer) (GPT-2's residual rescaling); Linear biases 0; dt_proj.weight U(±dt_rank^-0.5); A and
+        dt_proj.bias: `scan.init_A_and_delta_bias` (A = -(1, ..., N), Δ log-uniform in [dt_min, dt_max]); D = 1;
+        norm weights 1.
         """
         cfg = self.config
         nn.init.normal_(self.backbone.embeddings.weight, std=cfg.initializer_range)
         for block in self.backbone.layers:
             m = block.mixer
-            m.in_proj.reset_parameters()
-            m.x_proj.reset_parameters()
-            m.conv1d.reset_parameters()
-            m.out_proj.reset_parameters()
+            for layer in (m.in_proj, m.x_proj, m.conv1d, m.out_proj):
+                layer.reset_parameters()
             m.out_proj.weight /= math.sqrt(cfg.n_layer)
             for lin in (m.in_proj, m.out_proj):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
             nn.init.uniform_(m.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
-            log_dt = torch.empty(cfg.d_inner, device=m.A_log.device).uniform_(math.log(cfg.dt_min),
-                                                                               math.log(cfg.dt_max))
-            dt = log_dt.exp().clamp(min=cfg.dt_init_floor)
-            m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(Δ) = Δ + log(1 - e^-Δ)
-            m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32, device=m.A_log.device))
-                          .expand(cfg.d_inner, -1))
+            init_A_and_delta_bias(m.A_log, m.dt_proj.bias, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
             nn.init.ones_(m.D)
             nn.init.ones_(block.norm.weight)
         nn.init.ones_(self.backbone.norm_f.weight)
@@ -344,13 +284,6 @@ class MambaLM(nn.Module):
         """Final residual (..., d_model) -> logits (..., V) fp32, through norm_f and the tied embedding."""
         return F.linear(self.backbone.norm_f(hidden), self.backbone.embeddings.weight).float()
 
-    def _prompt(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-        parts = ([inputs_embeds] if inputs_embeds is not None else []) + \
-                ([self.embed(input_ids)] if input_ids is not None else [])
-        if not parts:
-            raise ValueError("pass input_ids, inputs_embeds or both")
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, L) and/or inputs_embeds (B, P, d_model) -> logits (B, P + L, V) fp32.
@@ -359,7 +292,7 @@ class MambaLM(nn.Module):
         attention_mask (B, P + L): 1 at real positions, 0 at padding (left padding for prompts; right padding in
         training batches only affects the padded positions themselves).
         """
-        residual = self._prompt(input_ids, inputs_embeds).float()
+        residual = sampling.join(self, input_ids, inputs_embeds).float()
         sampling.check_attention_mask(attention_mask, *residual.shape[:2])
         for block in self.backbone.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -388,17 +321,34 @@ class MambaLM(nn.Module):
 
     def decode_step(self, token: Tensor, cache: MambaCache) -> Tensor:
         """token (B,) -> logits (B, V) for the position after it; cache advances by one position in place.
-        On CUDA (with self.cuda_graph) the step is a CUDA graph recorded at the first call for this cache; the
-        logits it returns are then overwritten by the next step."""
-        if cache.graph is None and token.is_cuda and self.cuda_graph and not torch.is_grad_enabled():
-            try:
-                cache.graph = _GraphedDecode(self, cache, token.shape[0])
-            except RuntimeError as e:  # e.g. a kernel that cannot be captured: say so, and step eagerly
-                warnings.warn(f"decoding without a CUDA graph: recording the decode step failed ({e})")
-                self.cuda_graph = False
-        logits = cache.graph(token) if cache.graph is not None else self._step(token, cache)
+        With a CUDA graph (see `cuda_graph`) the logits returned are overwritten by the next step."""
+        graph = cache.graph or self._graph(token, cache)
+        logits = graph(token) if graph is not None else self._step(token, cache)
         cache.length += 1
         return logits
+
+    def _graph(self, token: Tensor, cache: MambaCache) -> _GraphedDecode | None:
+        """The recorded decode step for cache's batch size (recorded now if there is none, or if the parameters
+        or the modules' state have changed since), bound to cache; None to step eagerly."""
+        if not (self.cuda_graph == "require" or (self.cuda_graph and token.is_cuda and not torch.is_grad_enabled())):
+            return None
+        # what the recording depends on: the batch size, the cache's dtype and device, where each parameter lives,
+        # and the Python-side state of the modules (train/eval, LoRA merged or not)
+        key = (token.shape[0], cache.conv.dtype, token.device,
+               tuple(p.data_ptr() for p in self.parameters()),
+               tuple((m.training, getattr(m, "merged", None)) for m in self.modules()))
+        graph = self._graphs.get(key[:3])
+        if graph is None or graph.key != key:
+            try:
+                graph = self._graphs[key[:3]] = _GraphedDecode(self, cache, key)
+            except RuntimeError as e:
+                if self.cuda_graph == "require":
+                    raise RuntimeError(f"cuda_graph='require': recording the decode step failed ({e})") from e
+                warnings.warn(f"decoding without a CUDA graph: recording the decode step failed ({e})")
+                self.cuda_graph = False
+                return None
+        graph.bind(cache)
+        return graph
 
     def _step(self, token: Tensor, cache: MambaCache) -> Tensor:
         residual = self.embed(token).float()                                 # (B, d_model)
@@ -407,102 +357,3 @@ class MambaLM(nn.Module):
         return self._logits(residual)
 
     generate = sampling.generate  # generate(input_ids, inputs_embeds, attention_mask, max_new_tokens, ...) -> (B, T)
-
-    # -- checkpoints -----------------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "MambaLM":
-        """Load a Mamba checkpoint folder: HF format (state-spaces/mamba-2.8b-hf) or mamba_ssm's (mamba-2.8b).
-
-        Weights: model.safetensors, pytorch_model.bin or their shards, read strictly by checkpoint.load_weights
-        (a missing, unexpected or mis-shaped key raises an error naming the key and the file). dtype: None keeps
-        the stored dtype, otherwise every tensor is cast to it except A_log and D, which stay fp32 (as mamba_ssm
-        keeps them). lm_head.weight may be absent; if present it must equal the embedding (the head is tied), else
-        it is an error. The result is in eval mode, parameters trainable (freeze them yourself).
-        """
-        config = MambaConfig.from_json(checkpoint.config_file(path, "a Mamba checkpoint folder"))
-        with torch.device("meta"):
-            model = cls(config)
-        extra = checkpoint.load_weights(model, path, dtype=dtype, device=device,
-                                        rename={"backbone.embedding.": "backbone.embeddings."},  # mamba_ssm -> HF
-                                        fp32=(".A_log", ".D"), aside=("lm_head.weight",))
-        if "lm_head.weight" in extra:
-            file, head = extra["lm_head.weight"]
-            emb = model.backbone.embeddings.weight
-            if head.shape != emb.shape or not torch.equal(head.to(emb.device, emb.dtype), emb):
-                raise ValueError(f"{file}: 'lm_head.weight' differs from the embedding; this model ties them")
-        return model.eval()
-
-    def save_pretrained(self, path: str):
-        """Write the HF format: config.json (transformers' field names) and model.safetensors."""
-        config = self.config.to_hf_dict()
-        config["dtype"] = str(self.backbone.embeddings.weight.dtype).removeprefix("torch.")
-        checkpoint.save_weights(self.state_dict(), path, config)
-
-
-class MambaTokenizer:
-    """GPT-NeoX's byte-level BPE, read from the tokenizer.json that ships with the Mamba checkpoints.
-
-    encode adds no BOS (Mamba was trained without one); <|endoftext|> (id 0) is the end-of-sequence token.
-    """
-
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no tokenizer.json (the GPT-NeoX-20B tokenizer that ships with "
-                                    f"state-spaces/mamba-*-hf; copy it next to the weights)")
-        self.tokenizer = Tokenizer.from_file(file)
-        self.eos_token_id = self.tokenizer.token_to_id("<|endoftext|>")
-        if self.eos_token_id is None:
-            raise ValueError(f"{file}: the vocabulary has no <|endoftext|> token")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-
-def main(argv: list[str] | None = None) -> str:
-    """Command line: generate a continuation of --prompt with the Mamba checkpoint in --model; prints and returns it."""
-    p = argparse.ArgumentParser(description="Generate text with a Mamba language model checkpoint.")
-    p.add_argument("--model", required=True, help="folder with config.json, the weights and tokenizer.json")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    paper = sampling.PAPER_SAMPLING
-    p.add_argument("--temperature", type=float, default=paper["temperature"])
-    p.add_argument("--top-k", type=int, default=paper["top_k"])
-    p.add_argument("--top-p", type=float, default=paper["top_p"])
-    p.add_argument("--repetition-penalty", type=float, default=paper["repetition_penalty"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if not os.path.isdir(args.model):
-        raise SystemExit(f"--model {args.model}: not a folder")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    try:
-        tokenizer = MambaTokenizer(args.model)
-        model = MambaLM.from_pretrained(args.model, dtype=dtype, device=args.device)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
-    ids = torch.tensor([tokenizer.encode(args.prompt)], device=args.device)
-    if ids.numel() == 0:
-        raise SystemExit("--prompt is empty")
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    new = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
-                         generator=generator)[0].tolist()
-    if tokenizer.eos_token_id in new:
-        new = new[:new.index(tokenizer.eos_token_id)]
-    text = tokenizer.decode(new)
-    print(args.prompt + text)
-    return text
-
-
-if __name__ == "__main__":
-    main()

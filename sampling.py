@@ -3,6 +3,7 @@
 The paper (§III-D) generates with temperature 0.1, top-k 500, top-p 0.95 and a repetition penalty of 1.1
 (`PAPER_SAMPLING`). The logit processing follows the order and the definitions of Hugging Face transformers'
 `generate`, so that greedy decoding gives the same tokens: repetition penalty, then temperature, top-k, top-p.
+Written here because transformers' `generate` drives its own model classes and caches, not ours.
 
 A model takes part by providing three methods:
     embed(input_ids (B, L)) -> (B, L, d)
@@ -10,6 +11,8 @@ A model takes part by providing three methods:
         (B, V), cache); the cache has room for max_length positions in all; the mask is checked with
         `check_attention_mask(..., prompt=True)`
     decode_step(token (B,), cache) -> logits (B, V), advancing the cache by one position in place
+A prompt may start with embeddings that are not tokens (the audio tokens of Fig. 1): `join` puts them before the
+text's embeddings, and `left_pad` batches prompts of different lengths.
 """
 from __future__ import annotations
 
@@ -17,6 +20,35 @@ import torch
 from torch import Tensor
 
 PAPER_SAMPLING = dict(do_sample=True, temperature=0.1, top_k=500, top_p=0.95, repetition_penalty=1.1)
+MAX_NEW_TOKENS = 400  # LTU's answer length, which the paper's evaluation follows
+
+
+def join(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+    """The sequence a language model reads: inputs_embeds (B, P, d) (the audio tokens), then the embeddings of
+    input_ids (B, L) -> (B, P + L, d) in the embeddings' dtype. Either may be absent, not both."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("pass input_ids, inputs_embeds or both")
+    if input_ids is None:
+        return inputs_embeds
+    text = model.embed(input_ids)
+    return text if inputs_embeds is None else torch.cat([inputs_embeds.to(text.dtype), text], dim=1)
+
+
+def left_pad(rows: list[Tensor], seen: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompts of different lengths as one batch, aligned on the right so that every row's last position is real.
+
+    rows[i]: (L_i, d) embeddings; seen[i]: the row's token ids (for the repetition penalty). Returns embeds
+    (B, max L_i, d) with zeros before each row, attention_mask (B, max L_i) with 0 there, and seen (B, max len)
+    with -1 (no token) before each row's ids.
+    """
+    width, device = max(r.shape[0] for r in rows), rows[0].device
+    embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    ids = torch.full((len(rows), max(map(len, seen))), -1, dtype=torch.long, device=device)
+    for i, (row, s) in enumerate(zip(rows, seen)):
+        embeds[i, width - row.shape[0]:], mask[i, width - row.shape[0]:] = row, 1
+        ids[i, ids.shape[1] - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
+    return embeds, mask, ids
 
 
 def check_attention_mask(attention_mask: Tensor | None, batch: int, length: int, prompt: bool = False) -> None:
@@ -85,14 +117,7 @@ def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | Non
     produced eos_token_id is finished: it gets pad_token_id (default: the EOS) from then on, and generation stops
     when every row has finished.
     """
-    parts = []
-    if inputs_embeds is not None:
-        parts.append(inputs_embeds)
-    if input_ids is not None:
-        parts.append(model.embed(input_ids))
-    if not parts:
-        raise ValueError("generate needs input_ids, inputs_embeds or both")
-    embeds = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    embeds = join(model, input_ids, inputs_embeds)
     batch, length = embeds.shape[:2]
     logits, cache = model.prefill(embeds, attention_mask, length + max_new_tokens)
     seen = seen_ids if seen_ids is not None else input_ids

@@ -274,3 +274,20 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     state.copy_(dA * state + dBx)                             # eq. (5)
     y = (state.to(dt.dtype) * C[..., 0]).sum(-1)              # eq. (6)   (batch, D)
     return _finish(y, x, D, z)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initialising A and Δ for training from scratch (Mamba's defaults; DASS/VMamba use the same)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def init_A_and_delta_bias(A_log: Tensor, delta_bias: Tensor, dt_min: float = 1e-3, dt_max: float = 0.1,
+                          dt_floor: float = 1e-4) -> None:
+    """Set, in place, A_log (..., N) so that A = -exp(A_log) = -(1, 2, ..., N) in every channel (S4D-real), and
+    delta_bias (any shape) so that Δ = softplus(delta_bias) starts log-uniform in [dt_min, dt_max], floored at
+    dt_floor: delta_bias = softplus⁻¹(Δ) = Δ + log(1 - e^-Δ)."""
+    n = torch.arange(1, A_log.shape[-1] + 1, dtype=torch.float32, device=A_log.device)
+    A_log.copy_(torch.log(n).expand(A_log.shape))
+    log_dt = torch.empty(delta_bias.shape, device=delta_bias.device).uniform_(math.log(dt_min), math.log(dt_max))
+    dt = log_dt.exp().clamp(min=dt_floor)
+    delta_bias.copy_(dt + torch.log(-torch.expm1(-dt)))

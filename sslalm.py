@@ -18,47 +18,24 @@ only the response with `response_only_loss`; the text is cut at 108 tokens; audi
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import audio
 import lora
 import sampling
 from dass import DASS, DASSConfig
+from llama import LlamaConfig, LlamaLM
+from mamba import MambaConfig, MambaLM
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"  # LTU's alpaca_short template
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"  # when `input` is set
 IGNORE_INDEX = -100
-WHERE_TO_GET = {
-    "mamba": "the Mamba-2.8B checkpoint: download the Hugging Face repository state-spaces/mamba-2.8b-hf "
-             "(or state-spaces/mamba-2.8b) into a folder, e.g. `huggingface-cli download state-spaces/mamba-2.8b-hf "
-             "--local-dir weights/mamba-2.8b-hf`, and pass that folder",
-    "llama": "the Vicuna-7B checkpoint: download the Hugging Face repository lmsys/vicuna-7b-v1.5 into a folder, "
-             "e.g. `huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir weights/vicuna-7b-v1.5`, and pass "
-             "that folder",
-    "dass": "a DASS checkpoint: download DASS_small.pth or DASS_medium.pth (AudioSet-2M) from the DASS "
-            "repository's releases (github.com/Saurabhbhati/DASS) and pass the file",
-}
-
-
-def _llm_module(llm: str):
-    if llm == "mamba":
-        import mamba
-        return mamba.MambaLM, mamba.MambaConfig
-    if llm == "llama":
-        import llama
-        return llama.LlamaLM, llama.LlamaConfig
-    raise ValueError(f"unknown LLM {llm!r}: use 'mamba' (the ssLALM) or 'llama' (the hybrid LALM)")
+LLMS = {"mamba": (MambaLM, MambaConfig), "llama": (LlamaLM, LlamaConfig)}  # the ssLALM, the hybrid LALM
 
 
 @dataclass
@@ -75,19 +52,22 @@ class SSLALMConfig:
     llm_weights: str | None = None          # folder of the pretrained LLM (HF or original format)
     dass_weights: str | None = None         # DASS checkpoint (.pth with module.v. keys, or safetensors)
     tokenizer: str | None = None            # tokenizer.json / tokenizer.model; default: found in llm_weights
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora_r: int = lora.PAPER_LORA["r"]
+    lora_alpha: float = lora.PAPER_LORA["alpha"]
+    lora_dropout: float = lora.PAPER_LORA["dropout"]
     lora_targets: tuple[str, ...] = ()      # empty = the paper's: LLaMA q_proj + k_proj, Mamba in_proj
     audio_frames: int = audio.DASS_FRAMES   # fbank frames per training clip (pad/crop): 1024 -> 32 tokens
     text_cutoff: int = 108                  # text tokens kept (LTU's cutoff); audio tokens come on top
     response_only_loss: bool = False        # False: loss on instruction and response, as LTU and the paper
 
+    def __post_init__(self):
+        if self.llm not in LLMS:
+            raise ValueError(f"unknown LLM {self.llm!r}: use 'mamba' (the ssLALM) or 'llama' (the hybrid LALM)")
+
     @classmethod
     def paper(cls, size: str = "small", llm: str = "mamba", **kw) -> "SSLALMConfig":
         if size not in ("small", "medium"):
             raise ValueError(f"unknown DASS size {size!r}: the paper has 'small' and 'medium'")
-        _llm_module(llm)
         return cls(size=size, llm=llm, **kw)
 
     def dass_config(self) -> DASSConfig:
@@ -99,9 +79,6 @@ class SSLALMConfig:
 
     def targets(self) -> tuple[str, ...]:
         return tuple(self.lora_targets) or lora.PAPER_TARGETS[self.llm]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SSLALMConfig":
@@ -115,12 +92,15 @@ class SSLALMConfig:
 
 
 class SSLALM(nn.Module):
+    """Fig. 1: DASS -> conv + linear projector -> audio tokens prefixed to the prompt -> the LLM with LoRA.
+    Building from pretrained parts and checkpoints: checkpoint.py."""
+
     def __init__(self, config: SSLALMConfig, dass: DASS | None = None, llm: nn.Module | None = None,
                  tokenizer=None):
         """Assemble the model of Fig. 1 from its parts; parts left out are built with random weights."""
         super().__init__()
         self.config = config
-        LM, LMConfig = _llm_module(config.llm)
+        LM, LMConfig = LLMS[config.llm]
         self.dass = dass if dass is not None else DASS(config.dass_config())
         if "head" in self.dass.classifier:  # the LALM uses DASS "with the classification layer removed" (§III-B)
             del self.dass.classifier["head"]
@@ -133,29 +113,6 @@ class SSLALM(nn.Module):
         lora.add_lora(self.llm, targets=config.targets(), r=config.lora_r, alpha=config.lora_alpha,
                       dropout=config.lora_dropout)
         self.tokenizer = tokenizer
-
-    # ---- building ------------------------------------------------------------------------------------------
-    @classmethod
-    def build(cls, config: SSLALMConfig, device=None, dtype: torch.dtype | None = None,
-              load_dass: bool = True) -> "SSLALM":
-        """Build from pretrained parts: DASS from config.dass_weights, the LLM (in `dtype`) and its tokenizer from
-        config.llm_weights. A missing path is an error that says what to download and where."""
-        LM, _ = _llm_module(config.llm)
-        if not config.llm_weights:
-            raise FileNotFoundError(f"no LLM weights given: pass --llm-weights, {WHERE_TO_GET[config.llm]}")
-        if not Path(config.llm_weights).is_dir():
-            raise FileNotFoundError(f"LLM weights folder {config.llm_weights} not found: {WHERE_TO_GET[config.llm]}")
-        dass = None
-        if load_dass and config.dass_weights:
-            if not Path(config.dass_weights).is_file():
-                raise FileNotFoundError(f"DASS weights {config.dass_weights} not found: {WHERE_TO_GET['dass']}")
-            dass = DASS.from_pretrained(config.dass_weights, config=config.dass_config())
-        elif load_dass:
-            raise FileNotFoundError(f"no DASS weights given: pass --dass-weights, {WHERE_TO_GET['dass']}")
-        llm = LM.from_pretrained(config.llm_weights, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(config)
-        model = cls(config, dass=dass, llm=llm, tokenizer=tokenizer)
-        return model.to(device) if device is not None else model
 
     # ---- Fig. 1 --------------------------------------------------------------------------------------------
     def audio_tokens(self, fbank: Tensor) -> Tensor:
@@ -173,8 +130,7 @@ class SSLALM(nn.Module):
         attention_mask is accepted for symmetry with the data: right padding needs no mask in a causal model.
         """
         audio_emb = self.audio_tokens(fbank)                            # (B, n, d)
-        text_emb = self.llm.embed(input_ids)                            # (B, L, d)
-        embeds = torch.cat([audio_emb.to(text_emb.dtype), text_emb], 1)  # audio prefix, then the prompt
+        embeds = sampling.join(self.llm, input_ids, audio_emb)          # audio prefix, then the prompt (B, n + L, d)
         logits = self.llm(inputs_embeds=embeds)                         # (B, n + L, V)
         # Only text positions make predictions (as in LTU): text position i predicts text token i + 1, so the audio
         # positions have neither logits nor labels, and the first text token is given, not predicted.
@@ -225,42 +181,6 @@ class SSLALM(nn.Module):
         keep = {id(p) for part in self.PARTS for p in self.part_parameters(part)}
         return {n: p.detach() for n, p in self.named_parameters() if id(p) in keep}
 
-    def load_trainable_state_dict(self, sd: dict[str, Tensor], source: str = "checkpoint") -> None:
-        own = dict(self.named_parameters())
-        expected = set(self.trainable_state_dict())
-        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        if missing or unexpected:
-            raise ValueError(f"{source} does not match this model: missing {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                             f"{' ...' if len(unexpected) > 5 else ''} (was it trained with another size or LLM?)")
-        for name, value in sd.items():
-            if value.shape != own[name].shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(own[name].shape)}")
-            with torch.no_grad():
-                own[name].copy_(value)
-
-    def save_checkpoint(self, path: str | os.PathLike, home: str | os.PathLike | None = None) -> None:
-        """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is.
-
-        The config names the base weights by absolute path, or relative to the checkpoint's folder when they lie
-        inside it (then the folder can be moved as a whole). That folder is `path`, or `home` if the files are
-        written elsewhere first and moved there."""
-        path = Path(path)
-        home = Path(home or path).resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / "model.safetensors.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}, str(tmp))
-        os.replace(tmp, path / "model.safetensors")
-        config = self.config.to_dict()
-        for key in ("llm_weights", "dass_weights", "tokenizer"):
-            if config[key]:
-                where = Path(config[key]).resolve()
-                config[key] = where.relative_to(home).as_posix() if where.is_relative_to(home) else str(where)
-        meta = {"sslalm": config, "llm_fingerprint": llm_fingerprint(self.llm)}
-        (path / "config.tmp").write_text(json.dumps(meta, indent=2))
-        os.replace(path / "config.tmp", path / "config.json")
-
     # ---- answering -----------------------------------------------------------------------------------------
     def answer(self, clips: list, instructions: list[str], **kw) -> list[str]:
         """Answer one instruction per clip (a file path, a 16 kHz waveform, or a (T, 128) DASS input) in one
@@ -270,37 +190,29 @@ class SSLALM(nn.Module):
                 for ids in self.generate(clips, instructions, **kw)]
 
     @torch.no_grad()
-    def generate(self, clips: list, instructions: list[str], *, max_new_tokens: int = 400, greedy: bool = False,
-                 temperature: float = 0.1, top_k: int = 500, top_p: float = 0.95, repetition_penalty: float = 1.1,
-                 generator: torch.Generator | None = None, crop: bool = False) -> list[list[int]]:
+    def generate(self, clips: list, instructions: list[str], *, max_new_tokens: int = sampling.MAX_NEW_TOKENS,
+                 greedy: bool = False, generator: torch.Generator | None = None, crop: bool = False,
+                 **settings) -> list[list[int]]:
         """The answer tokens for one instruction per clip, batched with left padding and the LLM's decode cache.
 
-        Defaults are the paper's sampling settings (§III-D); greedy=True takes the argmax instead. Clips shorter
-        than the training length are padded to it; longer ones are kept whole (more audio tokens), or cut to it
-        with crop=True (LTU's evaluation does that). See `prepare_audio`.
+        Sampling follows sampling.PAPER_SAMPLING (§III-D) unless `settings` (temperature, top_k, top_p,
+        repetition_penalty) override it; greedy=True takes the argmax instead. Clips shorter than the training
+        length are padded to it; longer ones are kept whole (more audio tokens), or cut to it with crop=True
+        (LTU's evaluation does that). See `prepare_audio`.
         """
         if len(clips) != len(instructions):
             raise ValueError(f"got {len(clips)} clips and {len(instructions)} instructions")
-        device = self.audio_proj.weight.device
+        settings = {**sampling.PAPER_SAMPLING, **settings, **({"do_sample": False} if greedy else {})}
+        device, dtype = self.audio_proj.weight.device, self.audio_proj.weight.dtype
         rows, prompts = [], []
         for clip, instruction in zip(clips, instructions):
-            fb = self.prepare_audio(clip, crop).to(device)
-            prompt = self.encode_prompt(instruction)
-            tokens = self.audio_tokens(fb[None].to(self.audio_proj.weight.dtype))[0]
-            text = self.llm.embed(torch.tensor([prompt], device=device))[0]
-            rows.append(torch.cat([tokens.to(text.dtype), text]))
-            prompts.append(prompt)
-        width = max(r.shape[0] for r in rows)
-        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        seen = torch.full((len(rows), max(map(len, prompts))), -1, dtype=torch.long, device=device)
-        for i, (r, p) in enumerate(zip(rows, prompts)):  # left padding
-            embeds[i, width - r.shape[0]:], mask[i, width - r.shape[0]:] = r, 1
-            seen[i, seen.shape[1] - len(p):] = torch.tensor(p, device=device)
-        new = sampling.generate(self.llm, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, eos_token_id=self.tokenizer.eos_token_id,
-                                generator=generator, seen_ids=seen)
+            audio_emb = self.audio_tokens(self.prepare_audio(clip, crop).to(device, dtype)[None])  # (1, n, d)
+            prompts.append(self.encode_prompt(instruction))
+            rows.append(sampling.join(self.llm, torch.tensor([prompts[-1]], device=device), audio_emb)[0])
+        embeds, mask, seen = sampling.left_pad(rows, prompts)
+        new = sampling.generate(self.llm, inputs_embeds=embeds, attention_mask=mask, seen_ids=seen,
+                                max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                generator=generator, **settings)
         return new.tolist()
 
     def prepare_audio(self, clip, crop: bool = False) -> Tensor:
@@ -352,64 +264,6 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Tensor]:
     return batch
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------------
-def llm_fingerprint(llm: nn.Module) -> list[float]:
-    """A few numbers that identify the base LLM's weights, so a checkpoint refuses another base model."""
-    adapters = {id(p) for p in lora.lora_parameters(llm)}
-    w = next(p for p in llm.parameters() if id(p) not in adapters)  # the token embedding
-    if w.is_meta:
-        return []
-    w = w.detach().double()
-    return [float(w.sum()), float(w.abs().sum()), float(w.flatten()[:: max(1, w.numel() // 1000)].sum())]
-
-
-def _resolve(path: str | None, base: Path) -> str | None:
-    if path is None or Path(path).is_absolute():
-        return path
-    return str(base / path) if (base / path).exists() or not Path(path).exists() else path
-
-
-def load_tokenizer(config: SSLALMConfig):
-    """The LLM's tokenizer: GPT-NeoX tokenizer.json for Mamba, sentencepiece tokenizer.model for LLaMA."""
-    name = "tokenizer.json" if config.llm == "mamba" else "tokenizer.model"
-    path = Path(config.tokenizer) if config.tokenizer else Path(config.llm_weights or ".") / name
-    if path.is_dir():
-        path = path / name
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found: the LLM folder should hold {name} "
-                                f"({WHERE_TO_GET[config.llm]}), or pass its path")
-    if config.llm == "mamba":
-        from mamba import MambaTokenizer
-        return MambaTokenizer(str(path))
-    from llama import Tokenizer
-    return Tokenizer(str(path))  # puts BOS first, as LTU's prompts have it
-
-
-def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
-                    llm_weights: str | None = None, tokenizer: str | None = None) -> SSLALM:
-    """Rebuild a trained model: the base LLM from the path its config names (or from `llm_weights`, if the base
-    weights have moved; they must be the same weights), then the checkpoint's DASS, projector and LoRA weights on
-    top. The result is the trained model exactly."""
-    path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an ssLALM checkpoint: {name} is missing")
-    meta = json.loads((path / "config.json").read_text())
-    if "sslalm" not in meta:
-        raise ValueError(f"{path / 'config.json'} is not an ssLALM checkpoint config (no 'sslalm' entry)")
-    config = SSLALMConfig.from_dict(meta["sslalm"])
-    config.llm_weights = llm_weights or _resolve(config.llm_weights, path)
-    config.tokenizer = tokenizer or _resolve(config.tokenizer, path)
-    model = SSLALM.build(config, device=device, dtype=dtype, load_dass=False)
-    expected = meta.get("llm_fingerprint") or []
-    found = llm_fingerprint(model.llm)
-    if expected and found and not all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-3) for a, b in zip(expected, found)):
-        raise ValueError(f"the LLM weights in {config.llm_weights} are not those {path} was trained on")
-    sd = load_file(str(path / "model.safetensors"), device=str(device) if device is not None else "cpu")
-    model.load_trainable_state_dict(sd, source=str(path / "model.safetensors"))
-    return model.eval()
-
-
 # ---- parameter counts ---------------------------------------------------------------------------------------
 def parameter_table(model: SSLALM) -> dict[str, dict[str, int]]:
     """Trainable and total parameters per part of Fig. 1 (trainable as in training stages 2-4)."""
@@ -429,53 +283,6 @@ def parameter_table(model: SSLALM) -> dict[str, dict[str, int]]:
 
 def build_meta(size: str, llm: str) -> SSLALM:
     """The paper's full-size model on the meta device: shapes only, no weights, no memory."""
-    _, LMConfig = _llm_module(llm)
+    _, LMConfig = LLMS[llm]
     with torch.device("meta"):
         return SSLALM(SSLALMConfig.paper(size, llm, llm_config=asdict(LMConfig())))
-
-
-# ---- command line -------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="The state-space audio LLM (ssLALM) of Fig. 1.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("params", help="trainable and total parameters per part, as in the paper (§III-E)")
-    p.add_argument("--size", choices=("small", "medium"), default="small")
-    p.add_argument("--llm", choices=("mamba", "llama"), default="mamba")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    a = sub.add_parser("ask", help="answer a question about a clip with a trained checkpoint")
-    a.add_argument("--checkpoint", required=True, help="a folder written by train.py")
-    a.add_argument("clip", help="an audio file (any length; resampled to 16 kHz)")
-    a.add_argument("question", nargs="+", help="the question (e.g. 'What can you hear?')")
-    a.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
-    a.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
-    a.add_argument("--max-new-tokens", type=int, default=400)
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
-
-    if args.command == "params":
-        table = parameter_table(build_meta(args.size, args.llm))
-        if args.json:
-            print(json.dumps({"size": args.size, "llm": args.llm, **table["parts"],
-                              "trainable": table["trainable"], "total": table["total"]}))
-        else:
-            for part, n in table["parts"].items():
-                print(f"{part:>9}: {n:>13,}  ({n / 1e6:,.2f}M)")
-            print(f"trainable: {table['trainable']:>13,}  ({table['trainable'] / 1e6:,.1f}M)")
-            print(f"    total: {table['total']:>13,}  ({table['total'] / 1e9:,.2f}B)")
-        return 0
-
-    try:
-        dtype = torch.bfloat16 if args.device.startswith("cuda") else None
-        model = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, llm_weights=args.llm_weights)
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        print(model.answer([args.clip], [" ".join(args.question)], greedy=args.greedy,
-                           max_new_tokens=args.max_new_tokens, generator=generator)[0])
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,13 +6,14 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pytest
+import pytest  # noqa: E402
+
+from tiny import base_llm, tiny_dass  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bases(tmp_path_factory):
     """Tiny base LLMs ('mamba', 'llama': folders) and tiny DASS checkpoints ('small', 'medium': files)."""
-    from tiny import base_llm, tiny_dass
     root = tmp_path_factory.mktemp("bases")
     out = {llm: base_llm(llm, root / llm) for llm in ("mamba", "llama")}
     out.update({size: tiny_dass(size, root) for size in ("small", "medium")})

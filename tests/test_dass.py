@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import audio
+import cli
 import dass
 from dass import DASS, SS2D, DASSConfig
+from safetensors.torch import save_file
 from scan import selective_scan_ref
+from weights import load_dass, save_dass
 
 TINY = DASSConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
 
@@ -221,8 +224,8 @@ def test_safetensors_round_trip(tmp_path):
     torch.manual_seed(0)
     config = DASSConfig(dims=(8, 16, 32), depths=(1, 2, 1), d_state=2, n_classes=10)
     model = DASS(config)
-    model.save_pretrained(tmp_path / "m.safetensors")
-    loaded = DASS.from_pretrained(tmp_path / "m.safetensors")
+    save_dass(model, tmp_path / "m.safetensors")
+    loaded = load_dass(tmp_path / "m.safetensors")
     assert loaded.config == config
     _same_model(model, loaded)
 
@@ -231,7 +234,7 @@ def test_official_pth_with_module_v_prefix(tmp_path):
     torch.manual_seed(0)
     model = DASS(TINY)
     torch.save({"module.v." + k: v for k, v in model.state_dict().items()}, tmp_path / "DASS_tiny.pth")
-    loaded = DASS.from_pretrained(tmp_path / "DASS_tiny.pth")  # config inferred from the shapes
+    loaded = load_dass(tmp_path / "DASS_tiny.pth")  # config inferred from the shapes
     assert loaded.config == TINY
     _same_model(model, loaded)
 
@@ -257,7 +260,6 @@ def _hf_port_keys(state):
 
 
 def test_hf_port_layout(tmp_path):
-    from safetensors.torch import save_file
     torch.manual_seed(0)
     model = DASS(TINY)
     hf = _hf_port_keys(model.state_dict())
@@ -266,7 +268,7 @@ def test_hf_port_layout(tmp_path):
     assert hf["dass.layers.0.blocks.0.op.dt_projs.weight"].shape == (4 * 8, 1)
     (tmp_path / "hf").mkdir()
     save_file({k: v.contiguous() for k, v in hf.items()}, tmp_path / "hf" / "model.safetensors")
-    _same_model(model, DASS.from_pretrained(tmp_path / "hf"))
+    _same_model(model, load_dass(tmp_path / "hf"))
 
 
 def test_checkpoint_key_errors_name_key_and_file(tmp_path):
@@ -280,21 +282,21 @@ def test_checkpoint_key_errors_name_key_and_file(tmp_path):
     missing = dict(state)
     del missing["module.v.layers.1.blocks.0.op.Ds"]
     with pytest.raises(ValueError, match=r"missing\.pth.*missing keys \(1\): layers\.1\.blocks\.0\.op\.Ds"):
-        DASS.from_pretrained(save("missing.pth", missing))
+        load_dass(save("missing.pth", missing))
     extra = dict(state, **{"module.v.layers.0.blocks.0.op.bogus": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"extra\.pth.*unexpected keys \(1\): layers\.0\.blocks\.0\.op\.bogus"):
-        DASS.from_pretrained(save("extra.pth", extra))
+        load_dass(save("extra.pth", extra))
     shaped = dict(state, **{"module.v.layers.0.blocks.0.mlp.fc1.weight": torch.zeros(30, 8)})
     with pytest.raises(ValueError, match=r"shaped\.pth.*layers\.0\.blocks\.0\.mlp\.fc1\.weight: file \(30, 8\) "
-                                         r"vs model \(32, 8\)"):
-        DASS.from_pretrained(save("shaped.pth", shaped), config=TINY)
+                                         r"vs model \(32, 8\) \(in shaped\.pth\)"):
+        load_dass(save("shaped.pth", shaped), config=TINY)
     with pytest.raises(ValueError, match=r"missing keys \(\d+\): layers\.2\.blocks\.1\."):  # config says deeper
-        DASS.from_pretrained(tmp_path / "extra.pth", config=DASSConfig(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1)))
+        load_dass(tmp_path / "extra.pth", config=DASSConfig(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1)))
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
-        DASS.from_pretrained(tmp_path / "nothere.pth")
+        load_dass(tmp_path / "nothere.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
-        DASS.from_pretrained(tmp_path / "junk.pth")
+        load_dass(tmp_path / "junk.pth")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,11 +313,11 @@ def test_cli_top5(tmp_path, capsys):
     labels.write_text("index,mid,display_name\n" + "".join(f'{i},/m/{i:04d},"Sound, {i}"\n' for i in range(527)))
     clip = tmp_path / "clip.wav"
     sf.write(clip, (0.1 * np.random.default_rng(0).standard_normal(22050)).astype(np.float32), 44100)
-    dass.main([str(clip), "--weights", str(tmp_path / "w.pth"), "--labels", str(labels)])
+    assert cli.main(["tag", str(clip), "--weights", str(tmp_path / "w.pth"), "--labels", str(labels)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5
     assert lines[0].split(None, 1) == ["1.000", "Sound, 7"]
     scores = [float(line.split()[0]) for line in lines]
     assert scores == sorted(scores, reverse=True)
-    with pytest.raises(SystemExit, match="DASS weights .*missing.pth: no such file"):
-        dass.main([str(clip), "--weights", str(tmp_path / "missing.pth")])
+    assert cli.main(["tag", str(clip), "--weights", str(tmp_path / "missing.pth")]) == 1
+    assert re.search("DASS weights .*missing.pth: no such file", capsys.readouterr().err)

@@ -5,12 +5,19 @@ import os
 import shutil
 
 import pytest
+import sentencepiece as spm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
+from transformers import LlamaTokenizer as HFLlamaTokenizer
+from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
+import cli
 import llama
+import sampling
+from weights import LlamaTokenizer, load_llama, save_llama
 
 CONFIGS = {
     "mha": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, vocab_size=320,
@@ -37,7 +44,7 @@ def pair(request, tmp_path_factory):
     hf = make_hf(request.param)
     path = str(tmp_path_factory.mktemp(request.param))
     hf.save_pretrained(path)
-    return hf, llama.LlamaLM.from_pretrained(path).eval(), path
+    return hf, load_llama(path).eval(), path
 
 
 def test_config_and_names(pair):
@@ -136,7 +143,7 @@ def test_sharded_checkpoints(tmp_path):
         weight_map.update({k: name for k in shard})
     (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     for d in ("st", "bin"):
-        ours = llama.LlamaLM.from_pretrained(str(tmp_path / d))
+        ours = load_llama(str(tmp_path / d))
         assert set(ours.state_dict()) == set(state)
         for k, v in ours.state_dict().items():
             assert torch.equal(v, state[k]), (d, k)
@@ -144,7 +151,7 @@ def test_sharded_checkpoints(tmp_path):
 
 def test_dtype_and_device_arguments(pair):
     _, _, path = pair
-    model = llama.LlamaLM.from_pretrained(path, dtype=torch.bfloat16, device="cpu")
+    model = load_llama(path, dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in model.parameters())
 
@@ -164,42 +171,44 @@ def test_loud_key_errors(tmp_path):
 
     missing = dict(state)
     del missing["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(KeyError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
-        llama.LlamaLM.from_pretrained(variant("missing", missing))
-    with pytest.raises(KeyError, match=r"model\.safetensors.*unexpected.*model\.layers\.0\.extra\.weight"):
-        llama.LlamaLM.from_pretrained(variant("unexpected", {**state, "model.layers.0.extra.weight": torch.ones(2)}))
+    with pytest.raises(ValueError, match=r"missing keys \(1\): model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_llama(variant("missing", missing))
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): model\.layers\.0\.extra\.weight "
+                                         r"\(in model\.safetensors\)"):
+        load_llama(variant("unexpected", {**state, "model.layers.0.extra.weight": torch.ones(2)}))
     shaped = {**state, "model.norm.weight": torch.ones(63)}
-    with pytest.raises(ValueError, match=r"model\.safetensors.*model\.norm\.weight.*\(63,\).*\(64,\)"):
-        llama.LlamaLM.from_pretrained(variant("shape", shaped))
+    with pytest.raises(ValueError, match=r"model\.norm\.weight: file \(63,\) vs model \(64,\) "
+                                         r"\(in model\.safetensors\)"):
+        load_llama(variant("shape", shaped))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        llama.LlamaLM.from_pretrained(str(tmp_path))
+        load_llama(str(tmp_path))
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text((base / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no weights"):
-        llama.LlamaLM.from_pretrained(str(tmp_path / "noweights"))
+        load_llama(str(tmp_path / "noweights"))
     cfg = json.loads((base / "config.json").read_text())
     (tmp_path / "tied").mkdir()
     (tmp_path / "tied" / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
     with pytest.raises(ValueError, match="tie_word_embeddings"):
-        llama.LlamaLM.from_pretrained(str(tmp_path / "tied"))
+        load_llama(str(tmp_path / "tied"))
 
 
 def test_save_pretrained_loads_in_transformers(pair, tmp_path):
     hf, ours, _ = pair
-    ours.save_pretrained(tmp_path)
+    save_llama(ours, str(tmp_path))
     back = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert back.config.rope_parameters["rope_theta"] == ours.config.rope_theta
     ids = torch.randint(0, hf.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert rel_err(back(ids).logits, hf(ids).logits) <= 1e-6
-    again = llama.LlamaLM.from_pretrained(str(tmp_path))
+    again = load_llama(str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
 def test_training_autocast_checkpointing_grads_reach_inputs(pair):
     """Frozen weights, bf16 autocast, per-layer checkpointing: gradients flow to inputs_embeds (as for audio tokens)."""
     _, ours, path = pair
-    model = llama.LlamaLM.from_pretrained(path).train()
+    model = load_llama(path).train()
     model.requires_grad_(False)
     ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(7))
     prefix = torch.randn(2, 3, model.hidden_size, generator=torch.Generator().manual_seed(8))
@@ -209,7 +218,7 @@ def test_training_autocast_checkpointing_grads_reach_inputs(pair):
         x = prefix.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=ids, inputs_embeds=x)
-        torch.nn.functional.cross_entropy(logits[:, 3:-1].float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        F.cross_entropy(logits[:, 3:-1].float().flatten(0, 1), ids[:, 1:].flatten()).backward()
         return x.grad
 
     plain = grad(False, False)
@@ -230,7 +239,6 @@ TEXT = ["The quick brown fox jumps over the lazy dog.", "A dog barks; a cat meow
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     """A tiny BPE sentencepiece model trained like LLaMA's (byte fallback, no normalisation, split digits)."""
-    import sentencepiece as spm
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT), model_writer=buf, vocab_size=320, model_type="bpe",
                                    byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
@@ -243,11 +251,9 @@ def tokenizer_file(tmp_path_factory):
 def test_tokenizer_matches_transformers(tokenizer_file):
     # transformers 5 converts tokenizer.model through protobuf (not installed); its protobuf-free extractor gives the
     # same vocab and merges, and LlamaTokenizer runs them through its own (Rust) BPE.
-    from transformers import LlamaTokenizer
-    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
     vocab, _, merges = SentencePieceExtractor(tokenizer_file).extract()
-    hf = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
-    tok = llama.Tokenizer(tokenizer_file)
+    hf = HFLlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tok = LlamaTokenizer(tokenizer_file)
     assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (1, 2, 320)
     # Text that starts with whitespace is left out: transformers' Metaspace then drops the "▁" sentencepiece adds.
     for text in ["Hello world, the dog barks.", "Würzburg 音 2024\tdone", "a cat\nmeows  ", TEXT[4]]:
@@ -262,16 +268,51 @@ def test_cli_generates(tokenizer_file, tmp_path, capsys):
     hf = make_hf("mha")  # vocab 320, like the tokenizer
     hf.save_pretrained(tmp_path)
     shutil.copy(tokenizer_file, tmp_path / "tokenizer.model")
-    llama.main(["--model", str(tmp_path), "--prompt", "The dog", "--greedy", "--max-new-tokens", "8"])
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "The dog", "--greedy",
+                     "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
-    tok = llama.Tokenizer(str(tmp_path))
-    model = llama.LlamaLM.from_pretrained(str(tmp_path))
-    want = model.generate(torch.tensor([tok.encode("The dog")]), max_new_tokens=8,
-                          repetition_penalty=1.1, eos_token_id=2)
-    assert out == tok.decode(want[0]) + "\n"
+    tok = LlamaTokenizer(str(tmp_path))
+    prompt = tok.encode("The dog")
+    want = load_llama(str(tmp_path)).generate(torch.tensor([prompt]), max_new_tokens=8, repetition_penalty=1.1,
+                                              eos_token_id=2)[0].tolist()
+    want = want[:want.index(2)] if 2 in want else want
+    assert out == tok.decode(prompt + want) + "\n" and out.startswith("The dog") and len(out) > len("The dog\n")
     os.remove(tmp_path / "tokenizer.model")
-    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
-        llama.main(["--model", str(tmp_path), "--prompt", "x"])
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
+    assert "tokenizer.model" in capsys.readouterr().err
+
+
+def test_attention_without_padding_passes_no_mask(pair, monkeypatch):
+    """Without padding, scaled_dot_product_attention gets is_causal=True and no mask (so flash attention can run);
+    decode steps pass no mask either. Only left-padded batches build one. The results match transformers."""
+    hf, ours, _ = pair
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[2], k.shape[2], attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    ids = torch.randint(3, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():  # transformers' attention calls the function too: run it first
+        want = hf(ids).logits
+        want_new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)[:, 9:]
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    n_layers = ours.config.num_hidden_layers
+    with torch.no_grad():
+        for mask in (None, torch.ones_like(ids)):
+            calls.clear()
+            assert rel_err(ours(ids, attention_mask=mask), want) <= 1e-4
+            assert calls == [(9, 9, True, True)] * n_layers
+        calls.clear()
+        assert torch.equal(sampling.generate(ours, ids, max_new_tokens=3), want_new)
+        assert calls == [(9, 9, True, True)] * n_layers + [(1, 10, True, False)] * n_layers + \
+            [(1, 11, True, False)] * n_layers
+        calls.clear()
+        padded = torch.ones_like(ids)
+        padded[1, :3] = 0
+        ours.prefill(ours.embed(ids), padded, 12)
+        assert calls == [(9, 9, False, False)] * n_layers
 
 
 def test_generation_input_errors(pair):

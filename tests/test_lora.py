@@ -4,12 +4,15 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import LlamaConfig as HFConfig
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
+import checkpoint
 import llama
 import lora
 import mamba
+from weights import load_llama, load_mamba
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128)
@@ -20,7 +23,7 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def base(tmp_path_factory):
     """A tiny random transformers LLaMA saved with save_pretrained; returns (directory, transformers model)."""
     torch.manual_seed(0)
     hf = LlamaForCausalLM(HFConfig(**TINY)).eval()
@@ -40,9 +43,9 @@ def randomise_b(model, seed=2):
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
 
 
-def test_unchanged_at_init_and_only_adapters_train(checkpoint):
-    path, _ = checkpoint
-    model = llama.LlamaLM.from_pretrained(path)
+def test_unchanged_at_init_and_only_adapters_train(base):
+    path, _ = base
+    model = load_llama(path)
     x = ids()
     with torch.no_grad():
         before = model(x)
@@ -69,9 +72,9 @@ def test_unchanged_at_init_and_only_adapters_train(checkpoint):
     assert all(p.grad.abs().sum() > 0 for p in lora.lora_parameters(model))
 
 
-def test_targets_are_checked(checkpoint):
-    path, _ = checkpoint
-    model = llama.LlamaLM.from_pretrained(path)
+def test_targets_are_checked(base):
+    path, _ = base
+    model = load_llama(path)
     with pytest.raises(ValueError, match="no module"):
         lora.add_lora(model, ("query",))
     with pytest.raises(TypeError, match="mlp.*not nn.Linear"):
@@ -95,16 +98,16 @@ def train_adapters(model, steps=5):
     return model.eval()
 
 
-def test_merge_equals_unmerged(checkpoint):
-    path, _ = checkpoint
-    model = llama.LlamaLM.from_pretrained(path)
+def test_merge_equals_unmerged(base):
+    path, _ = base
+    model = load_llama(path)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lora.add_lora(model)
     train_adapters(model)
     x = ids()
     with torch.no_grad():
         unmerged = model(x)
-        assert rel_err(unmerged, llama.LlamaLM.from_pretrained(path)(x)) > 1e-3  # the adapters do something
+        assert rel_err(unmerged, load_llama(path)(x)) > 1e-3  # the adapters do something
         assert lora.merge_lora(model) == 4 and lora.merge_lora(model) == 0
         assert rel_err(model(x), unmerged) <= 1e-5
         q = model.model.layers[0].self_attn.q_proj
@@ -145,43 +148,45 @@ def test_paper_adapter_counts():
     assert sum(p.numel() for p in ssm.parameters() if p.requires_grad) == 6_553_600
 
 
-def test_save_load_round_trip(checkpoint, tmp_path):
-    path, _ = checkpoint
-    model = llama.LlamaLM.from_pretrained(path)
+def test_save_load_round_trip(base, tmp_path):
+    path, _ = base
+    model = load_llama(path)
     lora.add_lora(model)
     randomise_b(model)
-    lora.save_lora(model, tmp_path / "adapters.safetensors")
-    other = llama.LlamaLM.from_pretrained(path)
+    checkpoint.save_lora(model, tmp_path / "adapters.safetensors")
+    other = load_llama(path)
     lora.add_lora(other)
-    lora.load_lora(other, tmp_path / "adapters.safetensors")
+    checkpoint.load_lora(other, tmp_path / "adapters.safetensors")
     for k, v in lora.lora_state_dict(model).items():
         assert torch.equal(lora.lora_state_dict(other)[k], v), k
     with torch.no_grad():
         assert torch.equal(other(ids()), model(ids()))
     # loud checks: other hyper-parameters, other targets
-    wrong_r = llama.LlamaLM.from_pretrained(path)
+    wrong_r = load_llama(path)
     lora.add_lora(wrong_r, r=4)
     with pytest.raises(ValueError, match="r=8.*r=4"):
-        lora.load_lora(wrong_r, tmp_path / "adapters.safetensors")
-    wrong_targets = llama.LlamaLM.from_pretrained(path)
+        checkpoint.load_lora(wrong_r, tmp_path / "adapters.safetensors")
+    wrong_targets = load_llama(path)
     lora.add_lora(wrong_targets, ("q_proj", "v_proj"))
-    with pytest.raises(KeyError, match=r"adapters\.safetensors.*missing.*v_proj.*unexpected.*k_proj"):
-        lora.load_lora(wrong_targets, tmp_path / "adapters.safetensors")
+    with pytest.raises(ValueError, match=r"adapters\.safetensors does not fit LlamaLM: missing keys \(4\): .*v_proj.*"
+                                         r"unexpected keys \(4\): .*k_proj"):
+        checkpoint.load_lora(wrong_targets, tmp_path / "adapters.safetensors")
     with pytest.raises(ValueError, match="no LoRA adapters"):
-        lora.save_lora(llama.LlamaLM.from_pretrained(path), tmp_path / "none.safetensors")
+        checkpoint.save_lora(load_llama(path), tmp_path / "none.safetensors")
     lora.merge_lora(other)  # loading into merged weights would leave the old update in them
     with pytest.raises(ValueError, match="merged into the weights; call unmerge_lora"):
-        lora.load_lora(other, tmp_path / "adapters.safetensors")
+        checkpoint.load_lora(other, tmp_path / "adapters.safetensors")
 
 
-def test_export_loads_in_peft(checkpoint, tmp_path):
-    path, _ = checkpoint
-    model = llama.LlamaLM.from_pretrained(path)
+def test_export_loads_in_peft(base, tmp_path):
+    path, _ = base
+    model = load_llama(path)
     lora.add_lora(model, lora.PAPER_TARGETS["llama"], **lora.PAPER_LORA)
     train_adapters(model)
-    lora.export_peft(model, tmp_path, base_model_name_or_path=path)
+    checkpoint.export_peft(model, tmp_path, base_model_name_or_path=path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"]) == (8, 16, 0.05, ["k_proj", "q_proj"])
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 16, 0.05)
+    assert cfg["target_modules"] == ["k_proj", "q_proj"]
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(path), tmp_path).eval()
     assert peft_model.peft_config["default"].r == 8
     x = ids(seed=5)
@@ -191,49 +196,47 @@ def test_export_loads_in_peft(checkpoint, tmp_path):
         assert rel_err(want, LlamaForCausalLM.from_pretrained(path)(x).logits) > 1e-3  # the adapters were applied
 
 
-def test_import_from_peft(checkpoint, tmp_path):
-    path, _ = checkpoint
+def test_import_from_peft(base, tmp_path):
+    path, _ = base
     torch.manual_seed(6)
     config = LoraConfig(r=4, lora_alpha=12, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
                         init_lora_weights=False, task_type="CAUSAL_LM")  # random B: a non-trivial adapter
     peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(path), config).eval()
     peft_model.save_pretrained(tmp_path)
-    model = llama.LlamaLM.from_pretrained(path)
-    names = lora.import_peft(model, tmp_path)
+    model = load_llama(path)
+    names = checkpoint.import_peft(model, tmp_path)
     assert len(names) == 6 and all(m.scaling == 3.0 for m in lora.lora_modules(model).values())
     x = ids(seed=7)
     with torch.no_grad():
         assert rel_err(model(x), peft_model(x).logits) <= 1e-5
     # the older adapter_model.bin form of the same adapter
-    from safetensors.torch import load_file
     torch.save(load_file(tmp_path / "adapter_model.safetensors"), tmp_path / "adapter_model.bin")
     (tmp_path / "adapter_model.safetensors").unlink()
-    from_bin = llama.LlamaLM.from_pretrained(path)
-    lora.import_peft(from_bin, tmp_path)
+    from_bin = load_llama(path)
+    checkpoint.import_peft(from_bin, tmp_path)
     with torch.no_grad():
         assert torch.equal(from_bin(x), model(x))
     # a model that already has adapters of another rank is refused
     with pytest.raises(ValueError, match="r=4"):
-        other = llama.LlamaLM.from_pretrained(path)
+        other = load_llama(path)
         lora.add_lora(other, ("q_proj", "v_proj", "down_proj"), r=8, alpha=12)
-        lora.import_peft(other, tmp_path)
+        checkpoint.import_peft(other, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
-        lora.import_peft(llama.LlamaLM.from_pretrained(path), tmp_path)
+        checkpoint.import_peft(load_llama(path), tmp_path)
 
 
 def test_mamba_export_loads_in_peft(tmp_path):
     """The Mamba target (in_proj) under PEFT's names: backbone.layers.{i}.mixer.in_proj."""
-    from transformers import MambaConfig, MambaForCausalLM
     torch.manual_seed(8)
     hf = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=4))
     hf.save_pretrained(tmp_path / "base")
-    model = mamba.MambaLM.from_pretrained(str(tmp_path / "base"))
+    model = load_mamba(str(tmp_path / "base"))
     names = lora.add_lora(model, lora.PAPER_TARGETS["mamba"], **lora.PAPER_LORA)
     assert names == ["backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj"]
     randomise_b(model)
-    lora.export_peft(model, tmp_path / "adapter")
+    checkpoint.export_peft(model, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(MambaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     x = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():

@@ -8,14 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM, PreTrainedTokenizerFast
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+import cli
+import lora
 import mamba
 import sampling
-from mamba import MambaConfig, MambaLM, MambaTokenizer
+from mamba import MambaConfig, MambaLM
+from weights import MambaTokenizer, load_mamba, save_mamba
 
 TINY = dict(vocab_size=104, hidden_size=32, state_size=8, num_hidden_layers=3)  # vocab 104 = 100 padded to 8
 BIASED = dict(vocab_size=200, hidden_size=48, state_size=4, num_hidden_layers=2, use_bias=True,
@@ -86,7 +90,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_logits_match_transformers(ckpt, layout):
     hf, dirs = ckpt
     assert layout != "hf_sharded" or os.path.exists(os.path.join(dirs[layout], "model.safetensors.index.json"))
-    ours = MambaLM.from_pretrained(dirs[layout])
+    ours = load_mamba(dirs[layout])
     assert ours.config.vocab_size == 104
     ids = torch.randint(0, 104, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -99,7 +103,7 @@ def test_logits_match_transformers(ckpt, layout):
 def test_bias_variant_matches_transformers(tmp_path):
     hf = hf_model(1, **BIASED)
     hf.save_pretrained(tmp_path)
-    ours = MambaLM.from_pretrained(str(tmp_path))
+    ours = load_mamba(str(tmp_path))
     assert ours.config.dt_rank == 5 and ours.backbone.layers[0].mixer.conv1d.bias is None
     ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -109,7 +113,7 @@ def test_bias_variant_matches_transformers(tmp_path):
 @pytest.mark.parametrize("repetition_penalty", [1.0, 1.1])
 def test_greedy_tokens_match_transformers(ckpt, repetition_penalty):
     hf, dirs = ckpt
-    ours = MambaLM.from_pretrained(dirs["hf"])
+    ours = load_mamba(dirs["hf"])
     for seed in range(2):
         ids = torch.randint(1, 104, (1, 7), generator=torch.Generator().manual_seed(seed))
         want = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None,
@@ -121,7 +125,7 @@ def test_greedy_tokens_match_transformers(ckpt, repetition_penalty):
 
 def test_decode_steps_equal_full_forward(ckpt):
     _, dirs = ckpt
-    ours = MambaLM.from_pretrained(dirs["hf"])
+    ours = load_mamba(dirs["hf"])
     ids = torch.randint(0, 104, (3, 24), generator=torch.Generator().manual_seed(3))
     prompt = 5
     with torch.no_grad():
@@ -143,10 +147,10 @@ def test_decode_steps_equal_full_forward(ckpt):
 @pytest.mark.parametrize("config", ["tiny", "biased"])
 def test_left_padded_batch_equals_rows_alone(ckpt, tmp_path, config):
     if config == "tiny":
-        ours = MambaLM.from_pretrained(ckpt[1]["hf"])
+        ours = load_mamba(ckpt[1]["hf"])
     else:  # in_proj has a bias: zeroing the mixer input alone would not keep padding out of the conv
         hf_model(1, **BIASED).save_pretrained(tmp_path)
-        ours = MambaLM.from_pretrained(str(tmp_path))
+        ours = load_mamba(str(tmp_path))
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(4)
     rows = [torch.randint(1, vocab, (n,), generator=g) for n in (3, 9, 14)]
@@ -175,7 +179,7 @@ def test_left_padded_batch_equals_rows_alone(ckpt, tmp_path, config):
 
 def test_inputs_embeds_then_ids(ckpt):
     hf, dirs = ckpt
-    ours = MambaLM.from_pretrained(dirs["hf"])
+    ours = load_mamba(dirs["hf"])
     g = torch.Generator().manual_seed(5)
     embeds, ids = torch.randn(2, 4, 32, generator=g), torch.randint(0, 104, (2, 6), generator=g)
     with torch.no_grad():
@@ -190,7 +194,7 @@ def test_gradients_reach_inputs_embeds(ckpt):
     """Frozen LLM, trainable inputs: d loss / d inputs_embeds equals transformers'; also with gradient
     checkpointing, and close under bf16 autocast."""
     hf, dirs = ckpt
-    ours = MambaLM.from_pretrained(dirs["hf"]).requires_grad_(False)
+    ours = load_mamba(dirs["hf"]).requires_grad_(False)
     hf.requires_grad_(False)
     g = torch.Generator().manual_seed(6)
     embeds, weights = torch.randn(2, 10, 32, generator=g), torch.randn(2, 10, 104, generator=g)
@@ -212,7 +216,7 @@ def test_gradients_reach_inputs_embeds(ckpt):
 
 
 def test_gradient_checkpointing_gives_the_same_parameter_gradients(ckpt):
-    ours = MambaLM.from_pretrained(ckpt[1]["hf"]).train()
+    ours = load_mamba(ckpt[1]["hf"]).train()
     ids = torch.randint(0, 104, (2, 12), generator=torch.Generator().manual_seed(7))
     grads = []
     for checkpointing in (False, True):
@@ -236,44 +240,44 @@ def test_loud_key_errors(ckpt, tmp_path):
     src = ckpt[1]["hf"]
     key = "backbone.layers.1.mixer.x_proj.weight"
     rewrite(src, tmp_path / "missing", lambda s: s.pop(key))
-    with pytest.raises(KeyError, match=f"missing keys.*{key}"):
-        MambaLM.from_pretrained(str(tmp_path / "missing"))
-    file = rewrite(src, tmp_path / "unexpected", lambda s: s.update({"backbone.layers.3.norm.weight": torch.ones(32)}))
-    with pytest.raises(KeyError, match="unexpected key 'backbone.layers.3.norm.weight'") as e:
-        MambaLM.from_pretrained(str(tmp_path / "unexpected"))
-    assert file in str(e.value)
+    with pytest.raises(ValueError, match=f"missing.*does not fit MambaLM: missing keys \\(1\\): {key}"):
+        load_mamba(str(tmp_path / "missing"))
+    rewrite(src, tmp_path / "unexpected", lambda s: s.update({"backbone.layers.3.norm.weight": torch.ones(32)}))
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): backbone\.layers\.3\.norm\.weight "
+                                         r"\(in model\.safetensors\)"):
+        load_mamba(str(tmp_path / "unexpected"))
     rewrite(src, tmp_path / "shape", lambda s: s.update({key: s[key][:, :-1].contiguous()}))
-    with pytest.raises(ValueError, match=f"'{key}' has shape \\(18, 63\\).*\\(18, 64\\)"):
-        MambaLM.from_pretrained(str(tmp_path / "shape"))
+    with pytest.raises(ValueError, match=f"shape mismatches \\(1\\): {key}: file \\(18, 63\\) vs model \\(18, 64\\)"):
+        load_mamba(str(tmp_path / "shape"))
     rewrite(src, tmp_path / "head", lambda s: s.update({"lm_head.weight": s["backbone.embeddings.weight"] + 1}))
     with pytest.raises(ValueError, match="'lm_head.weight' differs from the embedding"):
-        MambaLM.from_pretrained(str(tmp_path / "head"))
+        load_mamba(str(tmp_path / "head"))
     rewrite(src, tmp_path / "tied", lambda s: s.update({"lm_head.weight": s["backbone.embeddings.weight"].clone()}))
-    MambaLM.from_pretrained(str(tmp_path / "tied"))  # an equal head is accepted
+    load_mamba(str(tmp_path / "tied"))  # an equal head is accepted
     os.remove(os.path.join(tmp_path / "tied", "model.safetensors"))
     with pytest.raises(FileNotFoundError, match="no weights"):
-        MambaLM.from_pretrained(str(tmp_path / "tied"))
+        load_mamba(str(tmp_path / "tied"))
 
 
 def test_save_pretrained_loads_in_transformers(ckpt, tmp_path):
     ids = torch.randint(0, 104, (2, 9), generator=torch.Generator().manual_seed(8))
-    loaded = MambaLM.from_pretrained(ckpt[1]["original_bin"])
+    loaded = load_mamba(ckpt[1]["original_bin"])
     torch.manual_seed(9)
     scratch = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=100, d_state=8))  # padded to 104
     for name, ours in (("loaded", loaded), ("scratch", scratch)):
-        ours.save_pretrained(str(tmp_path / name))
+        save_mamba(ours, str(tmp_path / name))
         hf = MambaForCausalLM.from_pretrained(str(tmp_path / name)).eval()
         assert set(hf.state_dict()) - {"lm_head.weight"} == set(ours.state_dict())
         with torch.no_grad():
             assert rel_err(ours(ids), hf(ids).logits) <= 1e-4
-            again = MambaLM.from_pretrained(str(tmp_path / name))
+            again = load_mamba(str(tmp_path / name))
             assert torch.equal(again(ids), ours(ids))
 
 
 def test_bf16_loading(ckpt):
     _, dirs = ckpt
-    fp32 = MambaLM.from_pretrained(dirs["hf_sharded"])
-    bf16 = MambaLM.from_pretrained(dirs["hf_sharded"], dtype=torch.bfloat16)
+    fp32 = load_mamba(dirs["hf_sharded"])
+    bf16 = load_mamba(dirs["hf_sharded"], dtype=torch.bfloat16)
     mixer = bf16.backbone.layers[0].mixer
     assert bf16.backbone.embeddings.weight.dtype == mixer.in_proj.weight.dtype == torch.bfloat16
     assert mixer.A_log.dtype == mixer.D.dtype == torch.float32  # kept in fp32
@@ -300,8 +304,6 @@ def test_2_8b_parameter_count_on_meta():
         hf = MambaForCausalLM(HFMambaConfig(hidden_size=2560, num_hidden_layers=64, vocab_size=50280))
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    assert [(MambaConfig.preset(s).d_model, MambaConfig.preset(s).n_layer) for s in ("130m", "1.4b", "2.8b")] == \
-        [(768, 24), (2048, 48), (2560, 64)]
 
 
 def test_from_scratch_init_follows_mamba_ssm():
@@ -357,7 +359,6 @@ TEXTS = ["Hello, world!", "  two  spaces\nand a newline\ttab", "Ünïcödé — 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     """A tiny byte-level BPE built like GPT-NeoX's (NFC, byte-level pre-tokenizer/decoder, <|endoftext|> = 0)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -386,16 +387,89 @@ def test_tokenizer_round_trip_and_matches_transformers(tokenizer_file):
 def test_command_line(tokenizer_file, tmp_path, capsys):
     folder = str(tmp_path / "model")
     torch.manual_seed(14)
-    MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=300, d_state=4)).save_pretrained(folder)
-    with pytest.raises(SystemExit, match="tokenizer.json"):
-        mamba.main(["--model", folder, "--prompt", "hello"])
+    save_mamba(MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=300, d_state=4)), folder)
+    assert cli.main(["generate", "--model", folder, "--prompt", "hello"]) == 1
+    assert "tokenizer.json" in capsys.readouterr().err
     shutil.copy(tokenizer_file, folder)
-    text = mamba.main(["--model", folder, "--prompt", "hello world", "--greedy", "--max-new-tokens", "6"])
-    model, tok = MambaLM.from_pretrained(folder), MambaTokenizer(folder)
+    argv = ["generate", "--model", folder, "--prompt", "hello world", "--greedy", "--max-new-tokens", "6"]
+    assert cli.main(argv) == 0
+    model, tok = load_mamba(folder), MambaTokenizer(folder)
     new = model.generate(torch.tensor([tok.encode("hello world")]), max_new_tokens=6, repetition_penalty=1.1,
                          eos_token_id=0)[0].tolist()
-    assert text == tok.decode(new[:new.index(0)] if 0 in new else new) and len(text) > 0
-    assert capsys.readouterr().out == "hello world" + text + "\n"
+    text = tok.decode(new[:new.index(0)] if 0 in new else new)
+    assert len(text) > 0 and capsys.readouterr().out == "hello world" + text + "\n"
     os.remove(os.path.join(folder, "model.safetensors"))
-    with pytest.raises(SystemExit, match="no weights"):
-        mamba.main(["--model", folder, "--prompt", "hello"])
+    assert cli.main(["generate", "--model", folder, "--prompt", "hello"]) == 1
+    assert "no weights" in capsys.readouterr().err
+
+
+def test_command_line_makes_the_chosen_cuda_device_current(tmp_path, monkeypatch):
+    """--device cuda:1 must become the current device before anything is loaded (Triton launches and CUDA graphs
+    run on the current device, not on the tensors')."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def set_device(device):
+        calls.append(torch.device(device))
+        raise Stop
+
+    def load(*args, **kwargs):
+        raise AssertionError("loaded before the device was made current")
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(cli.weights, "LOADERS", {"mamba": load, "llama": load})
+    monkeypatch.setattr(cli.checkpoint, "load_checkpoint", load)
+    for argv in (["generate", "--model", str(tmp_path), "--prompt", "x"], ["ask", "--checkpoint", str(tmp_path),
+                                                                          "clip.wav", "what?"]):
+        with pytest.raises(Stop):
+            cli.main(argv + ["--device", "cuda:1"])
+    assert calls == [torch.device("cuda:1")] * 2
+    cli.use_device("cpu")
+    cli.use_device("cuda")  # no index: the current device stays
+    assert len(calls) == 2
+
+
+class EagerGraph:
+    """Stands in for mamba._GraphedDecode on the CPU: the same buffers and binding, steps run eagerly."""
+    recorded = []
+
+    def __init__(self, model, cache, key):
+        self.key, self.owner, self.model = key, None, model
+        self.cache = mamba.MambaCache.allocate(model.config, cache.ssm.shape[1], cache.conv.dtype, cache.ssm.device)
+        EagerGraph.recorded.append(key[:3])
+
+    bind = mamba._GraphedDecode.bind
+
+    def __call__(self, token):
+        return self.model._step(token, self.cache)
+
+
+def test_one_decode_graph_per_batch_size_is_kept_across_generations(ckpt, monkeypatch):
+    ours = load_mamba(ckpt[1]["hf"])
+    ids = torch.randint(1, 104, (2, 7), generator=torch.Generator().manual_seed(15))
+    eager = [ours.generate(ids, max_new_tokens=8), ours.generate(ids[:1], max_new_tokens=8)]
+    ours.cuda_graph = "require"
+    with pytest.raises(RuntimeError, match="cuda_graph='require': recording the decode step failed .*CUDA tensors"):
+        ours.generate(ids, max_new_tokens=3)  # on the CPU: an error, not a silent fall-back to eager steps
+    monkeypatch.setattr(mamba, "_GraphedDecode", EagerGraph)
+    EagerGraph.recorded.clear()
+    for _ in range(3):
+        assert torch.equal(ours.generate(ids, max_new_tokens=8), eager[0])
+        assert torch.equal(ours.generate(ids[:1], max_new_tokens=8), eager[1])
+    assert [key[0] for key in EagerGraph.recorded] == [2, 1]  # recorded once per batch size, not per call
+    with torch.no_grad():  # two generations of one batch size, interleaved: each keeps its own state
+        (l1, c1), (l2, c2) = ours.prefill(ours.embed(ids)), ours.prefill(ours.embed(ids.flip(0)))
+        for _ in range(3):
+            t1, t2 = l1.argmax(-1), l2.argmax(-1)
+            l1, l2 = ours.decode_step(t1, c1).clone(), ours.decode_step(t2, c2).clone()
+        ours.cuda_graph = False
+        (e1, d1), (e2, d2) = ours.prefill(ours.embed(ids)), ours.prefill(ours.embed(ids.flip(0)))
+        for _ in range(3):
+            e1, e2 = ours.decode_step(e1.argmax(-1), d1), ours.decode_step(e2.argmax(-1), d2)
+        assert torch.equal(l1, e1) and torch.equal(l2, e2)
+    ours.cuda_graph = "require"
+    lora.add_lora(ours, ("in_proj",))  # new parameters: the recording is stale
+    assert torch.equal(ours.generate(ids, max_new_tokens=8), eager[0])
+    assert [key[0] for key in EagerGraph.recorded] == [2, 1, 2]

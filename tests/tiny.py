@@ -1,7 +1,14 @@
 """Tiny stand-ins for the pretrained parts, written in the real formats: an LLM folder (HF weights + tokenizer)
 and DASS safetensors. Shared by the tests of sslalm.py and evaluate.py (fixture `bases` in conftest.py)."""
-import torch
+import json
 
+import sentencepiece as spm
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import checkpoint
+import sslalm
+import weights
 from dass import DASS, DASSConfig
 from llama import LlamaConfig, LlamaLM
 from mamba import MambaConfig, MambaLM
@@ -17,7 +24,6 @@ TINY_DASS = {"small": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
 
 
 def mamba_tokenizer(folder):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -28,7 +34,6 @@ def mamba_tokenizer(folder):
 
 
 def llama_tokenizer(folder):
-    import sentencepiece as spm
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4), model_prefix=str(folder / "tokenizer"),
                                    vocab_size=400, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                                    minloglevel=2, byte_fallback=True, normalization_rule_name="identity",
@@ -49,32 +54,29 @@ def base_llm(llm, folder, seed=0):
                                     intermediate_size=64, vocab_size=vocab))
     with torch.no_grad():  # a pretrained LM predicts confidently; std-0.02 output embeddings could not
         (model.backbone.embeddings if llm == "mamba" else model.lm_head).weight.normal_(0, 0.5)
-    model.save_pretrained(str(folder))
+    (weights.save_mamba if llm == "mamba" else weights.save_llama)(model, str(folder))
     return str(folder)
 
 
 def sslalm_config(bases, size, llm, **kw):
     """An SSLALMConfig on the tiny parts of the `bases` fixture; short clips (128 frames, 8 audio tokens)."""
-    import sslalm
     return sslalm.SSLALMConfig(size="custom", llm=llm, dass=TINY_DASS[size], llm_weights=bases[llm],
                                dass_weights=bases[size], audio_frames=128, **kw)
 
 
 def tiny_dass(size, folder, seed=1):
     torch.manual_seed(seed)
-    DASS(DASSConfig(**TINY_DASS[size])).save_pretrained(folder / f"dass_{size}.safetensors")
+    weights.save_dass(DASS(DASSConfig(**TINY_DASS[size])), folder / f"dass_{size}.safetensors")
     return str(folder / f"dass_{size}.safetensors")
 
 
 def overfit(bases_json, llm, steps=250):
     """Train the trainable parts on one batch of two examples; returns (first loss, last loss)."""
-    import json
-    import sslalm
     bases = json.loads(bases_json)
     torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
     torch.manual_seed(0)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj") if llm == "llama" else ()
-    model = sslalm.SSLALM.build(sslalm_config(bases, "small", llm, lora_dropout=0.0, lora_targets=targets))
+    model = checkpoint.build(sslalm_config(bases, "small", llm, lora_dropout=0.0, lora_targets=targets))
     model.set_trainable(model.PARTS)
     g = torch.Generator().manual_seed(0)
     qa = [("What can you hear?", "A high pitched pure tone."), ("Is the pitch rising or falling?", "Falling.")]

@@ -35,7 +35,7 @@ ROWS = [
     ("Fig. 1: 32 audio tokens → Linear(768 → d)", "sslalm.py", "self.audio_proj = nn.Linear(",
      "`SSLALM.audio_tokens`"),
     ("Fig. 1: audio tokens prefixed to the prompt", "sslalm.py", "# audio prefix, then the prompt",
-     "`SSLALM.forward`; for answers `SSLALM.generate`"),
+     "`SSLALM.forward` (`sampling.join`); for answers `SSLALM.generate` (`sampling.left_pad`)"),
     ("Fig. 1: frozen LLM — Mamba-2.8B (§III-C)", "mamba.py", "class MambaLM(", "`MambaLM`"),
     ("Fig. 1: frozen LLM — Vicuna-7B (§III-C)", "llama.py", "class LlamaLM(", "`LlamaLM`"),
     ("Fig. 1: LoRA adapters (r 8, α 16)", "lora.py", "class LoRALinear(",
@@ -48,7 +48,7 @@ ROWS = [
     ("§III-D: generation settings", "sampling.py", "PAPER_SAMPLING = ",
      "`PAPER_SAMPLING`, `process_logits`, `generate`"),
     ("§III-E: LTU's four-stage recipe", "train.py", "STAGES = {", "`STAGES`, `TrainConfig.for_stage`, `train`"),
-    ("§III-E: parameter counts", "sslalm.py", "def parameter_table(", "`python sslalm.py params`"),
+    ("§III-E: parameter counts", "sslalm.py", "def parameter_table(", "`python cli.py params`"),
     ("Table I: evaluation protocol", "evaluate.py", "TASKS = {", "`evaluate.py` (module docstring: the protocol)"),
 ]
 

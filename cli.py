@@ -1,0 +1,145 @@
+"""The command line of the models: answer a question about a clip, count parameters, generate text with a base LLM,
+tag a clip with DASS.
+
+    python cli.py ask --checkpoint CKPT clip.wav "What can you hear?"     a trained ssLALM (train.py's output)
+    python cli.py params --size small --llm mamba [--json]              Fig. 1's parts counted, as in §III-E
+    python cli.py generate --model DIR --prompt "..."                   a Mamba or LLaMA folder (type: config.json)
+    python cli.py tag --weights DASS_small.pth clip.wav [--labels CSV]  the top AudioSet labels of a clip
+
+--device cuda:1 makes that device the current one before anything is loaded: Triton launches, CUDA graphs and
+timing events then run on it, not on cuda:0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import audio
+import checkpoint
+import data
+import sampling
+import weights
+from sslalm import SSLALMConfig, build_meta, parameter_table
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_device(name: str) -> torch.device:
+    """torch.device(name); a CUDA device with an index becomes the current CUDA device."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def ask(args) -> None:
+    device = use_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    model = checkpoint.load_checkpoint(args.checkpoint, device=device, dtype=dtype, llm_weights=args.llm_weights)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    print(model.answer([args.clip], [" ".join(args.question)], greedy=args.greedy,
+                       max_new_tokens=args.max_new_tokens, generator=generator)[0])
+
+
+def params(args) -> None:
+    table = parameter_table(build_meta(args.size, args.llm))
+    if args.json:
+        print(json.dumps({"size": args.size, "llm": args.llm, **table["parts"],
+                          "trainable": table["trainable"], "total": table["total"]}))
+        return
+    for part, n in table["parts"].items():
+        print(f"{part:>9}: {n:>13,}  ({n / 1e6:,.2f}M)")
+    print(f"trainable: {table['trainable']:>13,}  ({table['trainable'] / 1e6:,.1f}M)")
+    print(f"    total: {table['total']:>13,}  ({table['total'] / 1e9:,.2f}B)")
+
+
+def generate(args) -> str:
+    """Print and return the prompt and its continuation (up to EOS)."""
+    device = use_device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    kind = weights.llm_kind(args.model)
+    tokenizer = weights.load_tokenizer(SSLALMConfig(llm=kind, llm_weights=args.model))
+    model = weights.LOADERS[kind](args.model, dtype=dtype, device=device)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt is empty")
+    new = model.generate(torch.tensor([prompt], device=device), max_new_tokens=args.max_new_tokens,
+                         do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
+                         generator=torch.Generator(device).manual_seed(args.seed))[0].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[:new.index(tokenizer.eos_token_id)]
+    text = tokenizer.decode(prompt + new)  # decoded whole: LLaMA's pieces carry the space before a word
+    print(text)
+    return text
+
+
+def tag(args) -> None:
+    device = use_device(args.device)
+    model = weights.load_dass(args.weights).to(device).eval()
+    labels = data.read_labels(args.labels) if args.labels else [f"class {i}" for i in range(model.config.n_classes)]
+    if len(labels) != model.config.n_classes:
+        raise ValueError(f"label file {args.labels} has {len(labels)} labels; the model has "
+                         f"{model.config.n_classes} classes")
+    wave = audio.load_audio(args.audio)
+    frames = 1 + (wave.numel() - audio.FRAME_LENGTH) // audio.FRAME_SHIFT
+    x = audio.dass_input(wave, audio.DASS_FRAMES if frames <= audio.DASS_FRAMES else None)  # pad short clips
+    with torch.no_grad():
+        scores = torch.sigmoid(model(x[None].to(device)))[0].float().cpu()  # multi-label: independent sigmoids
+    for s, i in zip(*scores.topk(min(args.top, len(labels)))):
+        print(f"{s.item():.3f}  {labels[i]}")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="The ssLALM's models from the command line.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ask", help="answer a question about a clip with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a folder written by train.py")
+    p.add_argument("clip", help="an audio file (any length; resampled to 16 kHz)")
+    p.add_argument("question", nargs="+", help="the question (e.g. 'What can you hear?')")
+    p.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
+    p.add_argument("--max-new-tokens", type=int, default=sampling.MAX_NEW_TOKENS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=DEFAULT_DEVICE)
+    p = sub.add_parser("params", help="trainable and total parameters per part, as in the paper (§III-E)")
+    p.add_argument("--size", choices=("small", "medium"), default="small")
+    p.add_argument("--llm", choices=("mamba", "llama"), default="mamba")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("generate", help="continue a text prompt with a Mamba or LLaMA checkpoint folder")
+    p.add_argument("--model", required=True, help="folder with config.json, the weights and the tokenizer")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
+    paper = sampling.PAPER_SAMPLING
+    p.add_argument("--temperature", type=float, default=paper["temperature"])
+    p.add_argument("--top-k", type=int, default=paper["top_k"])
+    p.add_argument("--top-p", type=float, default=paper["top_p"])
+    p.add_argument("--repetition-penalty", type=float, default=paper["repetition_penalty"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=DEFAULT_DEVICE)
+    p = sub.add_parser("tag", help="the top AudioSet labels of a clip, by DASS")
+    p.add_argument("audio", help="audio file (any format and sample rate soundfile reads)")
+    p.add_argument("--weights", required=True, help="DASS_small.pth / DASS_medium.pth, our .safetensors, the HF port")
+    p.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name); default: class indices")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--device", default=DEFAULT_DEVICE)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        {"ask": ask, "params": params, "generate": generate, "tag": tag}[args.command](args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
