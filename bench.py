@@ -29,6 +29,7 @@ import transformers  # the baseline of the mamba and llama tables (requirements-
 from torch import Tensor, nn
 
 import dass
+import weights
 from llama import LlamaConfig, LlamaLM
 from mamba import MambaConfig, MambaLM
 from sslalm import SSLALM, SSLALMConfig
@@ -166,17 +167,17 @@ def build_lm(kind: str, device: torch.device | str, smoke: bool) -> nn.Module:
 def build_hf(kind: str, ours: nn.Module, device: torch.device) -> nn.Module:
     """transformers' MambaForCausalLM (its PyTorch path unless mamba_ssm is installed) or LlamaForCausalLM (SDPA)
     holding ours' very weight tensors (assigned, not copied: the same weights in no more memory)."""
-    d = ours.config.to_hf_dict() if kind == "mamba" else ours.config.to_hf()
+    d = weights.mamba_hf_config(ours.config) if kind == "mamba" else weights.llama_hf_config(ours.config)
     d = {k: v for k, v in d.items() if k not in ("architectures", "model_type")}
     if kind == "mamba":
         config, cls = transformers.MambaConfig(**d, use_mambapy=False), transformers.MambaForCausalLM
     else:
         config, cls = transformers.LlamaConfig(**d), transformers.LlamaForCausalLM
         config._attn_implementation = "sdpa"
-    model, weights = make(cls, config, device), ours.state_dict()
+    model, state = make(cls, config, device), ours.state_dict()
     if kind == "mamba":
-        weights["lm_head.weight"] = weights["backbone.embeddings.weight"]  # tied
-    model.load_state_dict(weights, assign=True)  # strict: ours have exactly transformers' keys
+        state["lm_head.weight"] = state["backbone.embeddings.weight"]  # tied
+    model.load_state_dict(state, assign=True)  # strict: ours have exactly transformers' keys
     return model
 
 
