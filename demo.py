@@ -43,7 +43,7 @@ import sslalm
 from dass import DASS, DASSConfig
 from data import CLASSIFY_PROMPT, OpenAQADataset, load_eval_json, load_openaqa
 from mamba import MambaConfig, MambaLM, MambaTokenizer
-from trainer import TrainConfig, count_parameters, lr_at, save_final, train
+from trainer import TrainConfig, count_parameters, lr_at, train
 
 # ----------------------------------------------------------------------------------------------------------------
 # The demo, part 1: a synthetic sound question-answer set in OpenAQA format
@@ -413,7 +413,7 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
         tc = TrainConfig(lr=lr, epochs=epochs, trainable=parts, name=f"stage {stage}", **common)
         train(model, ds, sslalm.collate, tok.eos_token_id, tc, out / f"stage{stage}")
         times[f"stage{stage}"] = time.time() - t
-    save_final(model, out)
+    model.save_checkpoint(out)
     say(f"      the trained DASS, projector and LoRA weights: {out / 'model.safetensors'} (+ config.json naming "
         "the base LM and DASS)")
 

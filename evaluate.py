@@ -150,83 +150,7 @@ def caption_text(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Running the model: batched, resumable
-# ----------------------------------------------------------------------------------------------------------------
-
-def read_predictions(output: str, clips: Sequence[Clip]) -> dict[str, str]:
-    """Answers already in the JSONL, by clip key. A torn last line (a run stopped mid-write) is cut off."""
-    if not os.path.isfile(output):
-        return {}
-    by_key = {c.key: c for c in clips}
-    with open(output) as f:
-        text = f.read()
-    lines = text.split("\n")
-    done, good = {}, []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if any(rest.strip() for rest in lines[n + 1:]):
-                raise ValueError(f"{output}: line {n + 1} is not JSON") from None
-            break  # torn last record: dropped below, it will be answered again
-        if not isinstance(rec, dict) or not {"key", "audio_id", "prediction"} <= set(rec):
-            raise ValueError(f"{output}: line {n + 1} is not a prediction record (key, audio_id, prediction)")
-        clip = by_key.get(rec["key"])
-        if clip is not None and clip.audio_id != rec["audio_id"]:
-            raise ValueError(f"{output} holds answers for another eval set (entry {rec['key']} is "
-                             f"{rec['audio_id']!r} there, {clip.audio_id!r} here); pass another --output")
-        good.append(line)
-        done[rec["key"]] = rec["prediction"]
-    clean = "".join(g + "\n" for g in good)
-    if clean != text:  # a torn or unterminated last line: rewrite, so that appending starts on a new line
-        with open(output, "w") as f:
-            f.write(clean)
-    return done
-
-
-def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answer_fn: AnswerFn | None,
-                        output: str, batch_size: int = 8, progress: bool = True) -> dict[str, str]:
-    """Answers for all clips: those already in `output` (JSONL) are kept, the rest are asked of answer_fn in
-    batches and appended, one flushed line per clip, so a stopped run resumes where it stopped."""
-    done = read_predictions(output, clips)
-    todo = [(c, q) for c, q in zip(clips, instructions, strict=True) if c.key not in done]
-    if not todo:
-        return done
-    if answer_fn is None:
-        raise ValueError(f"{len(todo)} clip(s) have no answer in {output}: pass --checkpoint to run the model")
-    missing = [c for c, _ in todo if c.path is None]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} audio file(s) not found, e.g. {missing[0].audio_id!r}: pass "
-                                f"--audio-root DIR, the folder holding the dataset's audio files")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    if progress:
-        print(f"{len(clips) - len(todo)} of {len(clips)} clips already answered in {output}; "
-              f"asking the model about {len(todo)}", file=sys.stderr)
-    start, last_report = time.time(), 0.0
-    with open(output, "a") as f:
-        for s in range(0, len(todo), batch_size):
-            batch = todo[s:s + batch_size]
-            answers = answer_fn([c.path for c, _ in batch], [q for _, q in batch])
-            if len(answers) != len(batch):
-                raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} clips")
-            for (c, q), a in zip(batch, answers):
-                f.write(json.dumps({"key": c.key, "audio_id": c.audio_id, "instruction": q,
-                                    "prediction": a, "reference": c.reference}) + "\n")
-                done[c.key] = a
-            f.flush()
-            n, elapsed = s + len(batch), time.time() - start
-            if progress and (elapsed - last_report > 5 or n == len(todo)):
-                last_report = elapsed
-                eta = elapsed / n * (len(todo) - n)
-                print(f"{n}/{len(todo)} clips answered, {n / elapsed:.2f} clips/s, ETA {eta / 60:.1f} min",
-                      file=sys.stderr)
-    return done
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring
+# Scoring, and the protocol end to end
 # ----------------------------------------------------------------------------------------------------------------
 
 def score_classification(task: str, clips: Sequence[Clip], predictions: dict[str, str], labels: Sequence[str],
@@ -325,6 +249,82 @@ def table_row(metrics: dict, name: str = "model") -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Asking the model: batched, resumable (one JSONL line per answer)
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_predictions(output: str, clips: Sequence[Clip]) -> dict[str, str]:
+    """Answers already in the JSONL, by clip key. A torn last line (a run stopped mid-write) is cut off."""
+    if not os.path.isfile(output):
+        return {}
+    by_key = {c.key: c for c in clips}
+    with open(output) as f:
+        text = f.read()
+    lines = text.split("\n")
+    done, good = {}, []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[n + 1:]):
+                raise ValueError(f"{output}: line {n + 1} is not JSON") from None
+            break  # torn last record: dropped below, it will be answered again
+        if not isinstance(rec, dict) or not {"key", "audio_id", "prediction"} <= set(rec):
+            raise ValueError(f"{output}: line {n + 1} is not a prediction record (key, audio_id, prediction)")
+        clip = by_key.get(rec["key"])
+        if clip is not None and clip.audio_id != rec["audio_id"]:
+            raise ValueError(f"{output} holds answers for another eval set (entry {rec['key']} is "
+                             f"{rec['audio_id']!r} there, {clip.audio_id!r} here); pass another --output")
+        good.append(line)
+        done[rec["key"]] = rec["prediction"]
+    clean = "".join(g + "\n" for g in good)
+    if clean != text:  # a torn or unterminated last line: rewrite, so that appending starts on a new line
+        with open(output, "w") as f:
+            f.write(clean)
+    return done
+
+
+def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answer_fn: AnswerFn | None,
+                        output: str, batch_size: int = 8, progress: bool = True) -> dict[str, str]:
+    """Answers for all clips: those already in `output` (JSONL) are kept, the rest are asked of answer_fn in
+    batches and appended, one flushed line per clip, so a stopped run resumes where it stopped."""
+    done = read_predictions(output, clips)
+    todo = [(c, q) for c, q in zip(clips, instructions, strict=True) if c.key not in done]
+    if not todo:
+        return done
+    if answer_fn is None:
+        raise ValueError(f"{len(todo)} clip(s) have no answer in {output}: pass --checkpoint to run the model")
+    missing = [c for c, _ in todo if c.path is None]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} audio file(s) not found, e.g. {missing[0].audio_id!r}: pass "
+                                f"--audio-root DIR, the folder holding the dataset's audio files")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if progress:
+        print(f"{len(clips) - len(todo)} of {len(clips)} clips already answered in {output}; "
+              f"asking the model about {len(todo)}", file=sys.stderr)
+    start, last_report = time.time(), 0.0
+    with open(output, "a") as f:
+        for s in range(0, len(todo), batch_size):
+            batch = todo[s:s + batch_size]
+            answers = answer_fn([c.path for c, _ in batch], [q for _, q in batch])
+            if len(answers) != len(batch):
+                raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} clips")
+            for (c, q), a in zip(batch, answers):
+                f.write(json.dumps({"key": c.key, "audio_id": c.audio_id, "instruction": q,
+                                    "prediction": a, "reference": c.reference}) + "\n")
+                done[c.key] = a
+            f.flush()
+            n, elapsed = s + len(batch), time.time() - start
+            if progress and (elapsed - last_report > 5 or n == len(todo)):
+                last_report = elapsed
+                eta = elapsed / n * (len(todo) - n)
+                print(f"{n}/{len(todo)} clips answered, {n / elapsed:.2f} clips/s, ETA {eta / 60:.1f} min",
+                      file=sys.stderr)
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -347,7 +347,7 @@ def model_answer_fn(checkpoint: str, device: str | None, dtype: str | None, gree
     return answer
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Score a trained model on one of Table I's benchmarks, offline.")
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--checkpoint", help="trained model directory (sslalm.load_checkpoint)")
@@ -373,27 +373,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--text-encoder", help="BERT sentence-transformers folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--spice-jar", help="coco-caption's spice-1.0.jar (captioning; needs Java)")
     a = p.parse_args(argv)
+    if a.esc50_root and a.task != "esc50":
+        p.error("--esc50-root goes with --task esc50")
+    if not (a.data or a.esc50_root or a.task == "demo" and a.checkpoint):
+        p.error("pass --data EVAL_JSON" + (" or --esc50-root DIR" if a.task == "esc50" else ""))
+    if not (a.labels or a.esc50_root or a.task == "demo" and a.checkpoint or TASKS[a.task].kind == "caption"):
+        p.error(f"--task {a.task} needs --labels (a CSV index,mid,display_name)")
+    if not (a.output or a.checkpoint):
+        p.error("pass --output PREDICTIONS_JSONL (or --checkpoint)")
+    return a
 
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    a = parse_args(argv)
     if a.task == "demo" and a.checkpoint:  # train.py --demo's output dir: the checkpoint or above it
         here = Path(a.checkpoint).resolve()
         run_dir = next((d for d in (here, *here.parents[:2]) if (d / "demo_eval.json").is_file()), here)
         a.data = a.data or str(run_dir / "demo_eval.json")
         a.labels = a.labels or str(run_dir / "demo_labels.csv")
     if a.esc50_root:
-        if a.task != "esc50":
-            p.error("--esc50-root goes with --task esc50")
         clips, labels = load_esc50(a.esc50_root)
-    elif a.data:
-        clips = load_eval_json(a.data, a.audio_root, parse_prefixes(a.audio_prefix))
-        labels = read_labels(a.labels) if TASKS[a.task].kind != "caption" and a.labels else None
-        if TASKS[a.task].kind != "caption" and labels is None:
-            p.error(f"--task {a.task} needs --labels (a CSV index,mid,display_name)")
     else:
-        p.error("pass --data EVAL_JSON" + (" or --esc50-root DIR" if a.task == "esc50" else ""))
+        clips = load_eval_json(a.data, a.audio_root, parse_prefixes(a.audio_prefix))
+        labels = read_labels(a.labels) if TASKS[a.task].kind != "caption" else None
     output = a.output
     if output is None:
-        if not a.checkpoint:
-            p.error("pass --output PREDICTIONS_JSONL (or --checkpoint)")
         output = os.path.join(a.checkpoint, f"eval_{a.task}.jsonl") if os.path.isdir(a.checkpoint) \
             else f"{a.checkpoint}.eval_{a.task}.jsonl"
     print(f"answers: {output}", file=sys.stderr)
@@ -401,8 +405,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if a.device is None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.device.startswith("cuda"):
-        torch.cuda.set_device(a.device)  # kernels, CUDA graphs and streams on the chosen GPU
         a.dtype = a.dtype or "bf16"
+        if torch.device(a.device).index is not None:
+            torch.cuda.set_device(a.device)  # kernels, CUDA graphs and streams on the chosen GPU
     answer_fn = (model_answer_fn(a.checkpoint, a.device, a.dtype, a.greedy, a.max_new_tokens, a.llm_weights,
                                  a.whole_clips) if a.checkpoint else None)
     encoder = TextEncoder(a.text_encoder) if TASKS[a.task].kind != "caption" else None
@@ -418,5 +423,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")

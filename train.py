@@ -34,7 +34,7 @@ import demo
 import sslalm
 from data import DataError, OpenAQADataset, load_openaqa, parse_prefixes
 from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, count_parameters, init_distributed,
-                     report_bad, save_final, train)
+                     report_bad, train)
 
 try:  # optional: loss.png
     import matplotlib
@@ -66,7 +66,7 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's worker processes tokenize
     d = init_distributed()
     device = torch.device(args.device or (f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
+    if device.index is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # kernels, CUDA graphs and streams on the chosen GPU
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if d.main else (lambda s: None)
     entries = load_openaqa(args.data)                          # malformed data fails before any model is built
@@ -95,7 +95,7 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     res = train(model, ds, sslalm.collate, pad_id, cfg, out, resume=args.resume, d=d, device=device)
     res.bad = missing + res.bad
     if d.main:
-        save_final(model, out)
+        model.save_checkpoint(out)
         report_bad(res.bad)
         plot_losses(out)
         say(f"done: {res.steps} steps; the model is in {out} (config.json + model.safetensors)")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.seed)
         else:
             run_stage(args)
-    except (DataError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
+    except (DataError, NonFiniteLoss, FileNotFoundError, KeyError, ValueError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -39,6 +39,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -270,20 +271,6 @@ def _fsync_dir(p: Path) -> None:
         os.close(fd)
 
 
-def save_final(model: nn.Module, output_dir: str | Path) -> None:
-    """The finished model in `output_dir` itself (config.json + model.safetensors, what `sslalm.load_checkpoint`
-    reads), written into a temporary directory first and moved into place file by file."""
-    out = Path(output_dir)
-    tmp = out / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_checkpoint(tmp, home=out)
-    _fsync_dir(tmp)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,7 +456,7 @@ def _batches(dataset, plan: list[list], collate: Callable, pad_id: int, cfg: Tra
     """An iterator over the batches of the planned micro-batches (zero passes read nothing)."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=[mb for passes in plan for mb in passes if mb is not None],
-        num_workers=cfg.num_workers, collate_fn=_Collate(collate, pad_id),
+        num_workers=cfg.num_workers, collate_fn=partial(collate_checked, collate=collate, pad_id=pad_id),
         generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
     return iter(loader)
 
@@ -531,13 +518,3 @@ def _gather_bad(bad: list[BadEntry], d: Dist) -> list[BadEntry]:
         dist.all_gather_object(parts, bad)
         bad = [b for p in parts for b in p]
     return list({b.index: b for b in bad}.values())
-
-
-class _Collate:
-    """Picklable collate_fn for the DataLoader's worker processes."""
-
-    def __init__(self, collate: Callable, pad_id: int):
-        self.collate, self.pad_id = collate, pad_id
-
-    def __call__(self, items: list) -> dict:
-        return collate_checked(items, self.collate, self.pad_id)

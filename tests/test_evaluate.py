@@ -328,3 +328,16 @@ def test_cli_scores_a_real_checkpoint_without_stand_ins(bases, tmp_path, capsys)
     guesses = (encoder.encode([ev.answer_prompt(r["prediction"], "esc50") for r in rows]) @ labels.T).argmax(1)
     truth = [cats.index(r["reference"]) for r in rows]
     assert m["accuracy"] == pytest.approx(float(np.mean(np.asarray(guesses) == np.asarray(truth))))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "vs", "--checkpoint", "c"], "pass --data EVAL_JSON"),
+    (["--task", "esc50", "--checkpoint", "c"], "pass --data EVAL_JSON or --esc50-root DIR"),
+    (["--task", "vs", "--data", "e.json", "--checkpoint", "c"], "--task vs needs --labels"),
+    (["--task", "vs", "--esc50-root", "E", "--checkpoint", "c"], "--esc50-root goes with --task esc50"),
+    (["--task", "audiocaps", "--data", "e.json"], "pass --output PREDICTIONS_JSONL (or --checkpoint)"),
+])
+def test_cli_says_what_is_missing(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ev.parse_args(argv)
+    assert message in capsys.readouterr().err
