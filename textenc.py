@@ -131,34 +131,30 @@ class TextEncoder:
                 handle_chinese_chars=tok_cfg.get("tokenize_chinese_chars", True))
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
-        self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_len)
+        self.tokenizer.enable_padding(pad_id=0)  # a batch: padded to its longest text, attention_mask 0 there
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's ids: [CLS] WordPiece pieces [SEP], at most max_seq_length."""
-        texts = [t.lower() if self.lowercase_input else t for t in texts]
-        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+        return [self.tokenizer.encode(t.lower() if self.lowercase_input else t).ids for t in texts]
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """texts: n strings. Returns (n, d) float32 unit vectors on the CPU."""
-        ids = self.token_ids(texts)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
-        out = torch.empty(len(ids), self.cfg.hidden_size)
+        texts = [t.lower() if self.lowercase_input else t for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths together: less padding
+        out = torch.empty(len(texts), self.cfg.hidden_size)
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            L = max(len(ids[i]) for i in chunk)
-            tok = torch.zeros(len(chunk), L, dtype=torch.long)
-            for row, i in enumerate(chunk):
-                tok[row, :len(ids[i])] = torch.tensor(ids[i])
-            mask = torch.arange(L)[None, :] < torch.tensor([len(ids[i]) for i in chunk])[:, None]  # (B, L)
-            tok, mask = tok.to(self.device), mask.to(self.device)
-            h = self.model(tok, mask).float()  # (B, L, d)
+            batch = self.tokenizer.encode_batch([texts[i] for i in chunk])
+            ids = torch.tensor([e.ids for e in batch], device=self.device)                    # (B, L)
+            mask = torch.tensor([e.attention_mask for e in batch], device=self.device).bool()  # (B, L)
+            h = self.model(ids, mask).float()                                                 # (B, L, d)
             if self.cls_pooling:
                 pooled = h[:, 0]
             else:
                 m = mask[..., None].float()
-                pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                pooled = (h * m).sum(1) / m.sum(1)
             out[chunk] = F.normalize(pooled, dim=-1).cpu()
         return out
 
