@@ -2,7 +2,7 @@
 
     python train.py --demo --output-dir demo       # (train.py hands --demo to `run_demo`)
     python evaluate.py --task demo --checkpoint demo
-    python sslalm.py ask --checkpoint demo demo/data/eval/am_tone_000.wav "What can you hear?"
+    python cli.py ask --checkpoint demo demo/data/eval/am_tone_000.wav "What can you hear?"
 
 What it does, and what stands in for what in the paper:
     1. data        synthetic sounds of 12 kinds (tones, noises, chirps, clicks, modulated tones, silence) at two
@@ -13,8 +13,8 @@ What it does, and what stands in for what in the paper:
                    of its clip (`pretrain_demo_lm`)                                              <- Mamba-2.8B
     4. DASS        a tiny DASS pretrained to tag the clips with their class and loudness
                    (`pretrain_demo_dass`)                                                        <- DASS on AudioSet
-    5. ssLALM      stages 1 and 2 of LTU's recipe through `train.train` and `sslalm.SSLALM`, the same code as the
-                   real run: the projector alone, then DASS + projector + LoRA on a frozen LM
+    5. ssLALM      stages 1 and 2 of LTU's recipe through `trainer.train` and `sslalm.SSLALM`, the same code as
+                   the real run: the projector alone, then DASS + projector + LoRA on a frozen LM
     6. check       answers to LTU's classification prompt on the held-out clips (the paper's sampling)
 `DemoConfig` holds the sizes and steps; the JSON files name audio relative to their own folder, so the output
 folder can be moved as a whole.
@@ -35,12 +35,17 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 
 import audio
-from evaluate import CLASSIFY as CLASSIFY_PROMPT  # LTU's classification prompt
-from train import (OpenAQADataset, TrainConfig, count_parameters, load_openaqa, lr_at, resolve_audio,
-                   save_final, train)
+import checkpoint
+import sslalm
+import weights
+from dass import DASS, DASSConfig
+from data import CLASSIFY_PROMPT, OpenAQADataset, load_eval_json, load_openaqa
+from mamba import MambaConfig, MambaLM
+from trainer import TrainConfig, count_parameters, lr_at, train
 
 # ----------------------------------------------------------------------------------------------------------------
 # The demo, part 1: a synthetic sound question-answer set in OpenAQA format
@@ -125,7 +130,8 @@ def synth_clip(cls: str, rng: np.random.Generator, sr: int = audio.SAMPLE_RATE) 
     return np.clip(x * fade, -1, 1).astype(np.float32), p
 
 
-def demo_questions(display: str, kind: str, caption: str, loudness: str, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def demo_questions(display: str, kind: str, caption: str, loudness: str,
+                   rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """(task, instruction, output) for one clip: the classification prompt, an open description, two closed ones."""
     described = f"A {loudness} {caption}." if loudness != "silent" else "Silence: nothing can be heard."
     return [
@@ -225,14 +231,13 @@ def demo_texts(entries: list[dict]) -> list[str]:
     """The LM's pretraining text. Each QA pair in the ssLALM's prompt format, preceded by a description of its clip
     (the answer to "What can you hear?") and ended by EOS: the LM learns to answer questions about a description
     that comes before the prompt, the place where the ssLALM will put its audio tokens."""
-    from sslalm import prompt_text
     described = {e["audio_id"]: e["output"] for e in entries if e["task"] == "open-ended question"}
-    return [f"{described[e['audio_id']]}\n{prompt_text(e['instruction'])}{e['output']}<|endoftext|>" for e in entries]
+    return [f"{described[e['audio_id']]}\n{sslalm.prompt_text(e['instruction'])}{e['output']}<|endoftext|>"
+            for e in entries]
 
 
 def train_demo_tokenizer(texts: list[str], path: str | Path, vocab_size: int) -> None:
     """A byte-level BPE like GPT-NeoX's (the Mamba tokenizer): no prefix space, <|endoftext|> = id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -266,7 +271,6 @@ def _pretrain(model: nn.Module, loss_fn: Callable[[list[int]], Tensor], n: int, 
 
 def pretrain_demo_lm(texts: list[str], tokenizer, cfg: DemoConfig, seed: int, out: Path) -> nn.Module:
     """Next-token training of a tiny Mamba LM from scratch on `texts`; saved in the HF format in `out`."""
-    from mamba import MambaConfig, MambaLM
     torch.manual_seed(seed)
     lm = MambaLM(MambaConfig(d_model=cfg.lm_d_model, n_layer=cfg.lm_layers, d_state=cfg.lm_d_state,
                              vocab_size=tokenizer.tokenizer.get_vocab_size()))
@@ -282,7 +286,7 @@ def pretrain_demo_lm(texts: list[str], tokenizer, cfg: DemoConfig, seed: int, ou
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
     _pretrain(lm, loss_fn, len(seqs), cfg.lm_steps, cfg.lm_lr, cfg.batch_size, cfg.warmup_steps, seed, "LM")
-    lm.save_pretrained(str(out))
+    weights.save_mamba(lm, str(out))
     return lm
 
 
@@ -301,9 +305,8 @@ def lm_check(lm: nn.Module, tokenizer, texts: list[str]) -> int:
 
 def pretrain_demo_dass(clips: list[dict], cfg: DemoConfig, seed: int, path: Path) -> nn.Module:
     """A tiny DASS trained from scratch to tag the demo's training clips with their class and their loudness (as
-    DASS was trained to tag AudioSet clips); saved with `DASS.save_pretrained`, head included, like a published
+    DASS was trained to tag AudioSet clips); saved with `weights.save_dass`, head included, like a published
     DASS checkpoint. The head's first 12 outputs score the classes, the last 2 the loudness (a softmax each)."""
-    from dass import DASS, DASSConfig
     torch.manual_seed(seed)
     tags, k = demo_tags(), len(DEMO_CLASSES)
     model = DASS(DASSConfig(dims=cfg.dass_dims, depths=cfg.dass_depths, n_classes=len(tags)))
@@ -316,7 +319,7 @@ def pretrain_demo_dass(clips: list[dict], cfg: DemoConfig, seed: int, path: Path
         return F.cross_entropy(logits[:, :k], cls[idx]) + F.cross_entropy(logits[:, k:], loud[idx], ignore_index=-100)
 
     _pretrain(model, loss_fn, len(clips), cfg.dass_steps, cfg.dass_lr, cfg.batch_size, cfg.warmup_steps, seed, "DASS")
-    model.save_pretrained(path)
+    weights.save_dass(model, path)
     return model
 
 
@@ -337,9 +340,6 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
     """The whole demo (data, tokenizer, LM and DASS pretraining, stages 1 and 2 of the recipe), the final
     checkpoint in output_dir. Returns the timings and the exact-match accuracy of answers (the paper's sampling)
     on the held-out clips."""
-    import sslalm
-    from dass import DASSConfig
-    from mamba import MambaTokenizer
     cfg = cfg or DemoConfig()
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -363,7 +363,7 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
     llm_dir.mkdir(exist_ok=True)
     texts = demo_texts(entries)
     train_demo_tokenizer(texts, llm_dir / "tokenizer.json", cfg.vocab_size)
-    tok = MambaTokenizer(str(llm_dir / "tokenizer.json"))
+    tok = weights.MambaTokenizer(str(llm_dir / "tokenizer.json"))
     say(f"      {tok.tokenizer.get_vocab_size()} tokens, <|endoftext|> = {tok.eos_token_id}; "
         f"{cla[0]['output']!r} -> {tok.tokenizer.encode(cla[0]['output']).tokens}")
     say(f"[3/6] Language model: Mamba-2.8B was pretrained on the Pile; here a tiny Mamba (d_model {cfg.lm_d_model}, "
@@ -371,8 +371,8 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
         "description of its clip:")
     say("      " + texts[0].replace("\n", "\\n"))
     lm = pretrain_demo_lm(texts, tok, cfg, seed, llm_dir)
-    say(f"      {count_parameters(lm.parameters()):,} parameters, saved in Hugging Face's format in {llm_dir}; with the "
-        f"description in front it answers {lm_check(lm, tok, texts[:24])} of 24 of its training questions (the "
+    say(f"      {count_parameters(lm.parameters()):,} parameters, saved in Hugging Face's format in {llm_dir}; with "
+        f"the description in front it answers {lm_check(lm, tok, texts[:24])} of 24 of its training questions (the "
         "ssLALM will have to answer from the sound alone)")
     times["lm"] = time.time() - t
 
@@ -394,11 +394,11 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
                                  llm_weights=str(llm_dir), dass_weights=str(dass_file),
                                  audio_frames=cfg.audio_frames, response_only_loss=cfg.response_only_loss)
     torch.manual_seed(seed)
-    model = sslalm.SSLALM.build(config)                      # the same loading code as the real model
+    model = checkpoint.build(config)                      # the same loading code as the real model
     table = sslalm.parameter_table(model)
     say("      parameters: " + ", ".join(f"{k} {v:,}" for k, v in table["parts"].items()) +
         f"; a clip's {cfg.audio_frames} fbank frames -> {2 * math.ceil(cfg.audio_frames / 64)} audio tokens")
-    ds_all, ds_cla = (OpenAQADataset(e, model.encode_example, paths["train"].parent, audio_frames=cfg.audio_frames,
+    ds_all, ds_cla = (OpenAQADataset(e, model.encode_example, [paths["train"].parent], audio_frames=cfg.audio_frames,
                                      cache=True) for e in (entries, cla))
     common = dict(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, warmup_steps=cfg.warmup_steps, seed=seed,
                   save_every=0, keep=1, num_workers=0, log_every=25)
@@ -415,23 +415,23 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
         tc = TrainConfig(lr=lr, epochs=epochs, trainable=parts, name=f"stage {stage}", **common)
         train(model, ds, sslalm.collate, tok.eos_token_id, tc, out / f"stage{stage}")
         times[f"stage{stage}"] = time.time() - t
-    save_final(model, out)
+    checkpoint.save_checkpoint(model, out)
     say(f"      the trained DASS, projector and LoRA weights: {out / 'model.safetensors'} (+ config.json naming "
         "the base LM and DASS)")
 
     t = time.time()
     model.eval()
-    evals = [{**e, "audio_id": str(resolve_audio(e["audio_id"], out))} for e in load_openaqa(paths["eval"])]
+    evals = load_eval_json(paths["eval"])
     evals = evals[::max(1, len(evals) // cfg.check_clips)][:cfg.check_clips] if cfg.check_clips else evals
     say(f"[6/6] Check: answers to LTU's classification prompt on {len(evals)} held-out clips (the paper's sampling)")
     right, generator = 0, torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for s in range(0, len(evals), 24):
             chunk = evals[s:s + 24]
-            answers = model.answer([e["audio_id"] for e in chunk], [e["instruction"] for e in chunk],
+            answers = model.answer([c.path for c in chunk], [c.instruction for c in chunk],
                                    max_new_tokens=24, generator=generator)  # the paper's sampling
-            right += sum(a == e["output"] for a, e in zip(answers, chunk))
-        clip = evals[-1]["audio_id"]
+            right += sum(a == c.reference for a, c in zip(answers, chunk))
+        clip = evals[-1].path
         for q in ("What can you hear?", "Is the sound loud or quiet?"):
             a = model.answer([clip], [q], max_new_tokens=24, generator=generator)[0]
             say(f"      {Path(clip).name}: {q!r} -> {a!r}")
@@ -441,7 +441,7 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
     say(f"      exact answers: {right}/{len(evals)} = {acc:.1%}")
     say(f"done in {times['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items() if k != "total") +
         f"). Next:\n  python evaluate.py --task demo --checkpoint {out}\n"
-        f"  python sslalm.py ask --checkpoint {out} {clip} \"What can you hear?\"")
+        f"  python cli.py ask --checkpoint {out} {clip} \"What can you hear?\"")
     result = {"accuracy": acc, "times": times, "checkpoint": str(out), "config": dataclasses.asdict(cfg)}
     (out / "demo_result.json").write_text(json.dumps(result, indent=1))
     return result

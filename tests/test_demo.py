@@ -1,6 +1,6 @@
 """The embedded demo (demo.py): its synthetic data, a reduced run, determinism, and the main job end to end exactly
 as the README gives it: its demo commands run in a fresh folder (train.py --demo, evaluate.py --task demo,
-sslalm.py ask), the demo trains on the CPU in minutes, and its checkpoint answers the held-out clips it never saw
+cli.py ask), the demo trains on the CPU in minutes, and its checkpoint answers the held-out clips it never saw
 with more than 90% accuracy under the paper's sampling (scored as Table I)."""
 import json
 import math
@@ -12,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 import audio
+import checkpoint
+import data
 import demo
+import sslalm
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +34,7 @@ def readme_demo_commands() -> list[list[str]]:
 
 def test_the_readme_demo_trains_and_answers(tmp_path):
     commands = readme_demo_commands()
-    assert [c[1] for c in commands] == ["train.py", "evaluate.py", "sslalm.py"]
+    assert [c[1] for c in commands] == ["train.py", "evaluate.py", "cli.py"]
     outputs = []
     for cmd in commands:
         argv = [sys.executable, str(ROOT / cmd[1]), *cmd[2:]]
@@ -60,14 +64,14 @@ def _spectrum(path):
 
 def test_demo_data_is_valid_openaqa_with_distinguishable_classes(tmp_path):
     paths = demo.make_demo_data(tmp_path, clips_per_class=2, eval_per_class=1, seed=1, verbose=False)
-    entries = train.load_openaqa(paths["train"])
+    entries = data.load_openaqa(paths["train"])
     assert len(entries) == 2 * len(demo.DEMO_CLASSES) * 4
-    assert all(set(e) == set(train.OPENAQA_KEYS) for e in entries)
-    evals = train.load_openaqa(paths["eval"])
+    assert all(set(e) == set(data.OPENAQA_KEYS) for e in entries)
+    evals = data.load_openaqa(paths["eval"])
     labels = (tmp_path / "demo_labels.csv").read_text().splitlines()
     assert labels[0] == "index,mid,display_name" and len(labels) == len(demo.DEMO_CLASSES) + 1
     names = {line.split(",", 2)[2] for line in labels[1:]}
-    assert {e["output"] for e in evals} == names and all(e["instruction"] == demo.CLASSIFY_PROMPT for e in evals)
+    assert {e["output"] for e in evals} == names and all(e["instruction"] == data.CLASSIFY_PROMPT for e in evals)
     clips = json.loads(paths["clips"].read_text())
     assert {c["file"] for c in clips if c["split"] == "train"} == {e["audio_id"] for e in entries}
     for c in clips:
@@ -107,19 +111,17 @@ TINY_DEMO = dict(clips_per_class=1, eval_per_class=1, lm_steps=4, dass_steps=3, 
 
 
 def test_small_demo_run_gives_a_loadable_checkpoint_that_trains_further(tmp_path, capsys):
-    import sslalm
     res = demo.run_demo(tmp_path / "demo", demo.DemoConfig(**TINY_DEMO), seed=0)
     out = Path(res["checkpoint"])
     err = capsys.readouterr().err
     for step in ("[1/6]", "[3/6]", "[4/6]", "stage 1", "stage 2", "[6/6]"):
         assert step in err
     out = out.rename(tmp_path / "moved")  # the demo folder is self-contained: it works wherever it is
-    model = sslalm.load_checkpoint(out)
+    model = checkpoint.load_checkpoint(out)
     assert model.config.audio_frames == demo.DemoConfig.audio_frames
-    ev = train.load_openaqa(out / "demo_eval.json")[0]
+    ev = data.load_openaqa(out / "demo_eval.json")[0]
     answer = model.answer([str(out / ev["audio_id"])], [ev["instruction"]], greedy=True, max_new_tokens=5)[0]
     assert isinstance(answer, str)
-    from safetensors.torch import load_file
     saved = load_file(str(out / "model.safetensors"))
     own = model.trainable_state_dict()
     assert set(saved) == set(own) and all(torch.equal(saved[k], own[k]) for k in saved)
@@ -130,7 +132,7 @@ def test_small_demo_run_gives_a_loadable_checkpoint_that_trains_further(tmp_path
     assert rc == 0
     log = [json.loads(x) for x in (tmp_path / "s3" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
-    again = sslalm.load_checkpoint(tmp_path / "s3")
+    again = checkpoint.load_checkpoint(tmp_path / "s3")
     before = model.trainable_state_dict()
     after = again.trainable_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora" in k)

@@ -1,0 +1,520 @@
+"""The training loop of LTU's four-stage recipe (paper §III-E): data-parallel, resumable, failing loudly.
+
+The recipe (following LTU; global batch 256, AdamW without weight decay, 100 warm-up steps then a linear decay,
+gradient clipping at 1.0, bf16 autocast on GPU):
+    stage  data                          trains                       lr     epochs
+    1      classification                projector                    1e-3   2
+    2      classification                DASS, projector, LoRA        1e-4   2
+    3      all closed-ended questions    DASS, projector, LoRA        1e-4   1
+    4      all of OpenAQA (open+closed)  DASS, projector, LoRA        1e-4   1
+
+Glossary (code name -> meaning):
+    order          the shuffled entry indices of one epoch (a seeded permutation, stored in every checkpoint)
+    step           one optimizer update on `batch_size` (256) entries: the global batch
+    micro-batch    the entries one process puts through the model at once (`micro_batch`); the global batch's
+                   micro-batches are dealt to the ranks round-robin and their gradients summed (accumulation)
+    pass           one forward and backward; every rank makes as many passes per step as rank 0 has micro-batches,
+                   a rank short of micro-batches making zero passes (no data, zero gradients) to join the all-reduce
+    rank, world    this process's index among `world` data-parallel processes (torchrun)
+
+Loss of a step = the mean over its micro-batches of the model's loss (mean cross-entropy over a micro-batch's
+labelled tokens), as with Hugging Face's Trainer that LTU used. Micro-batches are cut from the global order the
+same way whatever the number of processes, so 1 or N GPUs with the same batch size and micro-batch size train the
+same model up to float summation order (and dropout masks, which are per process).
+
+Checkpoints: <output_dir>/checkpoints/step-NNNNNNN/ holds the model's files (model.save_checkpoint), trainer.pt
+(optimizer, step, the epoch's order) and rng-rank{r}.pt (each process's torch, CUDA-device, numpy and python random
+states). Each is written into a temporary folder that is renamed when complete; the newest `keep` are kept. A resume
+continues exactly: on CPU the losses after a resume are bit-identical to those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from data import BadEntry, DataError, collate_checked
+
+# stage -> (trainable parts, learning rate, epochs): LTU's recipe, paper §III-E
+STAGES = {
+    1: (("projector",), 1e-3, 2),
+    2: (("dass", "projector", "lora"), 1e-4, 2),
+    3: (("dass", "projector", "lora"), 1e-4, 1),
+    4: (("dass", "projector", "lora"), 1e-4, 1),
+}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm of a step became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults: LTU's recipe (§III-E); `for_stage` fills lr, epochs and trainable."""
+    lr: float = 1e-4
+    epochs: int = 1
+    trainable: tuple[str, ...] = ("dass", "projector", "lora")
+    batch_size: int = 256          # global (effective) batch: micro_batch x accumulation x processes
+    micro_batch: int = 4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    max_steps: int | None = None   # train exactly this many steps, overriding epochs (as HF's Trainer)
+    seed: int = 0
+    save_every: int = 1000         # steps; 0: only at the end
+    keep: int = 2                  # checkpoints kept
+    num_workers: int = 4
+    skip_bad: bool = False
+    log_every: int = 10            # progress lines when stderr is not a terminal
+    name: str = "train"            # shown in the progress line ("stage 1")
+
+    @classmethod
+    def for_stage(cls, stage: int, **overrides) -> "TrainConfig":
+        if stage not in STAGES:
+            raise ValueError(f"--stage must be one of {sorted(STAGES)}; got {stage}")
+        trainable, lr, epochs = STAGES[stage]
+        kw = dict(lr=lr, epochs=epochs, trainable=trainable, name=f"stage {stage}")
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)   # per step of this invocation
+    steps: int = 0                                      # global steps done in all (resumed ones included)
+    bad: list[BadEntry] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order and the learning-rate schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The shuffled order of epoch `epoch`: a permutation of range(n) that depends on (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)  # the last, smaller global batch is kept
+
+
+def micro_batches(order: Tensor, step: int, batch_size: int, micro_batch: int, world: int,
+                  rank: int) -> list[list[int]]:
+    """The micro-batches that `rank` runs for step `step` (0-based, within the epoch).
+
+    The step's global batch order[step*B : (step+1)*B] is cut into consecutive micro-batches of `micro_batch`
+    entries; micro-batch j goes to rank j % world. With world = 1 a process runs them all, so 1 and N processes
+    see the same micro-batches.
+    """
+    chunk = order[step * batch_size:(step + 1) * batch_size].tolist()
+    mbs = [chunk[j:j + micro_batch] for j in range(0, len(chunk), micro_batch)]
+    return mbs[rank::world]
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up over `warmup` steps to `lr`, then a
+    linear decay that reaches lr / (total - warmup) at the last step."""
+    if step <= warmup:
+        return lr * step / warmup
+    return lr * (total - step + 1) / max(1, total - warmup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise.
+    NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} but RANK or MASTER_ADDR is not set: launch data-parallel runs with "
+                         "torchrun (or set RANK, MASTER_ADDR, MASTER_PORT for every process), or unset WORLD_SIZE")
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank, world, local)
+
+
+class LossOf(nn.Module):
+    """What DistributedDataParallel wraps: the model's loss on a batch; for batch None (a zero pass) a zero whose
+    gradient is zero for every trained parameter, so that a rank without data still joins the all-reduce."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict | None) -> Tensor:
+        if batch is None:
+            return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+        return self.model(**batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random states and checkpoints: <output_dir>/checkpoints/step-0000123/{model files, trainer.pt, rng-rank0.pt}
+# ----------------------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int, rank: int) -> None:
+    torch.manual_seed(seed + 7919 * rank)  # the CPU and every CUDA device
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random states, CUDA only for its own device (not every visible GPU: a resume may see fewer)."""
+    np_state = np.random.get_state(legacy=False)
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}}}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s: dict, device: torch.device) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    key = np.array(s["numpy"]["state"]["key"], dtype=np.uint32)
+    np.random.set_state({**s["numpy"], "state": {"key": key, "pos": s["numpy"]["state"]["pos"]}})
+    if "cuda" in s and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (temporary directories of unfinished writes excluded)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step-") and (p / "trainer.pt").is_file())
+
+
+def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Path, step: int, d: Dist,
+                    keep: int, device: torch.device = torch.device("cpu")) -> Path:
+    """Write checkpoint `step` atomically: everything goes into a temporary directory that is renamed when
+    complete, so a crash mid-write leaves no checkpoint that looks whole. Keeps the newest `keep` checkpoints."""
+    root = Path(output_dir) / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    if d.main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    d.barrier()
+    torch.save(rng_state(device), tmp / f"rng-rank{d.rank}.pt")
+    d.barrier()
+    if d.main:
+        model.save_checkpoint(tmp)
+        torch.save(trainer_state, tmp / "trainer.pt")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    d.barrier()
+    return final
+
+
+def _fsync_dir(p: Path) -> None:
+    for f in p.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------------------------
+
+class Progress:
+    """A live line on stderr (rewritten in place on a terminal) and a JSON line per step in <output_dir>/log.jsonl."""
+
+    def __init__(self, output_dir: Path, name: str, total: int, start: int, every: int, enabled: bool):
+        self.name, self.total, self.start, self.every, self.enabled = name, total, start, every, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.time()
+        self.samples = 0
+        self.log = open(output_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
+
+    def step(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self.samples += rec["samples"]
+        dt = time.time() - self.t0
+        rec["samples_per_s"] = round(self.samples / max(dt, 1e-9), 2)
+        self.log.write(json.dumps(rec) + "\n")
+        self.log.flush()
+        s = rec["step"]
+        eta = int(dt / max(1, s - self.start) * (self.total - s))
+        line = (f"{self.name} | step {s}/{self.total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                f"{rec['samples_per_s']:.1f} samples/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        if self.tty:
+            print("\r" + line, end="\n" if s == self.total else "", file=sys.stderr, flush=True)
+        elif s % self.every == 0 or s == self.total or s == self.start + 1:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
+            if self.tty:
+                print(file=sys.stderr)
+
+
+def report_bad(bad: list[BadEntry], file=None, limit: int = 20) -> None:
+    """The end-of-run report of --skip-bad: how many entries were skipped, and which."""
+    if not bad:
+        return
+    file = file or sys.stderr
+    print(f"skipped {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} (--skip-bad):", file=file)
+    for b in sorted(bad, key=lambda b: b.index)[:limit]:
+        print(f"  {b}", file=file)
+    if len(bad) > limit:
+        print(f"  ... and {len(bad) - limit} more", file=file)
+
+
+def count_parameters(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, and the shuffled order of epoch `order_epoch`."""
+    step: int
+    order_epoch: int
+    order: Tensor
+
+
+def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable[[list[dict], int], dict],
+          pad_id: int, cfg: TrainConfig, output_dir: str | Path, *, resume: str | Path | None = None,
+          d: Dist | None = None, device: torch.device | str = "cpu",
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train `model`'s parameters that require grad on `dataset`; checkpoints and logs go to `output_dir`.
+
+    model(**batch) must return the scalar loss of a micro-batch; model.save_checkpoint(dir) and
+    model.trainable_state_dict() / load_trainable_state_dict(sd) save and restore the trained weights.
+    resume: a checkpoint directory (or "latest": the newest in output_dir/checkpoints) to continue from exactly.
+    on_step(step, loss) is called after every optimizer step (tests use it to simulate a crash).
+    Raises NonFiniteLoss at the first step whose loss or gradient norm is NaN/inf (nothing of it is saved) and
+    DataError at the first bad entry unless cfg.skip_bad.
+    """
+    d, device, out = d or Dist(), torch.device(device), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: nothing to train")
+    n = len(dataset)
+    if n == 0:
+        raise DataError("no training entries left")
+    per_epoch = steps_per_epoch(n, cfg.batch_size)
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    result = TrainResult()
+    if resume is None:
+        pos = Position(0, 0, epoch_order(n, cfg.seed, 0))
+        seed_everything(cfg.seed, d.rank)
+    else:
+        pos, result.bad = _resume(resume, out, model, opt, cfg, n, d, device)
+    net: nn.Module = LossOf(model)
+    if d.world > 1:  # rank 0's weights are broadcast to every rank; gradients are averaged in the last pass
+        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+
+    def state() -> dict:
+        return {"step": pos.step, "epoch": pos.step // per_epoch, "step_in_epoch": pos.step % per_epoch,
+                "order_epoch": pos.order_epoch, "order": pos.order, "optimizer": opt.state_dict(),
+                "n_entries": n, "world": d.world, "total_steps": total, "config": dataclasses.asdict(cfg),
+                "bad": [dataclasses.asdict(b) for b in result.bad]}
+
+    prog = Progress(out, cfg.name, total, pos.step, cfg.log_every, d.main)
+    model.train()
+    try:
+        while pos.step < total:
+            epoch = pos.step // per_epoch
+            if pos.order_epoch != epoch:
+                pos.order_epoch, pos.order = epoch, epoch_order(n, cfg.seed, epoch)
+            first = pos.step - epoch * per_epoch
+            plan = [_passes(pos.order, s, cfg, d) for s in range(first, min(per_epoch, first + total - pos.step))]
+            batches = _batches(dataset, plan, collate, pad_id, cfg, device)
+            for passes in plan:
+                t0 = time.time()
+                sums = _accumulate(net, batches, passes, cfg, device, result.bad)
+                loss, gnorm, samples = _reduce_and_clip(params, sums, d, cfg, pos.step + 1, out)
+                lr = lr_at(pos.step + 1, cfg.lr, cfg.warmup_steps, total)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                pos.step += 1
+                result.losses.append(loss)
+                prog.step({"step": pos.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                           "samples": samples, "time": round(time.time() - t0, 4)})
+                if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < total:
+                    result.checkpoint = save_checkpoint(model, state(), out, pos.step, d, cfg.keep, device)
+                if on_step is not None:
+                    on_step(pos.step, loss)
+            del batches  # the loader's worker processes end with the epoch
+        result.checkpoint = save_checkpoint(model, state(), out, pos.step, d, cfg.keep, device)
+    finally:
+        prog.close()
+    result.steps = pos.step
+    result.bad = _gather_bad(result.bad, d)
+    return result
+
+
+def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
+            n: int, d: Dist, device: torch.device) -> tuple[Position, list[BadEntry]]:
+    """Load checkpoint `resume` ("latest": the newest in out/checkpoints) into the model, the optimizer and the
+    random states; returns where the run was and the bad entries met so far."""
+    ckpt = Path(resume)
+    if str(resume) == "latest":
+        found = list_checkpoints(out)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        ckpt = found[-1]
+    st = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    if st["n_entries"] != n:
+        raise DataError(f"--resume {ckpt}: the checkpoint was trained on {st['n_entries']} entries, the data now "
+                        f"has {n}; resume with the same data (and --skip-bad setting)")
+    for key in ("batch_size", "seed", "epochs", "max_steps"):
+        if st["config"][key] != getattr(cfg, key):
+            raise ValueError(f"--resume {ckpt}: it was trained with {key} {st['config'][key]}, now {key} is "
+                             f"{getattr(cfg, key)}; the data order and the schedule depend on it")
+    model.load_trainable_state_dict(load_file(str(ckpt / "model.safetensors")))
+    opt.load_state_dict(st["optimizer"])
+    if st["world"] == d.world:
+        set_rng_state(torch.load(ckpt / f"rng-rank{d.rank}.pt", map_location="cpu", weights_only=True), device)
+    else:
+        print(f"note: {ckpt} was written by {st['world']} processes, resuming with {d.world}; the data order "
+              "and weights continue exactly, random states (dropout) start afresh", file=sys.stderr)
+        seed_everything(cfg.seed + st["step"], d.rank)
+    if d.main:
+        print(f"resumed from {ckpt} at step {st['step']}", file=sys.stderr)
+    return Position(st["step"], st["order_epoch"], st["order"]), [BadEntry(**b) for b in st["bad"]]
+
+
+def _passes(order: Tensor, step: int, cfg: TrainConfig, d: Dist) -> list[list[int] | None]:
+    """This rank's micro-batches of `step`, padded with None (zero passes) to rank 0's number of micro-batches."""
+    mine = micro_batches(order, step, cfg.batch_size, cfg.micro_batch, d.world, d.rank)
+    most = len(micro_batches(order, step, cfg.batch_size, cfg.micro_batch, d.world, 0))
+    return mine + [None] * (most - len(mine))
+
+
+def _batches(dataset, plan: list[list], collate: Callable, pad_id: int, cfg: TrainConfig, device: torch.device):
+    """An iterator over the batches of the planned micro-batches (zero passes read nothing)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[mb for passes in plan for mb in passes if mb is not None],
+        num_workers=cfg.num_workers, collate_fn=partial(collate_checked, collate=collate, pad_id=pad_id),
+        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
+    return iter(loader)
+
+
+def _accumulate(net: nn.Module, batches, passes: list, cfg: TrainConfig, device: torch.device,
+                bad: list[BadEntry]) -> Tensor:
+    """Forward and backward of one step's passes, their gradients summed in .grad; a micro-batch whose every entry
+    is bad becomes a zero pass. Returns this rank's [sum of micro-batch losses, micro-batches, entries] (float64)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for j, mb in enumerate(passes):
+        batch = None
+        if mb is not None:
+            got = next(batches)
+            for b in got.pop("bad"):
+                if not cfg.skip_bad:
+                    raise DataError(f"{b}; pass --skip-bad to skip such entries")
+                bad.append(b)
+            k = got.pop("n")
+            if k:
+                batch = {key: v.to(device, non_blocking=True) for key, v in got.items()}
+                sums[1:] += torch.tensor([1, k], dtype=torch.float64)
+        last = j == len(passes) - 1  # DDP all-reduces in the backward of the last pass only
+        with net.no_sync() if isinstance(net, DistributedDataParallel) and not last else nullcontext():
+            with autocast:
+                loss = net(batch)
+            loss.backward()
+        if batch is not None:
+            sums[0] += loss.detach().double().cpu()
+    return sums
+
+
+def _reduce_and_clip(params: list[nn.Parameter], sums: Tensor, d: Dist, cfg: TrainConfig, step: int,
+                     out: Path) -> tuple[float, float, int]:
+    """The step's loss, gradient norm (before clipping) and entries over all ranks; the gradients of the step's
+    loss in .grad, clipped. Raises NonFiniteLoss (nothing updated) on a NaN or infinite loss or gradient norm."""
+    tot = d.all_sum(sums.to(params[0].device) if d.world > 1 else sums).cpu()
+    loss_sum, n_mb, samples = tot.tolist()
+    if n_mb == 0:
+        raise DataError(f"step {step}: every entry of the global batch was bad")
+    # The step's loss is the mean of its micro-batch losses, so its gradient is the sum of theirs / n_mb. DDP left
+    # (sum over all ranks) / world in .grad (a single process: its own sum), hence the factor world / n_mb.
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(d.world / n_mb)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+    loss = loss_sum / n_mb
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        last = list_checkpoints(out)
+        raise NonFiniteLoss(f"step {step}: loss {loss} / gradient norm {gnorm} is not finite; stopped without "
+                            f"updating. Last good checkpoint: {last[-1] if last else 'none yet'}")
+    return loss, gnorm, int(samples)
+
+
+def _gather_bad(bad: list[BadEntry], d: Dist) -> list[BadEntry]:
+    """The bad entries met by all ranks, each once, by entry index."""
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, bad)
+        bad = [b for p in parts for b in p]
+    return list({b.index: b for b in bad}.values())
