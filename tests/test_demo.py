@@ -18,7 +18,6 @@ import audio
 import checkpoint
 import data
 import demo
-import sslalm
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
