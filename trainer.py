@@ -145,6 +145,7 @@ def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
 
 @dataclass
 class Dist:
+    """This process among the data-parallel ones (a single process: rank 0 of 1)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0

@@ -98,7 +98,8 @@ def params_of(m):
 # ----------------------------------------------------------------------------------------------------------------
 
 def entry(audio_id):
-    return dict(instruction="What can you hear?", input="", audio_id=audio_id, dataset="d", task="open", output="A tone.")
+    return dict(instruction="What can you hear?", input="", audio_id=audio_id, dataset="d", task="open",
+                output="A tone.")
 
 
 def byte_encode(instruction, output, input=""):
