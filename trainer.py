@@ -22,7 +22,7 @@ labelled tokens), as with Hugging Face's Trainer that LTU used. Micro-batches ar
 same way whatever the number of processes, so 1 or N GPUs with the same batch size and micro-batch size train the
 same model up to float summation order (and dropout masks, which are per process).
 
-Checkpoints: <output_dir>/checkpoints/step-NNNNNNN/ holds the model's files (model.save_checkpoint), trainer.pt
+Checkpoints: <output_dir>/checkpoints/step-NNNNNNN/ holds the model's files (checkpoint.save_checkpoint), trainer.pt
 (optimizer, step, the epoch's order) and rng-rank{r}.pt (each process's torch, CUDA-device, numpy and python random
 states). Each is written into a temporary folder that is renamed when complete; the newest `keep` are kept. A resume
 continues exactly: on CPU the losses after a resume are bit-identical to those of an uninterrupted run.
@@ -46,10 +46,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpoint
 from data import BadEntry, DataError, collate_checked
 
 # stage -> (trainable parts, learning rate, epochs): LTU's recipe, paper §III-E
@@ -247,7 +247,7 @@ def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Pat
     torch.save(rng_state(device), tmp / f"rng-rank{d.rank}.pt")
     d.barrier()
     if d.main:
-        model.save_checkpoint(tmp)
+        checkpoint.save_checkpoint(model, tmp)
         torch.save(trainer_state, tmp / "trainer.pt")
         _fsync_dir(tmp)
         if final.exists():
@@ -344,8 +344,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train `model`'s parameters that require grad on `dataset`; checkpoints and logs go to `output_dir`.
 
-    model(**batch) must return the scalar loss of a micro-batch; model.save_checkpoint(dir) and
-    model.trainable_state_dict() / load_trainable_state_dict(sd) save and restore the trained weights.
+    model(**batch) must return the scalar loss of a micro-batch; checkpoint.save_checkpoint and
+    checkpoint.load_trainable save and restore its trained weights (model.trainable_state_dict()).
     resume: a checkpoint directory (or "latest": the newest in output_dir/checkpoints) to continue from exactly.
     on_step(step, loss) is called after every optimizer step (tests use it to simulate a crash).
     Raises NonFiniteLoss at the first step whose loss or gradient norm is NaN/inf (nothing of it is saved) and
@@ -433,7 +433,7 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
         if st["config"][key] != getattr(cfg, key):
             raise ValueError(f"--resume {ckpt}: it was trained with {key} {st['config'][key]}, now {key} is "
                              f"{getattr(cfg, key)}; the data order and the schedule depend on it")
-    model.load_trainable_state_dict(load_file(str(ckpt / "model.safetensors")))
+    checkpoint.load_trainable(model, ckpt)
     opt.load_state_dict(st["optimizer"])
     if st["world"] == d.world:
         set_rng_state(torch.load(ckpt / f"rng-rank{d.rank}.pt", map_location="cpu", weights_only=True), device)
