@@ -1,5 +1,6 @@
 """Table I of the paper: LTU's closed-ended evaluation, offline.
 
+    python evaluate.py --task esc50         # the newest model under runs/ on data/ESC-50-master (layout.py)
     python evaluate.py --task esc50 --checkpoint runs/small --data esc50.json --labels esc50_labels.csv
     python evaluate.py --task esc50 --checkpoint runs/small --esc50-root ESC-50-master
     python evaluate.py --task audiocaps --checkpoint runs/small --data audiocaps_test.json --spice-jar spice-1.0.jar
@@ -72,6 +73,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import layout
 
 CLASSIFY = "Close-ended question: Write an audio caption describing the sound."
 PROMPTS = {
@@ -830,12 +833,13 @@ def model_answer_fn(checkpoint: str, device: str | None, dtype: str | None, gree
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Score a trained model on one of Table I's benchmarks, offline.")
     p.add_argument("--task", required=True, choices=list(TASKS))
-    p.add_argument("--checkpoint", help="trained model directory (sslalm.load_checkpoint)")
+    p.add_argument("--checkpoint", help="trained model directory (default: the newest finished one under runs/)")
     p.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
     p.add_argument("--data", help="LTU eval JSON (demo: demo_eval.json in CHECKPOINT or up to 2 folders above)")
     p.add_argument("--labels", help="label CSV index,mid,display_name (demo: demo_labels.csv beside demo_eval.json)")
     p.add_argument("--audio-root", help="folder holding the audio files the eval JSON names")
-    p.add_argument("--esc50-root", help="ESC-50 in its own layout (meta/esc50.csv, audio/) instead of --data")
+    p.add_argument("--esc50-root", help="ESC-50 in its own layout (meta/esc50.csv, audio/) instead of --data "
+                   "(default: data/ESC-50-master; other tasks: data/FOLDER/ as layout.EVAL_SETS)")
     p.add_argument("--limit", type=int, help="only the first N entries")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
@@ -856,6 +860,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         run_dir = next((d for d in (here, *here.parents[:2]) if (d / "demo_eval.json").is_file()), here)
         a.data = a.data or str(run_dir / "demo_eval.json")
         a.labels = a.labels or str(run_dir / "demo_labels.csv")
+    if a.task != "demo":
+        layout.evaluation_defaults(a)
     if a.esc50_root:
         if a.task != "esc50":
             p.error("--esc50-root goes with --task esc50")
