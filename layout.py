@@ -145,15 +145,17 @@ def training_defaults(args: argparse.Namespace) -> None:
     Without --stage (the curriculum): --output-dir is the run folder runs/<size>-<llm> and --data-dir holds the
     stage files; only the stages not finished yet need their data, and only stage 1 builds from DASS and the LLM.
     With --stage N: --output-dir is runs/<size>-<llm>/stageN, --data <data-dir>/stageN.json, and --init-from
-    stage N-1's folder when that stage is finished.
+    stage N-1's folder when that stage is finished. With --data given, weights not found are left to the model's
+    loader to report, after the data is checked (a malformed file fails before any model is built).
     """
+    from_layout = args.stage is None or args.data is None  # the data too comes from the layout
     run = Path(args.output_dir) if args.stage is None and args.output_dir else run_dir(args.size, args.llm)
     if args.stage is None:
         args.output_dir = str(run)
         stages = [s for s in STAGE_NUMBERS if not finished(stage_dir(run, s))]
         builds = 1 in stages
     else:
-        stages = [args.stage] if not args.data else []
+        stages = [args.stage] if from_layout else []
         args.output_dir = args.output_dir or str(stage_dir(run, args.stage))
         previous = stage_dir(run, args.stage - 1)
         if args.init_from is None and args.stage > 1 and finished(previous):
@@ -162,14 +164,15 @@ def training_defaults(args: argparse.Namespace) -> None:
         args.data = args.data or str(stage_file(args.data_dir, args.stage))
     missing = []
     if builds and args.dass_weights is None:
-        args.dass_weights = str(dass_path(args.size))
-        if not dass_path(args.size).is_file():
+        if dass_path(args.size).is_file():
+            args.dass_weights = str(dass_path(args.size))
+        elif from_layout:
             missing.append((_shown(dass_path(args.size)), _get_dass(args.size)))
     if args.llm_weights is None:
         found = [p for p in llm_paths(args.llm) if p.is_dir()]
         if found:
             args.llm_weights = str(found[0])
-        elif builds:
+        elif builds and from_layout:
             missing.append((" or ".join(_shown(p, True) for p in llm_paths(args.llm)), _get_llm(args.llm)))
     for s in stages:
         if not stage_file(args.data_dir, s).is_file():

@@ -768,8 +768,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--skip-bad", action="store_true", help="skip (and report) entries whose audio is missing/bad")
     d.add_argument("--num-workers", type=int, default=4, help="data loader processes")
     t = p.add_argument_group("recipe (defaults: REFERENCE §7 for the --stage)")
-    t.add_argument("--stage", type=int, choices=sorted(STAGES), help="train this stage only (default: the four "
-                   "stages in turn, each from the previous one's model, skipping finished ones, resuming stopped ones)")
+    t.add_argument("--stage", type=int, choices=sorted(STAGES), help="train this stage only (default: 1 with --data, "
+                   "--init-from or --resume; without them the four stages in turn, each from the previous one's "
+                   "model, skipping finished ones and resuming a stopped one)")
     t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
     t.add_argument("--lr", type=float)
     t.add_argument("--epochs", type=int)
@@ -794,12 +795,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.demo and not args.output_dir:
         p.error("--demo needs --output-dir")
-    if not args.demo and args.stage is None:
-        given = [flag for flag, v in (("--data", args.data), ("--init-from", args.init_from), ("--resume", args.resume))
-                 if v is not None]
-        if given:
-            p.error(f"{', '.join(given)} go(es) with --stage N; without --stage the four stages run in turn from "
-                    "--data-dir, each resuming by itself")
+    if args.stage is None and (args.data or args.init_from or args.resume):
+        args.stage = 1  # one stage's flags: stage 1 unless --stage says otherwise
     return args
 
 

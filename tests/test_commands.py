@@ -17,6 +17,7 @@ from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM
 
 import layout
+import train
 from dass import DASS, DASSConfig
 from mamba import MambaConfig, MambaLM
 from sslalm import PROMPT_TEMPLATE
@@ -244,3 +245,28 @@ def test_dass_shapes_come_from_the_checkpoint_and_the_paper_sizes_are_recognised
     fields = layout.dass_shape(str(tmp_path / "tiny.pth"), "small", notes.append)
     assert DASSConfig(**fields) == tiny.config and "is no DASS of the paper" in notes[0]
     assert layout.dass_shape(None, "small", notes.append) is None
+
+
+def test_one_stage_takes_its_defaults_from_the_layout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train.parse_args(["--stage", "3"])
+    with pytest.raises(layout.MissingFiles) as e:
+        layout.training_defaults(args)
+    assert [path for path, _ in e.value.missing] == [
+        "weights/DASS_small.pth", "weights/mamba-2.8b-hf/ or weights/mamba-2.8b/", "data/openaqa/stage3.json"]
+    assert "closed_ended/all_closed_qa.json" in str(e.value)
+
+    Path("runs/small-llama/stage2").mkdir(parents=True)
+    for name in layout.FINAL_FILES:
+        Path("runs/small-llama/stage2", name).write_text("{}")
+    Path("data/openaqa").mkdir(parents=True)
+    Path("data/openaqa/stage3.json").write_text("[]")
+    args = train.parse_args(["--stage", "3", "--llm", "llama"])
+    layout.training_defaults(args)  # stage 3 starts from stage 2's model: no DASS or LLM file is needed
+    assert (args.init_from, args.data, args.output_dir) == (
+        "runs/small-llama/stage2", "data/openaqa/stage3.json", "runs/small-llama/stage3")
+    assert args.dass_weights is None and args.llm_weights is None
+
+    args = train.parse_args(["--data", "mine.json"])  # one stage's flag: stage 1, as before the curriculum
+    layout.training_defaults(args)
+    assert args.stage == 1 and args.output_dir == "runs/small-mamba/stage1" and args.data == "mine.json"
