@@ -1,5 +1,6 @@
 """Table I of the paper: LTU's closed-ended evaluation, offline.
 
+    python evaluate.py --task esc50         # the newest model under runs/ on data/ESC-50-master (layout.py)
     python evaluate.py --task esc50 --checkpoint runs/small --data esc50.json --labels esc50_labels.csv
     python evaluate.py --task esc50 --checkpoint runs/small --esc50-root ESC-50-master
     python evaluate.py --task audiocaps --checkpoint runs/small --data audiocaps_test.json --spice-jar spice-1.0.jar
@@ -67,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import layout
 from data import CLASSIFY_PROMPT, Clip, load_esc50, load_eval_json, parse_prefixes, read_labels, unquote
 from metrics import accuracy, bleu, cider_d, mean_average_precision, micro_f1, spice
 from textenc import TextEncoder
@@ -350,7 +352,7 @@ def model_answer_fn(folder: str, device: str | None, dtype: str | None, greedy: 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Score a trained model on one of Table I's benchmarks, offline.")
     p.add_argument("--task", required=True, choices=list(TASKS))
-    p.add_argument("--checkpoint", help="trained model directory (checkpoint.load_checkpoint)")
+    p.add_argument("--checkpoint", help="trained model directory (default: the newest finished one under runs/)")
     p.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
     p.add_argument("--data", help="LTU eval JSON (demo: demo_eval.json in CHECKPOINT or up to 2 folders above)")
     p.add_argument("--labels", help="label CSV index,mid,display_name (demo: demo_labels.csv beside demo_eval.json)")
@@ -358,7 +360,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "by file name)")
     p.add_argument("--audio-prefix", action="append", default=[], metavar="OLD=NEW",
                    help="rewrite audio_id paths starting with OLD (repeatable)")
-    p.add_argument("--esc50-root", help="ESC-50 in its own layout (meta/esc50.csv, audio/) instead of --data")
+    p.add_argument("--esc50-root", help="ESC-50 in its own layout (meta/esc50.csv, audio/) instead of --data "
+                   "(default: data/ESC-50-master; other tasks: data/FOLDER/ as layout.EVAL_SETS)")
     p.add_argument("--limit", type=int, help="only the first N entries")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
@@ -373,6 +376,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-encoder", help="BERT sentence-transformers folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--spice-jar", help="coco-caption's spice-1.0.jar (captioning; needs Java)")
     a = p.parse_args(argv)
+    if a.task != "demo":
+        layout.evaluation_defaults(a)  # the default layout's model and data, or one message naming what is missing
     if a.esc50_root and a.task != "esc50":
         p.error("--esc50-root goes with --task esc50")
     if not (a.data or a.esc50_root or a.task == "demo" and a.checkpoint):

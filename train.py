@@ -1,5 +1,6 @@
 """Train one stage of LTU's four-stage recipe (paper §III-E) on OpenAQA-format data; data-parallel and resumable.
 
+    python train.py --size small --llm mamba        # the four stages in turn, on the default layout (layout.py)
     python train.py --size small --llm mamba --stage 1 --data stage1.json --audio-root /data \\
         --dass-weights DASS_small.pth --llm-weights mamba-2.8b-hf --output-dir runs/stage1
     python train.py ... --stage 2 --data stage2.json --init-from runs/stage1 --output-dir runs/stage2
@@ -32,10 +33,11 @@ import torch
 
 import checkpoint
 import demo
+import layout
 import sslalm
 from data import DataError, OpenAQADataset, load_openaqa, parse_prefixes
 from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, count_parameters, init_distributed,
-                     report_bad, train)
+                     list_checkpoints, report_bad, train)
 
 try:  # optional: loss.png
     import matplotlib
@@ -55,7 +57,8 @@ def build_model(args: argparse.Namespace, device: torch.device, say) -> sslalm.S
                                       tokenizer=args.tokenizer)
     if args.stage > 1:
         say(f"note: stage {args.stage} without --init-from starts from a new projector and new LoRA adapters")
-    overrides = {k: v for k, v in dict(tokenizer=args.tokenizer, audio_frames=args.audio_frames).items()
+    overrides = {k: v for k, v in dict(tokenizer=args.tokenizer, audio_frames=args.audio_frames,
+                                       dass=layout.dass_shape(args.dass_weights, args.size, say)).items()
                  if v is not None}
     config = sslalm.SSLALMConfig.paper(args.size, args.llm, dass_weights=args.dass_weights,
                                        llm_weights=args.llm_weights, **overrides)
@@ -124,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="The recipe: trainer.py's docstring.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true", help="synthetic sounds -> a tiny ssLALM on CPU in minutes")
-    p.add_argument("--output-dir", required=True, help="checkpoints, log.jsonl and the final model go here")
+    p.add_argument("--output-dir", help="checkpoints, log.jsonl and the final model go here (default: "
+                   "runs/SIZE-LLM/stageN; without --stage the run folder runs/SIZE-LLM, one stageN folder per stage)")
     p.add_argument("--seed", type=int, default=0)
     m = p.add_argument_group("model")
     m.add_argument("--size", choices=("small", "medium"), default="small", help="DASS size")
@@ -136,7 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--audio-frames", type=int, help="fbank frames per clip (default 1024)")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM blocks in backward")
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="the stage's OpenAQA JSON file")
+    d.add_argument("--data", help="the stage's OpenAQA JSON file (default: DATA_DIR/stageN.json)")
+    d.add_argument("--data-dir", default=str(layout.OPENAQA), help="the curriculum's OpenAQA files stage1.json ... "
+                   "stage4.json (default: %(default)s)")
     d.add_argument("--audio-root", help="folder of the audio files (default and fallback: the JSON's folder); "
                    "relative audio_ids are looked up under it, absolute ones by file name")
     d.add_argument("--audio-prefix", action="append", default=[], metavar="OLD=NEW",
@@ -144,7 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--skip-bad", action="store_true", help="skip (and report) entries whose audio is missing/bad")
     d.add_argument("--num-workers", type=int, default=4, help="data loader processes")
     t = p.add_argument_group("recipe (defaults: the --stage's, paper §III-E)")
-    t.add_argument("--stage", type=int, choices=sorted(STAGES), default=1)
+    t.add_argument("--stage", type=int, choices=sorted(STAGES), help="train this stage only (default: 1 with --data, "
+                   "--init-from or --resume; without them the four stages in turn, each from the previous one's "
+                   "model, skipping finished ones and resuming a stopped one)")
     t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
     t.add_argument("--lr", type=float)
     t.add_argument("--epochs", type=int)
@@ -167,8 +175,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--demo-lm-steps", type=int, help="pretraining steps of the tiny LM")
     e.add_argument("--demo-epochs", type=int, help="epochs of demo stage 2")
     args = p.parse_args(argv)
-    if not args.demo and not args.data:
-        p.error("--data is required (or --demo)")
+    if args.demo and not args.output_dir:
+        p.error("--demo needs --output-dir")
+    if args.stage is None and (args.data or args.init_from or args.resume):
+        args.stage = 1  # one stage's flags: stage 1 unless --stage says otherwise
     return args
 
 
@@ -180,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             demo.run_demo(args.output_dir, demo.DemoConfig(**{k: v for k, v in kw.items() if v is not None}),
                           args.seed)
         else:
-            run_stage(args)
+            layout.training_defaults(args)
+            if args.stage is not None:
+                run_stage(args)
+            else:
+                def stage(n: int, out: Path, init_from: Path | None) -> TrainResult:
+                    resume = "latest" if list_checkpoints(out) else None
+                    return run_stage(layout.stage_args(args, n, out, init_from, resume))
+                layout.run_curriculum(stage, args.output_dir)
     except (DataError, NonFiniteLoss, FileNotFoundError, KeyError, ValueError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1

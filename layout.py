@@ -1,0 +1,278 @@
+"""The default layout of weights, data and runs, shared by train.py and evaluate.py.
+
+With the downloads in these places (relative to the current directory), the two commands need no other flag:
+
+    python train.py --size small --llm mamba      # LTU's four stages in turn -> runs/small-mamba/stage1 ... stage4
+    python evaluate.py --task esc50               # the newest finished model under runs/ on data/ESC-50-master
+
+    weights/DASS_small.pth, weights/DASS_medium.pth     DASS checkpoints (the official .pth files)
+    weights/mamba-2.8b-hf/ (or weights/mamba-2.8b/)     Mamba-2.8B, Hugging Face (or original) format + tokenizer.json
+    weights/vicuna-7b-v1.5/                             Vicuna-7B + tokenizer.model
+    data/openaqa/stage1.json ... stage4.json            the curriculum's OpenAQA files (STAGE_SOURCES), audio ids
+                                                        relative to data/openaqa/ unless --audio-root/--audio-prefix
+    data/ESC-50-master/                                 ESC-50 in its own layout (meta/esc50.csv, audio/*.wav)
+    data/<folder>/                                      another Table I task: LTU's eval JSON, its label CSV and an
+                                                        audio/ folder with the clips (EVAL_SETS)
+    runs/<size>-<llm>/stageN/                           what stage N of the curriculum writes (config.json and
+                                                        model.safetensors once finished; checkpoints/ meanwhile)
+
+Every path stays overridable with the commands' flags. A command missing a default path raises MissingFiles,
+whose message lists every default path looked for and not found, with what to download and where it goes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+
+import weights
+from dass import DASSConfig
+
+WEIGHTS = Path("weights")
+DATA = Path("data")
+RUNS = Path("runs")
+OPENAQA = DATA / "openaqa"
+ESC50 = DATA / "ESC-50-master"
+STAGE_NUMBERS = (1, 2, 3, 4)
+FINAL_FILES = ("model.safetensors", "config.json")  # a finished model; train.py writes config.json last
+LTU_DATA = "github.com/YuanGongND/ltu"
+
+# stage -> LTU's published OpenAQA file it reads (LTU's train_script/stage*.sh)
+STAGE_SOURCES = {
+    1: "closed_ended/combine_cla.json",    # classification ('Breakdown Subsets' download)
+    2: "closed_ended/combine_cla.json",    # the same file as stage 1
+    3: "closed_ended/all_closed_qa.json",  # all closed-ended questions ('Breakdown Subsets')
+    4: "openaqa_5.6M.json",                # all of OpenAQA, open and closed ('Full Dataset')
+}
+
+# Table I task -> (folder under data/, LTU's eval JSON, LTU's label CSV or None for captioning); ESC-50 is ESC50
+EVAL_SETS = {
+    "dcase": ("dcase17", "dcase17.json", "class_labels_indices_dcase.csv"),
+    "vs": ("vocalsound", "vocalsound_test.json", "class_labels_indices_vs.csv"),
+    "tut": ("tut17", "tut_17.json", "class_labels_indices_tut.csv"),
+    "bjo": ("beijing_opera", "beijing_opera.json", "class_labels_indices_bj.csv"),
+    "vgg": ("vggsound", "vggsound_eval.json", "class_labels_indices_vgg.csv"),
+    "fsd": ("fsd50k", "fsd50k_eval.json", "class_labels_indices_fsd50k.csv"),
+    "audioset": ("audioset", "audioset_eval.json", "class_labels_indices_as.csv"),
+    "audiocaps": ("audiocaps", "audiocaps_test.json", None),
+    "clotho": ("clotho", "clotho_caption_evaluation.json", None),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Default paths
+# ----------------------------------------------------------------------------------------------------------------
+
+def dass_path(size: str) -> Path:
+    return WEIGHTS / f"DASS_{size}.pth"
+
+
+def llm_paths(llm: str) -> list[Path]:
+    """The folders looked for, in order: Mamba in the Hugging Face format, then in the original one."""
+    return [WEIGHTS / "mamba-2.8b-hf", WEIGHTS / "mamba-2.8b"] if llm == "mamba" else [WEIGHTS / "vicuna-7b-v1.5"]
+
+
+def run_dir(size: str, llm: str) -> Path:
+    return RUNS / f"{size}-{llm}"
+
+
+def stage_dir(run: str | Path, stage: int) -> Path:
+    return Path(run) / f"stage{stage}"
+
+
+def stage_file(data_dir: str | Path, stage: int) -> Path:
+    return Path(data_dir) / f"stage{stage}.json"
+
+
+def finished(folder: str | Path) -> bool:
+    """Whether `folder` holds a finished model (not only checkpoints of an interrupted run)."""
+    return all((Path(folder) / name).is_file() for name in FINAL_FILES)
+
+
+def newest_model(root: str | Path = RUNS) -> Path | None:
+    """The most recently finished model in root/<run>/ or root/<run>/<stage>/, or None."""
+    root = Path(root)
+    found = [d for d in (*root.glob("*"), *root.glob("*/*")) if d.is_dir() and finished(d)]
+    return max(found, key=lambda d: (d / "config.json").stat().st_mtime_ns, default=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What is missing, and where to get it
+# ----------------------------------------------------------------------------------------------------------------
+
+def _get_dass(size: str) -> str:
+    return f"DASS_{size}.pth from the DASS releases (github.com/Saurabhbhati/DASS)"
+
+
+def _get_llm(llm: str) -> str:
+    if llm == "mamba":
+        return ("huggingface-cli download state-spaces/mamba-2.8b-hf --local-dir weights/mamba-2.8b-hf "
+                "(or state-spaces/mamba-2.8b into weights/mamba-2.8b)")
+    return "huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir weights/vicuna-7b-v1.5"
+
+
+def _get_stage(stage: int) -> str:
+    return f"LTU's OpenAQA {STAGE_SOURCES[stage]} ({LTU_DATA}), with its audio (16 kHz)"
+
+
+class MissingFiles(FileNotFoundError):
+    """Default paths that were looked for and not found; the message says what to download and where it goes."""
+
+    def __init__(self, missing: list[tuple[str, str]], flags: str):
+        self.missing = missing
+        width = max(len(path) for path, _ in missing)
+        lines = [f"not found in the default layout (relative to {Path.cwd()}):"]
+        lines += [f"  {path:<{width}}  {what}" for path, what in missing]
+        lines.append(f"Put them there (README: the paper's models), or pass other paths: {flags}.")
+        super().__init__("\n".join(lines))
+
+
+def _shown(path: Path, folder: bool = False) -> str:
+    return path.as_posix() + ("/" if folder else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py
+# ----------------------------------------------------------------------------------------------------------------
+
+def training_defaults(args: argparse.Namespace) -> None:
+    """Fill train.py's unset paths from the layout; raise MissingFiles naming every default path not found.
+
+    Without --stage (the curriculum): --output-dir is the run folder runs/<size>-<llm> and --data-dir holds the
+    stage files; only the stages not finished yet need their data, and only stage 1 builds from DASS and the LLM.
+    With --stage N: --output-dir is runs/<size>-<llm>/stageN, --data <data-dir>/stageN.json, and --init-from
+    stage N-1's folder when that stage is finished. With --data given, weights not found are left to the model's
+    loader to report, after the data is checked (a malformed file fails before any model is built).
+    """
+    from_layout = args.stage is None or args.data is None  # the data too comes from the layout
+    run = Path(args.output_dir) if args.stage is None and args.output_dir else run_dir(args.size, args.llm)
+    if args.stage is None:
+        args.output_dir = str(run)
+        stages = [s for s in STAGE_NUMBERS if not finished(stage_dir(run, s))]
+        builds = 1 in stages
+    else:
+        stages = [args.stage] if from_layout else []
+        args.output_dir = args.output_dir or str(stage_dir(run, args.stage))
+        previous = stage_dir(run, args.stage - 1)
+        if args.init_from is None and args.stage > 1 and finished(previous):
+            args.init_from = str(previous)
+        builds = args.init_from is None
+        args.data = args.data or str(stage_file(args.data_dir, args.stage))
+    missing = []
+    if builds and args.dass_weights is None:
+        if dass_path(args.size).is_file():
+            args.dass_weights = str(dass_path(args.size))
+        elif from_layout:
+            missing.append((_shown(dass_path(args.size)), _get_dass(args.size)))
+    if args.llm_weights is None:
+        found = [p for p in llm_paths(args.llm) if p.is_dir()]
+        if found:
+            args.llm_weights = str(found[0])
+        elif builds and from_layout:
+            missing.append((" or ".join(_shown(p, True) for p in llm_paths(args.llm)), _get_llm(args.llm)))
+    for s in stages:
+        if not stage_file(args.data_dir, s).is_file():
+            missing.append((_shown(stage_file(args.data_dir, s)), _get_stage(s)))
+    if missing:
+        raise MissingFiles(missing, "--dass-weights, --llm-weights, --data-dir (or --stage N --data FILE)")
+
+
+def dass_shape(path: str | None, size: str, say: Callable[[str], None]) -> dict | None:
+    """The DASS config fields to build for the checkpoint at `path`: {} when it has the shapes of DASS `size` (as
+    the official DASS_small.pth / DASS_medium.pth have), the checkpoint's own shapes, with a note, when it is no
+    DASS of the paper. A checkpoint of the other paper size is an error. None without a path."""
+    if path is None or not Path(path).exists():
+        return None
+    config = weights.load_dass(path).config
+    paper = {name: getattr(DASSConfig, name)() for name in ("small", "medium")}
+    if config == paper.get(size):
+        return {}
+    other = [name for name, c in paper.items() if c == config]
+    if other:
+        raise ValueError(f"{path} holds DASS {other[0]}, not DASS {size}: pass --size {other[0]}, or the "
+                         f"DASS_{size}.pth checkpoint")
+    say(f"note: {path} is no DASS of the paper (dims {config.dims}, depths {config.depths}); the model takes its "
+        "shapes")
+    return asdict(config)
+
+
+def stage_args(args: argparse.Namespace, stage: int, output_dir: Path, init_from: Path | None,
+               resume: str | None) -> argparse.Namespace:
+    """train.py's arguments for one stage of the curriculum."""
+    return argparse.Namespace(**{**vars(args), "stage": stage, "output_dir": str(output_dir),
+                                 "data": str(stage_file(args.data_dir, stage)),
+                                 "init_from": str(init_from) if init_from else None, "resume": resume})
+
+
+def _say(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
+
+def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: str | Path,
+                   say: Callable[[str], None] = _say) -> Path:
+    """LTU's four stages (paper §III-E) in order: run_stage(stage, output_dir, init_from) trains stage N into
+    run/stageN from stage N-1's model (stage 1 from the pretrained parts). A finished stage is skipped; an
+    interrupted one is run again by run_stage, which resumes from its checkpoints. Returns the last stage's folder."""
+    previous = None
+    for stage in STAGE_NUMBERS:
+        out = stage_dir(run, stage)
+        if finished(out):
+            say(f"stage {stage} of {len(STAGE_NUMBERS)}: finished in {out}, skipped")
+        else:
+            start = f"from {previous}" if previous else "from the pretrained DASS and LLM"
+            say(f"stage {stage} of {len(STAGE_NUMBERS)}: -> {out}, {start}")
+            run_stage(stage, out, previous)
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # rank 0 writes the final model after the other ranks return
+            if not finished(out):
+                raise RuntimeError(f"stage {stage} returned without a finished model in {out}")
+        previous = out
+    return previous
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate.py
+# ----------------------------------------------------------------------------------------------------------------
+
+def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = _say) -> None:
+    """Fill evaluate.py's unset paths from the layout; raise MissingFiles naming every default path not found.
+
+    The model: the newest finished one under runs/ (said which), unless --checkpoint or --output is given. The
+    data: data/ESC-50-master for esc50, data/<folder>/ of EVAL_SETS (JSON, label CSV, audio/) for the others.
+    """
+    missing = []
+    if args.checkpoint is None and args.output is None:
+        newest = newest_model()
+        if newest is None:
+            missing.append((_shown(RUNS, True) + "<run>/stageN", "no finished model: train one with "
+                            "`python train.py --size small --llm mamba`"))
+        else:
+            args.checkpoint = str(newest)
+            say(f"model: {newest} (the newest finished model under {_shown(RUNS, True)}; --checkpoint picks another)")
+    if args.task == "esc50" and not (args.esc50_root or args.data):
+        args.esc50_root = str(ESC50)
+        for path, folder in ((ESC50 / "meta" / "esc50.csv", False), (ESC50 / "audio", True)):
+            if not (path.is_dir() if folder else path.is_file()):
+                missing.append((_shown(path, folder), "ESC-50 (github.com/karolpiczak/ESC-50) unpacked as "
+                                "data/ESC-50-master"))
+    elif args.task in EVAL_SETS and not args.data:
+        name, data_json, labels = EVAL_SETS[args.task]
+        folder = DATA / name
+        args.data = str(folder / data_json)
+        wanted = [(folder / data_json, f"LTU's eval data {data_json} ({LTU_DATA}, 'LTU Evaluation Data')")]
+        if labels and not args.labels:
+            args.labels = str(folder / labels)
+            wanted.append((folder / labels, f"LTU's src/ltu/eval/labels/{labels} ({LTU_DATA})"))
+        missing += [(_shown(p), what) for p, what in wanted if not p.is_file()]
+        if not args.audio_root:
+            args.audio_root = str(folder / "audio")
+            if not (folder / "audio").is_dir():
+                missing.append((_shown(folder / "audio", True), "the clips at 16 kHz, named as the JSON's audio_id"))
+    if missing:
+        raise MissingFiles(missing, "--checkpoint, --esc50-root, --data, --labels, --audio-root")
