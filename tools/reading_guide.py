@@ -47,7 +47,7 @@ ROWS = [
      "`SSLALM.forward`: next-token cross-entropy on the text tokens"),
     ("§III-D: generation settings", "sampling.py", "PAPER_SAMPLING = ",
      "`PAPER_SAMPLING`, `process_logits`, `generate`"),
-    ("§III-E: LTU's four-stage recipe", "train.py", "STAGES = {", "`STAGES`, `TrainConfig.for_stage`, `train`"),
+    ("§III-E: LTU's four-stage recipe", "trainer.py", "STAGES = {", "`STAGES`, `TrainConfig.for_stage`, `train`"),
     ("§III-E: parameter counts", "sslalm.py", "def parameter_table(", "`python cli.py params`"),
     ("Table I: evaluation protocol", "evaluate.py", "TASKS = {", "`evaluate.py` (module docstring: the protocol)"),
 ]
