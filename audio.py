@@ -36,7 +36,7 @@ DASS_MEAN, DASS_STD = -4.2677393, 4.5689974  # AudioSet fbank statistics used by
 SILENT_FRAME = -DASS_MEAN / (2 * DASS_STD)  # a zero (padded) fbank frame after normalisation, ≈ 0.467
 DASS_FRAMES = 1024    # 10.24 s: the length DASS was trained on
 MAX_SECONDS = 3600    # longer files are refused by load_audio (see there)
-RESAMPLE_BLOCK = 1 << 19  # filter taps per tensor in resample: bounds its work memory (a few tens of MB)
+RESAMPLE_BLOCK = 1 << 18  # values per work tensor in resample (1 MB in float32): bounds its memory
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,8 +48,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
 
     Returns (samples,). Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that
     cannot be decoded, has no samples, holds NaN/inf, is shorter than one 25 ms fbank frame, or is longer than
-    MAX_SECONDS (refused from its header, or once that much is read, so a huge file never fills the memory: one
-    hour at 48 kHz takes 0.7 GB while it is read and resampled).
+    MAX_SECONDS (refused from its header, or once that much is read, so a huge file never fills the memory; an
+    hour at 48 kHz peaks at about 2 GB while it is read and resampled).
     """
     path = Path(path)
     if not path.is_file():
@@ -69,6 +69,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
     if n == 0:
         raise ValueError(f"audio file {path}: contains no samples")
     wave = torch.from_numpy(np.concatenate(chunks))
+    del chunks                                                        # `wave` is now the only copy of the samples
     if not torch.isfinite(wave).all():
         raise ValueError(f"audio file {path}: contains NaN or infinite samples")
     if sr != sample_rate:
@@ -89,7 +90,7 @@ def _lowpass(d: Tensor, c: float, zeros: int, beta: float) -> Tensor:
     return (c * torch.sinc(c * d) * window * (x.abs() <= 1)).float()
 
 
-def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h) -> Tensor:
+def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h, block: int) -> Tensor:
     """Rates with few output phases (44.1 kHz -> 16 kHz: up/down = 160/441): one strided conv1d, a filter per phase.
 
     Output j = i*up + p sits at input time i*down + p*down/up; tap k of phase p reads input i*down + k - half.
@@ -99,7 +100,7 @@ def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h) -> Tenso
     weight = h(t).to(x.device)[:, None, :]                       # (up, 1, K): one output channel per phase
     n_steps = -(-n_out // up)                                    # outputs per phase
     x = F.pad(x, (half, max(0, (n_steps - 1) * down + K - half - x.numel())))[None, None]
-    out, step = [], 1 << 14                                      # bounded memory: 16k conv steps at a time
+    out, step = [], max(1, block // up)                          # conv steps at a time: (up, step) outputs
     for i0 in range(0, n_steps, step):
         i1 = min(i0 + step, n_steps)
         seg = x[..., i0 * down: (i1 - 1) * down + K]
@@ -108,22 +109,22 @@ def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h) -> Tenso
 
 
 def _interpolated(x: Tensor, n_out: int, up: int, down: int, half: int, h, block: int) -> Tensor:
-    """Any pair of rates, `block` taps at a time: each output reads the 2*half + 1 input samples around its time
-    t = j*down/up, weighted by the filter at t's fractional part, interpolated linearly between `n_phases` + 1
-    tabulated fractions. Their spacing shrinks as the filter widens, so the error stays ~1e-7 at any rates."""
+    """Any pair of rates: output j reads the 2*half + 1 input samples around its time t = j*down/up, weighted by the
+    filter at t's fractional part, interpolated linearly between `n_phases` + 1 tabulated fractions. The spacing
+    narrows as the filter widens (n_phases = block // taps), so the error is ~1e-7 at any rates."""
     taps = 2 * half + 1
     n_phases = max(1, block // taps)
     frac = torch.arange(n_phases + 1, dtype=torch.float64)[:, None] / n_phases
     grid = h(frac + half - torch.arange(taps, dtype=torch.float64)).to(x.device)  # (n_phases + 1, taps)
     slope = grid[1:] - grid[:-1]
     windows = F.pad(x, (half, half)).unfold(0, taps, 1)         # (samples, taps) view: row i = inputs i-half..i+half
-    out = []
-    for j0 in range(0, n_out, n_phases):                         # n_phases outputs: (block,) taps
+    dot, out = torch.linalg.vecdot, []
+    for j0 in range(0, n_out, n_phases):                         # n_phases outputs at a time: (block,) taps
         j = torch.arange(j0, min(j0 + n_phases, n_out), device=x.device)
         base, pos = j * down // up, (j * down % up).double() * (n_phases / up)  # t = base + pos / n_phases
         q = pos.long()
         xs = windows.index_select(0, base)                       # (outputs, taps)
-        dot = torch.linalg.vecdot
+        # dot(xs, grid[q] + (pos - q) slope[q]) without forming the interpolated weights
         out.append(dot(xs, grid.index_select(0, q)) + (pos - q).float() * dot(xs, slope.index_select(0, q)))
     return torch.cat(out)
 
@@ -134,7 +135,7 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
 
     Output j is the input filtered at time j * orig / new by a low-pass at `rolloff` x the lower Nyquist
     frequency (`_lowpass`); with the defaults the response is flat to ~7.2 kHz and below -70 dB from 8 kHz when
-    going to 16 kHz. Any pair of rates works in bounded memory (tensors of at most `block` filter taps) and in
+    going to 16 kHz. Any pair of rates works in bounded memory (work tensors of at most `block` values) and in
     time proportional to the number of samples, whatever their common divisor: a strided convolution when the
     output phases are few (`_polyphase`: 44.1, 48, 22.05, 8 kHz), else `_interpolated` (44,101 Hz, primes).
     """
@@ -151,7 +152,7 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
     h = functools.partial(_lowpass, c=c, zeros=zeros, beta=beta)
     n_out = -(-waveform.numel() * up // down)
     if up * (down + 2 * half + 1) <= block:
-        y = _polyphase(waveform.float(), n_out, up, down, half, h)
+        y = _polyphase(waveform.float(), n_out, up, down, half, h, block)
     else:
         y = _interpolated(waveform.float(), n_out, up, down, half, h, block)
     return y[:n_out].to(waveform.dtype)

@@ -141,10 +141,12 @@ def test_resampling_paths_agree():
 
 
 def test_odd_rates_resample_in_bounded_memory_and_time():
-    # A 44,101 Hz clip once built a 16000 x 44382 float64 filter table (5.7 GB). Peak memory above the clip itself
-    # and time must not depend on the rates' common divisor. A fresh process measures its own peak.
+    # A 44,101 Hz clip once built a 16000 x 44382 float64 filter table (5.7 GB), a prime rate 25 GB. Peak memory
+    # above the clips themselves and CPU time (one thread: what the algorithm costs, not how busy the machine is)
+    # must stay small whatever the rates' common divisor. A fresh process measures its own peak.
     code = """if True:
         import resource, time, torch, audio
+        torch.set_num_threads(1)
         x = torch.randn(44101 * 30)
         y = torch.randn(200003 * 5)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -158,8 +160,8 @@ def test_odd_rates_resample_in_bounded_memory_and_time():
     run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     grown_mb, seconds = map(float, run.stdout.split())
-    assert grown_mb < 150, f"resampling grew the peak memory by {grown_mb} MB"
-    assert seconds < 60, f"resampling took {seconds} s of CPU"
+    assert grown_mb < 100, f"resampling grew the peak memory by {grown_mb} MB"
+    assert seconds < 20, f"resampling took {seconds} s of CPU"
 
 
 def test_load_audio_refuses_clips_longer_than_max_seconds(tmp_path, monkeypatch):
