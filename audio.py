@@ -190,6 +190,8 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
     frames = 1 + (samples - 400) // 160. Per frame: remove the DC offset, pre-emphasis 0.97, symmetric Hann
     window, zero-pad to 512, power spectrum, 128 mel filters, log with a floor at float32 eps.
     Computed in blocks of frames, so a 60-minute waveform needs no more than a few tens of MB of work memory.
+    A ValueError if any value is NaN or infinite (NaN/inf samples, or samples so large, such as 4e29, that the
+    power spectrum overflows float32): such an fbank would make every feature NaN.
     """
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"fbank expects {SAMPLE_RATE} Hz audio; got {sample_rate} Hz (use resample first)")
@@ -216,7 +218,7 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
         power = torch.fft.rfft(x).abs().pow(2)                              # (frames, 257)
         out.append((power @ mel_fb.T).clamp(min=eps).log())                 # (frames, 128)
     x = torch.cat(out)
-    if not torch.isfinite(x).all():  # NaN/inf samples, or samples so large (4e29) that the power overflows
+    if not torch.isfinite(x).all():
         raise ValueError(f"the fbank has NaN or infinite values; the largest |sample| is {wave.abs().max():.3g}")
     return x
 

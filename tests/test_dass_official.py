@@ -37,15 +37,17 @@ def _assert_same_outputs(model: dass.DASS, ref, name: str, input_name: str | Non
     np.testing.assert_allclose(logits.numpy(), ref[f"{name}_logits"], rtol=0, atol=ATOL, err_msg=name)
 
 
-@pytest.mark.parametrize("name, config", [
-    ("tiny", dass.DASSConfig(dims=(4, 8, 16, 32), depths=(2, 2, 8, 2), d_state=1, mlp_ratio=4.0, n_classes=10)),
-    ("tiny_n2", dass.DASSConfig(dims=(12, 24), depths=(1, 2), d_state=2, mlp_ratio=2.0, n_classes=7)),
-])
-def test_official_checkpoint_gives_the_official_outputs(ref, name, config):
+def _config(name: str) -> dass.DASSConfig:
+    dims, depths, d_state, mlp_ratio, classes, _ = make_dass_fixture.CONFIGS[name]
+    return dass.DASSConfig(dims=dims, depths=depths, d_state=d_state, mlp_ratio=mlp_ratio, n_classes=classes)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_n2"])
+def test_official_checkpoint_gives_the_official_outputs(ref, name):
     path = FIXTURES / f"dass_official_{name}.pth"
     assert all(k.startswith("module.v.") for k in torch.load(path, weights_only=True))  # the official layout
     model = dass.DASS.from_pretrained(path).eval()
-    assert model.config == config                     # inferred from the tensor shapes
+    assert model.config == _config(name)              # inferred from the tensor shapes
     _assert_same_outputs(model, ref, name)
 
 
@@ -54,7 +56,7 @@ def test_dass_small_gives_the_official_outputs(ref, tmp_path):
     path = tmp_path / "DASS_small.pth"
     torch.save(make_dass_fixture.seeded_weights(zip(keys, shapes)), path)
     model = dass.DASS.from_pretrained(path).eval()
-    assert model.config == dass.DASSConfig.small()
+    assert model.config == _config("small") == dass.DASSConfig.small()
     assert sum(p.numel() for p in model.parameters()) == 29_884_463
     _assert_same_outputs(model, ref, "small")
 
@@ -63,19 +65,20 @@ def test_hf_port_folder_gives_the_port_outputs(ref):
     folder = FIXTURES / "dass_hf_tiny"
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     model = dass.DASS.from_pretrained(folder).eval()
-    assert model.config.dims == (4, 8, 16, 32) and model.config.depths == (2, 2, 8, 2)
+    assert model.config == _config("tiny")
     _assert_same_outputs(model, ref, "hf_tiny", input_name="tiny")
 
 
 def test_fixture_weights_make_each_part_visible(ref):
-    """With the official initialisation (A_logs = log 1 = 0, D = 1, LayerNorms 1 and 0) a wrong A or D could go
-    unseen; the fixture's weights make halving one block's A (eq. 3) or D move the features far beyond ATOL."""
+    """Under the official initialisation (A_logs = log 1 = 0, D = 1, LayerNorms 1 and 0) a wrong use of A or D
+    could go unseen; with the fixture's weights, scaling one block's A_logs (eq. 3) or D by 0.5 moves the
+    features far beyond ATOL."""
     path = FIXTURES / "dass_official_tiny.pth"
     x = torch.from_numpy(ref["tiny_input"])
     for key in ("module.v.layers.2.blocks.3.op.A_logs", "module.v.layers.0.blocks.1.op.Ds"):
         state = torch.load(path, weights_only=True)
         state[key] = state[key] * 0.5
-        model = dass.DASS(dass.DASSConfig(dims=(4, 8, 16, 32), n_classes=10)).eval()
+        model = dass.DASS(_config("tiny")).eval()
         model.load_state_dict({k[len("module.v."):]: v for k, v in state.items()}, strict=True)
         with torch.no_grad():
             gap = np.abs(model.features(x).numpy() - ref["tiny_features"]).max()
