@@ -145,7 +145,7 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
         raise ValueError(f"sample rates must be positive; got {orig_sr} -> {new_sr}")
     g = math.gcd(int(orig_sr), int(new_sr))
     up, down = new_sr // g, orig_sr // g
-    if up == down:
+    if up == down or waveform.numel() == 0:
         return waveform
     c = rolloff * min(1.0, up / down)
     half = math.ceil(zeros / c)                                  # the filter reaches `half` input samples each side

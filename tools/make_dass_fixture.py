@@ -1,31 +1,25 @@
-"""Write the fixtures of tests/test_dass_official.py: what the official DASS code and its Hugging Face port compute
-on fixed inputs, with deterministic weights stored in each one's own checkpoint layout.
+"""Write tests/fixtures/dass_*: what the official DASS code and its Hugging Face port compute on fixed inputs, with
+deterministic weights saved in each one's own checkpoint layout (tests/test_dass_official.py checks dass.py on them).
 
-Neither is a dependency of this project, so their outputs are computed once, here, from their sources checked out
-OUTSIDE the repository (nothing of them is copied into it):
+Neither is a dependency of this project: they run once, here, from checkouts OUTSIDE the repository.
 
-    git clone https://github.com/Saurabhbhati/DASS /tmp/DASS                     # the official code
-    git clone https://github.com/Saurabhbhati/transformers-DASS /tmp/hf-DASS    # its Hugging Face port
-    pip install einops transformers                # besides torch, numpy, triton, safetensors
+    git clone https://github.com/Saurabhbhati/DASS /tmp/DASS
+    git clone https://github.com/Saurabhbhati/transformers-DASS /tmp/hf-DASS
+    pip install einops transformers        # besides this project's requirements
     python tools/make_dass_fixture.py --official /tmp/DASS --hf-port /tmp/hf-DASS
 
-The official code is written for CUDA. On a CPU here:
-  * its selective-scan CUDA extension (`selective_scan_cuda_oflex`) is replaced by the plain sequential PyTorch loop
-    `selective_scan_ref` from its own kernels/selective_scan/test_selective_scan.py;
-  * its Triton cross-scan / cross-merge kernels (forward_type v05) run in Triton's CPU interpreter;
-  * timm, torchvision, fvcore and wget are imported by it only for DropPath (the identity in eval mode), weight
-    initialisation (overwritten here) and helpers the forward pass never calls; `_stand_ins` replaces them, as
-    torchvision (which timm needs) has no CPU build for this torch on PyPI.
-The port needs none of that: without `selective_scan_cuda` it runs its own PyTorch scan (`selective_scan_torch`).
+The official code is written for CUDA; on a CPU its selective-scan extension is replaced by the plain PyTorch loop
+`selective_scan_ref` of its own kernels/selective_scan/test_selective_scan.py, and its Triton cross-scan kernels
+run in Triton's interpreter. It imports timm, torchvision, fvcore and wget only for DropPath (the identity at
+inference), initialisation (overwritten here) and helpers the forward pass never calls: `_stand_ins` replaces them
+(torchvision, which timm needs, has no CPU build for this torch). The port runs as it is: without the CUDA
+extension it takes its own PyTorch scan.
 
-Every weight comes from `seeded_weights` (a function of the key, the shape and SEED), so a test can rebuild the
-30M-parameter DASS-small checkpoint instead of storing it. Files written in tests/fixtures/:
-  dass_official.npz       per configuration <c>: `<c>_input` fbank (B, T, 128), `<c>_logits` (B, classes),
-                          `<c>_features` = classifier.norm's output (B, C, 128/stride, ceil(T/stride)), the map the
-                          head pools; `small_keys` / `small_shapes` name the DASS-small checkpoint's tensors;
-                          `hf_tiny_logits` / `hf_tiny_features`: the port's, on `tiny_input`
-  dass_official_<c>.pth   tiny / tiny_n2: the official DataParallel state_dict (keys `module.v.*`) like DASS_small.pth
-  dass_hf_tiny/           the port's `save_pretrained` folder (model.safetensors, config.json) of the tiny weights
+Files: dass_official.npz holds, per configuration c of CONFIGS, `c_input` (B, T, 128), `c_logits` and
+`c_features`, the classifier.norm output the head pools (B, C, 128/stride, ceil(T/stride)); `hf_tiny_logits` and
+`hf_tiny_features` (the port on tiny_input); `small_keys` / `small_shapes`, from which `seeded_weights` rebuilds
+the 30M-parameter DASS-small checkpoint. dass_official_{tiny,tiny_n2}.pth are official DataParallel state_dicts
+(keys `module.v.*`, like DASS_small.pth); dass_hf_tiny/ is the port's save_pretrained folder of the tiny weights.
 """
 from __future__ import annotations
 
@@ -55,9 +49,9 @@ CONFIGS = {  # name: (dims, depths, d_state, mlp_ratio, classes, input (B, T))
 
 
 def seeded_weights(keys_and_shapes, seed: int = SEED) -> dict[str, torch.Tensor]:
-    """Deterministic fp32 weights, each tensor drawn from its own stream (seed, crc32(key)): uniform noise around
-    a value and at a scale that keep every layer's activations O(1), and make every tensor matter (LayerNorm
-    weights are not all 1, biases not 0, A and Δ vary per channel)."""
+    """Deterministic fp32 weights, each tensor from its own stream (seed, crc32(key)): uniform noise around a value
+    and at a scale that keep activations O(1) and make every tensor matter (LayerNorm weights are not all 1,
+    biases not 0, A and Δ vary per channel)."""
     out = {}
     for key, shape in keys_and_shapes:
         shape = tuple(int(s) for s in shape)
@@ -66,9 +60,11 @@ def seeded_weights(keys_and_shapes, seed: int = SEED) -> dict[str, torch.Tensor]
         if name == "A_logs":
             w = 0.25 + 1.25 * u                            # A = -exp(.) in [-4.5, -0.37]
         elif name == "dt_projs_bias":
-            w = -2.0 + 2.0 * u                             # softplus(.) in [0.02, 0.69]
-        elif name in ("bias", "Ds"):
-            w = 0.2 * u if name == "bias" else u
+            w = -2.0 + 2.0 * u                             # Δ = softplus(. + ...) from about 0.02 to 0.7
+        elif name == "Ds":
+            w = u
+        elif name == "bias":
+            w = 0.2 * u
         elif len(shape) == 1:                              # LayerNorm weights
             w = 1.0 + 0.5 * u
         else:                                              # linear / conv: fan-in scaling
@@ -78,23 +74,6 @@ def seeded_weights(keys_and_shapes, seed: int = SEED) -> dict[str, torch.Tensor]
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The official code on a CPU
-# ----------------------------------------------------------------------------------------------------------------
-
-class _DropPath(nn.Module):
-    """timm's DropPath at inference: the identity."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.drop_prob > 0:
-            raise RuntimeError("this DropPath stand-in is for inference only")
-        return x
-
-
 def _module(name: str, **attrs) -> types.ModuleType:
     m = types.ModuleType(name)
     m.__dict__.update(attrs)
@@ -102,41 +81,35 @@ def _module(name: str, **attrs) -> types.ModuleType:
     return m
 
 
-def _official_scan(official: Path):
-    """`selective_scan_ref` of the official kernels/selective_scan/test_selective_scan.py, a plain sequential loop.
-    Importing that file rebinds the name to a CUDA wrapper, so the function's own source is executed instead."""
-    path = official / "kernels" / "selective_scan" / "test_selective_scan.py"
-    text = path.read_text()
+def _stand_ins(official: Path) -> None:
+    """What the official code imports but cannot have here (see the module docstring)."""
+    layers = _module("timm.models.layers", DropPath=lambda drop_prob=0.0: nn.Identity(),
+                     trunc_normal_=nn.init.trunc_normal_, to_2tuple=lambda x: (x, x))
+    vit = _module("timm.models.vision_transformer")
+    _module("timm", models=_module("timm.models", layers=layers, vision_transformer=vit))
+    _module("torchvision", models=_module("torchvision.models", VisionTransformer=None))
+    _module("fvcore", nn=_module("fvcore.nn", FlopCountAnalysis=None, flop_count_str=None, flop_count=None,
+                                 parameter_count=None))
+    _module("wget")
+    # Importing test_selective_scan.py rebinds `selective_scan_ref` to a CUDA wrapper: run the function's source.
+    text = (official / "kernels" / "selective_scan" / "test_selective_scan.py").read_text()
     node = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == "selective_scan_ref")
     einops = importlib.import_module("einops")
     namespace = dict(torch=torch, F=F, rearrange=einops.rearrange, repeat=einops.repeat)
     exec(ast.get_source_segment(text, node), namespace)
-    return namespace["selective_scan_ref"]
-
-
-def _stand_ins(official: Path) -> None:
-    """Modules the official code imports that are not installed here (see the module docstring)."""
-    layers = _module("timm.models.layers", DropPath=_DropPath, trunc_normal_=nn.init.trunc_normal_,
-                     to_2tuple=lambda x: (x, x))
-    vit = _module("timm.models.vision_transformer")
-    _module("timm", models=_module("timm.models", layers=layers, vision_transformer=vit))
-    _module("torchvision", models=_module("torchvision.models", VisionTransformer=None))
-    fv = dict(FlopCountAnalysis=None, flop_count_str=None, flop_count=None, parameter_count=None)
-    _module("fvcore", nn=_module("fvcore.nn", **fv))
-    _module("wget")
-    ref = _official_scan(official)
+    ref = namespace["selective_scan_ref"]
 
     def fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, nrows, oflex):
         out = ref(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
-        return out.float() if oflex else out, None   # (out, the kernel's saved states: only backward reads them)
+        return out.float() if oflex else out, None         # (out, states only the backward pass reads)
 
     _module("selective_scan_cuda_oflex", fwd=fwd)
 
 
 def official_model(models: types.ModuleType, name: str) -> nn.Module:
-    """The official `DASS` (ast_models.py) in its DataParallel wrapper, so state_dict keys read `module.v.*`. Its
-    constructor only builds the small and medium widths; other sizes get the same VSSM arguments with their own
-    widths (the constructor's 1-channel stem conv and label head are then built by VSSM itself, same shapes)."""
+    """The official `DASS` (ast_models.py) in DataParallel, so its keys read `module.v.*`. Its constructor knows only
+    the small and medium widths; for other sizes `v` is the VSSM it would build, with those widths (the 1-channel
+    stem conv and the label head it swaps in are then VSSM's own, of the same shapes)."""
     dims, depths, d_state, mlp_ratio, classes, _ = CONFIGS[name]
     if name == "small":
         net = models.DASS(label_dim=classes, imagenet_pretrain=False, audioset_pretrain=False, model_size="small",
@@ -151,46 +124,39 @@ def official_model(models: types.ModuleType, name: str) -> nn.Module:
     return nn.DataParallel(net).eval()
 
 
-def run(model: nn.Module, norm: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, the output of `norm`, the layer before the head's pooling)."""
+def run(model: nn.Module, norm: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, the output of `norm`: the feature map the head pools)."""
     seen = []
     hook = norm.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
     with torch.no_grad():
-        out = model(x)
+        out = model(torch.from_numpy(x))
     hook.remove()
-    logits = out.logits if hasattr(out, "logits") else out
-    return logits.float().numpy(), seen[0].float().numpy()
+    return getattr(out, "logits", out).numpy(), seen[0].numpy()
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# The Hugging Face port
-# ----------------------------------------------------------------------------------------------------------------
 
 def hf_port(hf_dir: Path) -> types.ModuleType:
     """modeling_dass.py as `transformers.models.dass.modeling_dass`, so its relative imports find transformers."""
-    src = hf_dir / "src" / "transformers" / "models" / "dass"
-    package = types.ModuleType("transformers.models.dass")
-    package.__path__ = [str(src)]
-    sys.modules[package.__name__] = package
+    package = _module("transformers.models.dass")
+    package.__path__ = [str(hf_dir / "src" / "transformers" / "models" / "dass")]
     return importlib.import_module("transformers.models.dass.modeling_dass")
+
+
+HF_RENAMES = (  # official -> port, within the names
+    ("patch_embed.0.", "patch_embeddings.projection.0."), ("patch_embed.2.", "patch_embeddings.projection.1."),
+    ("patch_embed.5.", "patch_embeddings.projection.3."), ("patch_embed.7.", "patch_embeddings.projection.4."),
+    ("downsample.1.", "downsample.down."), ("downsample.3.", "downsample.norm."),
+    ("x_proj_weight", "x_proj.weight"), ("dt_projs_weight", "dt_projs.weight"),
+)
 
 
 def to_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """module.v.* -> the port's names, as its convert_dass_original_pytorch_checkpoint_to_pytorch.py renames them
-    (the port's DASSLinear2d reshapes the stacked x_proj / dt_projs weights itself when loading)."""
-    patch = {"0": "0", "2": "1", "5": "3", "7": "4"}
+    (its DASSLinear2d reshapes the stacked x_proj / dt_projs weights itself when loading)."""
     out = {}
     for key, v in state.items():
-        k = key.replace("module.v.", "")
-        if k.startswith("classifier.head."):
-            k = k.replace("classifier.", "")
-        else:
-            k = "dass." + k.replace("classifier.", "")
-        if ".patch_embed." in k:
-            i = k.split(".")[2]
-            k = k.replace(f"patch_embed.{i}.", f"patch_embeddings.projection.{patch[i]}.")
-        k = k.replace("x_proj_weight", "x_proj.weight").replace("dt_projs_weight", "dt_projs.weight")
-        k = k.replace("downsample.1.", "downsample.down.").replace("downsample.3.", "downsample.norm.")
+        k = key.replace("module.v.", "dass.").replace("dass.classifier.head.", "head.").replace("classifier.", "")
+        for old, new in HF_RENAMES:
+            k = k.replace(old, new)
         out[k] = v
     return out
 
@@ -202,18 +168,17 @@ def main() -> None:
     args = p.parse_args()
     _stand_ins(args.official)
     sys.path.insert(0, str(args.official / "src"))
-    models = importlib.import_module("models")
-    models.vmamba = importlib.import_module("models.vmamba")
-    torch.manual_seed(0)  # the constructors' own initialisation, overwritten below
+    models = importlib.import_module("models")             # src/models: ast_models.DASS and its vmamba
+    torch.manual_seed(0)                                   # the constructors' initialisation, overwritten below
 
     arrays, weights = {}, {}
-    for name, (dims, depths, d_state, mlp_ratio, classes, (B, T)) in CONFIGS.items():
+    for name, (*_, (B, T)) in CONFIGS.items():
         model = official_model(models, name)
         shapes = [(k, v.shape) for k, v in model.state_dict().items()]
         weights[name] = seeded_weights(shapes)
         model.load_state_dict(weights[name], strict=True)
         x = np.random.default_rng([SEED, B, T]).standard_normal((B, T, 128)).astype(np.float32)
-        logits, features = run(model, model.module.v.classifier.norm, torch.from_numpy(x))
+        logits, features = run(model, model.module.v.classifier.norm, x)
         arrays.update({f"{name}_input": x, f"{name}_logits": logits, f"{name}_features": features})
         if name == "small":
             arrays["small_keys"] = np.array([k for k, _ in shapes])
@@ -223,18 +188,16 @@ def main() -> None:
         print(f"official {name}: logits {logits.shape}, features {features.shape}")
 
     port = hf_port(args.hf_port)
-    dims, depths, _, _, classes, _ = CONFIGS["tiny"]
+    dims, depths, *_, classes, _ = CONFIGS["tiny"]
     hf = port.DASSForAudioClassification(port.DASSConfig(dims=list(dims), depths=list(depths), num_classes=classes))
     hf.load_state_dict(to_hf_keys(weights["tiny"]), strict=True)
-    hf.eval()
-    x = arrays["tiny_input"]
-    logits, features = run(hf, hf.dass.norm, torch.from_numpy(x))
+    logits, features = run(hf.eval(), hf.dass.norm, arrays["tiny_input"])
     gap = max(np.abs(logits - arrays["tiny_logits"]).max(), np.abs(features - arrays["tiny_features"]).max())
     print(f"HF port vs official code, same weights: max |difference| {gap:.2e}")
     if gap > 1e-4:
-        raise SystemExit("the port and the official code disagree; not writing its fixture")
+        raise SystemExit("the port and the official code disagree; its fixture is not written")
     arrays.update({"hf_tiny_logits": logits, "hf_tiny_features": features})
-    type(hf.config)._get_generation_parameters = lambda self: {}  # the port overrides its transformers-4 name
+    type(hf.config)._get_generation_parameters = lambda self: {}  # the port overrides this under its v4 name
     hf.save_pretrained(OUT / "dass_hf_tiny")
 
     np.savez_compressed(OUT / "dass_official.npz", **arrays)
