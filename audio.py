@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,8 @@ def _lowpass(d: Tensor, c: float, zeros: int, beta: float) -> Tensor:
     return (c * torch.sinc(c * d) * window * (x.abs() <= 1)).float()
 
 
-def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h, block: int) -> Tensor:
+def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h: Callable[[Tensor], Tensor],
+               block: int) -> Tensor:
     """Rates with few output phases (44.1 kHz -> 16 kHz: up/down = 160/441): one strided conv1d, a filter per phase.
 
     Output j = i*up + p sits at input time i*down + p*down/up; tap k of phase p reads input i*down + k - half.
@@ -108,7 +110,8 @@ def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h, block: i
     return torch.cat(out)
 
 
-def _interpolated(x: Tensor, n_out: int, up: int, down: int, half: int, h, block: int) -> Tensor:
+def _interpolated(x: Tensor, n_out: int, up: int, down: int, half: int, h: Callable[[Tensor], Tensor],
+                  block: int) -> Tensor:
     """Any pair of rates: output j reads the 2*half + 1 input samples around its time t = j*down/up, weighted by the
     filter at t's fractional part, interpolated linearly between `n_phases` + 1 tabulated fractions. The spacing
     narrows as the filter widens (n_phases = block // taps), so the error is ~1e-7 at any rates."""
