@@ -10,11 +10,14 @@ Glossary (code name -> meaning; paper Fig. 1: "audio (16 kHz) -> fbank (1024 x 1
 window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` (what DASS and LTU train with) without
 torchaudio; tests/fixtures/fbank_kaldi.npz holds torchaudio's values (made by tools/make_fbank_fixture.py).
 Unlike the official pipeline, a file at another sample rate is resampled (band-limited) instead of being read as if
-it were 16 kHz.
+it were 16 kHz. The fbank and the resampler are written here, not taken from torchaudio: they save a heavy
+dependency tied to each torch version, and the fbank's steps are the paper's input.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,8 @@ LOW_FREQ = 20.0       # Hz; the top of the mel range is the Nyquist frequency
 DASS_MEAN, DASS_STD = -4.2677393, 4.5689974  # AudioSet fbank statistics used by AST and DASS
 SILENT_FRAME = -DASS_MEAN / (2 * DASS_STD)  # a zero (padded) fbank frame after normalisation, ≈ 0.467
 DASS_FRAMES = 1024    # 10.24 s: the length DASS was trained on
+MAX_SECONDS = 3600    # longer files are refused by load_audio (see there)
+RESAMPLE_BLOCK = 1 << 18  # values per work tensor in resample (1 MB in float32): bounds its memory
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,53 +48,99 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
     """Read any file soundfile can (wav, flac, ogg, mp3, ...): first channel, float32, resampled to `sample_rate`.
 
     Returns (samples,). Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that
-    cannot be decoded, has no samples, holds NaN/inf, or is shorter than one 25 ms fbank frame.
+    cannot be decoded, has no samples, holds NaN/inf, is shorter than one 25 ms fbank frame, or is longer than
+    MAX_SECONDS (refused from its header, or once that much is read, so a huge file never fills the memory; an
+    hour at 48 kHz peaks at about 2 GB while it is read and resampled).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path}: no such file")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (samples, channels)
+        with sf.SoundFile(str(path)) as f:
+            sr, limit = f.samplerate, MAX_SECONDS * f.samplerate
+            too_long = f.frames > limit                               # from the header: nothing is read
+            chunks = [] if too_long else [b[:, 0].copy() for b in f.blocks(  # (samples, channels) blocks
+                blocksize=1 << 20, frames=limit + 1, dtype="float32", always_2d=True)]
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError depending on the format
         raise ValueError(f"audio file {path}: cannot be decoded by soundfile ({e})") from e
-    if data.shape[0] == 0:
+    n = sum(len(c) for c in chunks)
+    if too_long or n > limit:
+        raise ValueError(f"audio file {path}: longer than {MAX_SECONDS} s (audio.MAX_SECONDS), the longest clip "
+                         "this reads")
+    if n == 0:
         raise ValueError(f"audio file {path}: contains no samples")
-    wave = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+    wave = torch.from_numpy(np.concatenate(chunks))
+    del chunks                                                        # `wave` is now the only copy of the samples
     if not torch.isfinite(wave).all():
         raise ValueError(f"audio file {path}: contains NaN or infinite samples")
     if sr != sample_rate:
         wave = resample(wave, sr, sample_rate)
     if wave.numel() < FRAME_LENGTH * sample_rate // SAMPLE_RATE:
-        raise ValueError(f"audio file {path}: too short ({data.shape[0]} samples at {sr} Hz = "
-                         f"{1000 * data.shape[0] / sr:.1f} ms); one fbank frame needs 25 ms")
+        raise ValueError(f"audio file {path}: too short ({n} samples at {sr} Hz = {1000 * n / sr:.1f} ms); "
+                         "one fbank frame needs 25 ms")
     return wave
 
 
-def _sinc_kernels(up: int, down: int, zeros: int, rolloff: float, beta: float) -> tuple[Tensor, int]:
-    """Polyphase windowed-sinc filters: (up, K) with row p the taps of output phase p; and the left padding.
-
-    Resampling by up/down puts output sample j = i*up + p at input time i*down + p*down/up. A low-pass at
-    `rolloff` x the lower Nyquist frequency, h(t) = c sinc(c t) with c = rolloff * min(1, up/down) (in input
-    samples), Kaiser-windowed over `zeros` sinc zero crossings on each side, is evaluated at those fractional offsets.
-    """
-    c = rolloff * min(1.0, up / down)
-    half = math.ceil(zeros / c)                                  # half-length in input samples
-    K = down + 2 * half + 1
-    k = torch.arange(K, dtype=torch.float64)
-    p = torch.arange(up, dtype=torch.float64)[:, None]
-    t = p * down / up + half - k                                 # filter argument for tap k of phase p  (up, K)
-    window = torch.special.i0(beta * torch.sqrt((1 - (t / half) ** 2).clamp(min=0))) / torch.special.i0(
+def _lowpass(d: Tensor, c: float, zeros: int, beta: float) -> Tensor:
+    """The resampling filter at distances d (float64, in input samples) from an output's time: c sinc(c d), a
+    low-pass at c x the input Nyquist frequency with unit gain, Kaiser-windowed over `zeros` zero crossings on each
+    side. Returns float32."""
+    x = c * d / zeros
+    window = torch.special.i0(beta * torch.sqrt((1 - x ** 2).clamp(min=0))) / torch.special.i0(
         torch.tensor(beta, dtype=torch.float64))
-    h = c * torch.sinc(c * t) * window * (t.abs() <= half)
-    return h, half
+    return (c * torch.sinc(c * d) * window * (x.abs() <= 1)).float()
+
+
+def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h: Callable[[Tensor], Tensor],
+               block: int) -> Tensor:
+    """Rates with few output phases (44.1 kHz -> 16 kHz: up/down = 160/441): one strided conv1d, a filter per phase.
+
+    Output j = i*up + p sits at input time i*down + p*down/up; tap k of phase p reads input i*down + k - half.
+    """
+    K = down + 2 * half + 1
+    t = torch.arange(up, dtype=torch.float64)[:, None] * down / up + half - torch.arange(K, dtype=torch.float64)
+    weight = h(t).to(x.device)[:, None, :]                       # (up, 1, K): one output channel per phase
+    n_steps = -(-n_out // up)                                    # outputs per phase
+    x = F.pad(x, (half, max(0, (n_steps - 1) * down + K - half - x.numel())))[None, None]
+    out, step = [], max(1, block // up)                          # conv steps at a time: (up, step) outputs
+    for i0 in range(0, n_steps, step):
+        i1 = min(i0 + step, n_steps)
+        seg = x[..., i0 * down: (i1 - 1) * down + K]
+        out.append(F.conv1d(seg, weight, stride=down)[0].T.reshape(-1))  # (steps, up) -> interleaved phases
+    return torch.cat(out)
+
+
+def _interpolated(x: Tensor, n_out: int, up: int, down: int, half: int, h: Callable[[Tensor], Tensor],
+                  block: int) -> Tensor:
+    """Any pair of rates: output j reads the 2*half + 1 input samples around its time t = j*down/up, weighted by the
+    filter at t's fractional part, interpolated linearly between `n_phases` + 1 tabulated fractions. The spacing
+    narrows as the filter widens (n_phases = block // taps), so the error is ~1e-7 at any rates."""
+    taps = 2 * half + 1
+    n_phases = max(1, block // taps)
+    frac = torch.arange(n_phases + 1, dtype=torch.float64)[:, None] / n_phases
+    grid = h(frac + half - torch.arange(taps, dtype=torch.float64)).to(x.device)  # (n_phases + 1, taps)
+    slope = grid[1:] - grid[:-1]
+    windows = F.pad(x, (half, half)).unfold(0, taps, 1)         # (samples, taps) view: row i = inputs i-half..i+half
+    dot, out = torch.linalg.vecdot, []
+    for j0 in range(0, n_out, n_phases):                         # n_phases outputs at a time: (block,) taps
+        j = torch.arange(j0, min(j0 + n_phases, n_out), device=x.device)
+        base, pos = j * down // up, (j * down % up).double() * (n_phases / up)  # t = base + pos / n_phases
+        q = pos.long()
+        xs = windows.index_select(0, base)                       # (outputs, taps)
+        # dot(xs, grid[q] + (pos - q) slope[q]) without forming the interpolated weights
+        out.append(dot(xs, grid.index_select(0, q)) + (pos - q).float() * dot(xs, slope.index_select(0, q)))
+    return torch.cat(out)
 
 
 def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rolloff: float = 0.95,
-             beta: float = 8.0) -> Tensor:
-    """Band-limited resampling of a 1-D signal (windowed-sinc, polyphase): (samples,) -> (ceil(samples*new/orig),).
+             beta: float = 8.0, block: int = RESAMPLE_BLOCK) -> Tensor:
+    """Band-limited resampling of a 1-D signal (windowed sinc): (samples,) -> (ceil(samples * new / orig),).
 
-    The pass band ends at `rolloff` x the lower Nyquist frequency; with the defaults the response is flat to
-    ~7.2 kHz and below -70 dB from 8 kHz when going to 16 kHz, so tones above 8 kHz do not alias.
+    Output j is the input filtered at time j * orig / new by a low-pass at `rolloff` x the lower Nyquist
+    frequency (`_lowpass`); with the defaults the response is flat to ~7.2 kHz and below -70 dB from 8 kHz when
+    going to 16 kHz. Any pair of rates works in bounded memory (work tensors of at most `block` values) and in
+    time proportional to the number of samples, whatever their common divisor: a strided convolution when the
+    output phases are few (`_polyphase`: 44.1, 48, 22.05, 8 kHz), else `_interpolated` (44,101 Hz, primes).
     """
     if waveform.dim() != 1:
         raise ValueError(f"resample expects a 1-D waveform; got shape {tuple(waveform.shape)}")
@@ -97,23 +148,17 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
         raise ValueError(f"sample rates must be positive; got {orig_sr} -> {new_sr}")
     g = math.gcd(int(orig_sr), int(new_sr))
     up, down = new_sr // g, orig_sr // g
-    if up == down:
+    if up == down or waveform.numel() == 0:
         return waveform
-    h, half = _sinc_kernels(up, down, zeros, rolloff, beta)
-    if h.numel() > 2 ** 25:
-        raise ValueError(f"cannot resample {orig_sr} Hz -> {new_sr} Hz: the ratio {up}/{down} needs "
-                         f"{h.numel()} filter taps; convert the file to a common rate first")
-    weight = h.to(waveform.device, torch.float32)[:, None, :]    # (up, 1, K) one output channel per phase
+    c = rolloff * min(1.0, up / down)
+    half = math.ceil(zeros / c)                                  # the filter reaches `half` input samples each side
+    h = functools.partial(_lowpass, c=c, zeros=zeros, beta=beta)
     n_out = -(-waveform.numel() * up // down)
-    n_blocks = -(-n_out // up)                                   # outputs per phase
-    right = max(0, (n_blocks - 1) * down + weight.shape[-1] - half - waveform.numel())
-    x = F.pad(waveform.float()[None, None], (half, right))
-    out, step = [], 1 << 14                                      # bounded memory: 16k conv steps at a time
-    for i0 in range(0, n_blocks, step):
-        i1 = min(i0 + step, n_blocks)
-        seg = x[..., i0 * down: (i1 - 1) * down + weight.shape[-1]]
-        out.append(F.conv1d(seg, weight, stride=down)[0].T.reshape(-1))  # (steps, up) -> interleaved phases
-    return torch.cat(out)[:n_out].to(waveform.dtype)
+    if up * (down + 2 * half + 1) <= block:
+        y = _polyphase(waveform.float(), n_out, up, down, half, h, block)
+    else:
+        y = _interpolated(waveform.float(), n_out, up, down, half, h, block)
+    return y[:n_out].to(waveform.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,6 +193,8 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
     frames = 1 + (samples - 400) // 160. Per frame: remove the DC offset, pre-emphasis 0.97, symmetric Hann
     window, zero-pad to 512, power spectrum, 128 mel filters, log with a floor at float32 eps.
     Computed in blocks of frames, so a 60-minute waveform needs no more than a few tens of MB of work memory.
+    A ValueError if any value is NaN or infinite (NaN/inf samples, or samples so large, such as 4e29, that the
+    power spectrum overflows float32): such an fbank would make every feature NaN.
     """
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"fbank expects {SAMPLE_RATE} Hz audio; got {sample_rate} Hz (use resample first)")
@@ -173,7 +220,10 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
         x = F.pad(x * window, (0, N_FFT - FRAME_LENGTH))
         power = torch.fft.rfft(x).abs().pow(2)                              # (frames, 257)
         out.append((power @ mel_fb.T).clamp(min=eps).log())                 # (frames, 128)
-    return torch.cat(out)
+    x = torch.cat(out)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"the fbank has NaN or infinite values; the largest |sample| is {wave.abs().max():.3g}")
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,5 +246,9 @@ def dass_input(waveform: Tensor, target_length: int | None = DASS_FRAMES) -> Ten
 
 
 def dass_input_from_file(path: str | Path, target_length: int | None = DASS_FRAMES) -> Tensor:
-    """Audio file -> the DASS input (T, 128): `load_audio` then `dass_input`."""
-    return dass_input(load_audio(path), target_length)
+    """Audio file -> the DASS input (T, 128): `load_audio` then `dass_input`; every ValueError names the file."""
+    wave = load_audio(path)
+    try:
+        return dass_input(wave, target_length)
+    except ValueError as e:
+        raise ValueError(f"audio file {path}: {e}") from e

@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,81 @@ def test_upsampling_keeps_tone_and_has_no_images():
     assert abs(freqs[spec.argmax()].item() - 3000) < 2
     image = spec[(freqs - 5000).abs() < 200].max() / spec.max()  # the 8 kHz - 3 kHz mirror image
     assert image < 1e-3
+
+
+@pytest.mark.parametrize("orig_sr, freqs", [
+    (44100, (440, 3000, 6500)),    # few output phases: the strided convolution
+    (44101, (440, 3000, 6500)),    # gcd 1: 16000 phases, the interpolated filter
+    (192000, (440, 3000, 6500)),
+    (200003, (440, 3000, 6500)),   # a prime
+    (7919, (440, 3000)),           # a prime below 16 kHz: upsampling
+])
+def test_resampling_any_rate_gives_the_band_limited_signal(orig_sr, freqs):
+    # A sum of tones inside both pass bands, resampled, must equal the same tones sampled at 16 kHz.
+    def tones(sr, n):
+        t = np.arange(n) / sr
+        return sum(0.3 * np.sin(2 * np.pi * f * t + i) for i, f in enumerate(freqs))
+    n = orig_sr // 2                                             # 0.5 s
+    y = audio.resample(torch.from_numpy(tones(orig_sr, n).astype(np.float32)), orig_sr, 16000)
+    assert y.shape == (math.ceil(n * 16000 / orig_sr),) and y.dtype == torch.float32
+    ideal = tones(16000, len(y))
+    np.testing.assert_allclose(y[400:-400].numpy(), ideal[400:-400], atol=5e-5, rtol=0)  # past 25 ms edges
+
+
+def test_resampling_paths_agree():
+    # 44.1 kHz -> 16 kHz goes through the strided convolution; a smaller block sends it through the interpolated
+    # filter instead. Same filter, same outputs.
+    x = torch.randn(44100)
+    conv = audio.resample(x, 44100, 16000)
+    interpolated = audio.resample(x, 44100, 16000, block=50_000)
+    torch.testing.assert_close(interpolated, conv, atol=2e-5, rtol=0)
+    torch.testing.assert_close(audio.resample(x, 44101, 16000, block=1 << 17), audio.resample(x, 44101, 16000),
+                               atol=2e-5, rtol=0)  # a quarter of the memory, the same outputs
+
+
+def test_odd_rates_resample_in_bounded_memory_and_time():
+    # A 44,101 Hz clip once built a 16000 x 44382 float64 filter table (5.7 GB), a prime rate 25 GB. Peak memory
+    # above the clips themselves and CPU time (one thread: what the algorithm costs, not how busy the machine is)
+    # must stay small whatever the rates' common divisor. A fresh process measures its own peak.
+    code = """if True:
+        import resource, time, torch, audio
+        torch.set_num_threads(1)
+        x = torch.randn(44101 * 30)
+        y = torch.randn(200003 * 5)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.process_time()
+        a, b = audio.resample(x, 44101, 16000), audio.resample(y, 200003, 16000)
+        seconds = time.process_time() - t0
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert a.shape == (16000 * 30,) and b.shape == (16000 * 5,)
+        print(grown // 1024, seconds)"""
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    grown_mb, seconds = map(float, run.stdout.split())
+    assert grown_mb < 100, f"resampling grew the peak memory by {grown_mb} MB"
+    assert seconds < 20, f"resampling took {seconds} s of CPU"
+
+
+def test_load_audio_refuses_clips_longer_than_max_seconds(tmp_path, monkeypatch):
+    monkeypatch.setattr(audio, "MAX_SECONDS", 2)
+    ok, long = tmp_path / "ok.wav", tmp_path / "long.flac"
+    sf.write(ok, np.zeros(16000 * 2, dtype=np.float32), 16000)
+    sf.write(long, np.zeros(48000 * 2 + 1, dtype=np.float32), 48000)
+    assert audio.load_audio(ok).shape == (32000,)
+    with pytest.raises(ValueError, match=r"long\.flac.*longer than 2 s"):
+        audio.load_audio(long)
+
+
+def test_huge_samples_give_a_value_error_naming_the_file(tmp_path):
+    # 4e29 is finite, but its power spectrum is not: the fbank would be NaN/inf and so would every feature.
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        audio.fbank(torch.full((16000,), 4e29))
+    path = tmp_path / "huge.wav"
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], 16000)   # not constant: the clip's mean is removed
+    sf.write(path, (4e29 * signs).astype(np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"huge\.wav.*NaN or infinite.*e\+29"):
+        audio.dass_input_from_file(path)
 
 
 def test_load_audio_formats_and_first_channel(tmp_path):

@@ -1,0 +1,209 @@
+"""Write tests/fixtures/dass_*: what the official DASS code and its Hugging Face port compute on fixed inputs, with
+deterministic weights saved in each one's own checkpoint layout (tests/test_dass_official.py checks dass.py on them).
+
+Neither is a dependency of this project: they run once, here, from checkouts OUTSIDE the repository.
+
+    git clone https://github.com/Saurabhbhati/DASS /tmp/DASS
+    git clone https://github.com/Saurabhbhati/transformers-DASS /tmp/hf-DASS
+    pip install einops transformers        # besides this project's requirements
+    python tools/make_dass_fixture.py --official /tmp/DASS --hf-port /tmp/hf-DASS
+
+The official code is written for CUDA; on a CPU its selective-scan extension is replaced by the plain PyTorch loop
+`selective_scan_ref` of its own kernels/selective_scan/test_selective_scan.py, and its Triton cross-scan kernels
+run in Triton's interpreter. It imports timm, torchvision, fvcore and wget only for DropPath (the identity at
+inference), initialisation (overwritten here) and helpers the forward pass never calls: `_stand_ins` replaces them
+(torchvision, which timm needs, has no CPU build for this torch). The port runs as it is: without the CUDA
+extension it takes its own PyTorch scan.
+
+Files: dass_official.npz holds, per configuration c of CONFIGS, `c_input` (B, T, 128), `c_logits` and
+`c_features`, the classifier.norm output the head pools (B, C, 128/stride, ceil(T/stride)); `hf_tiny_logits` and
+`hf_tiny_features` (the port on tiny_input); `small_keys` / `small_shapes`, from which `seeded_weights` rebuilds
+the 30M-parameter DASS-small checkpoint. dass_official_{tiny,tiny_n2}.pth are official DataParallel state_dicts
+(keys `module.v.*`, like DASS_small.pth); dass_hf_tiny/ is the port's save_pretrained folder of the tiny weights.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import os
+import sys
+import types
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the official code imports triton
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+SEED = 20240705
+CONFIGS = {  # name: (dims, depths, d_state, mlp_ratio, classes, input (B, T))
+    "tiny": ((4, 8, 16, 32), (2, 2, 8, 2), 1, 4.0, 10, (2, 70)),    # DASS-small's structure, narrow
+    "tiny_n2": ((12, 24), (1, 2), 2, 2.0, 7, (1, 75)),             # N = 2 and two stages: the general case
+    "small": ((96, 192, 384, 768), (2, 2, 8, 2), 1, 4.0, 527, (1, 100)),  # DASS-small itself
+}
+
+
+def seeded_weights(keys_and_shapes, seed: int = SEED) -> dict[str, torch.Tensor]:
+    """Deterministic fp32 weights, each tensor from its own stream (seed, crc32(key)): uniform noise around a value
+    and at a scale that keep activations O(1) and make every tensor matter (LayerNorm weights are not all 1,
+    biases not 0, A and Δ vary per channel)."""
+    out = {}
+    for key, shape in keys_and_shapes:
+        shape = tuple(int(s) for s in shape)
+        u = 2 * np.random.default_rng([seed, zlib.crc32(key.encode())]).random(shape) - 1  # U(-1, 1)
+        name = key.rsplit(".", 1)[-1]
+        if name == "A_logs":
+            w = 0.25 + 1.25 * u                            # A = -exp(.) in [-4.5, -0.37]
+        elif name == "dt_projs_bias":
+            w = -2.0 + 2.0 * u                             # Δ = softplus(. + ...) from about 0.02 to 0.7
+        elif name == "Ds":
+            w = u
+        elif name == "bias":
+            w = 0.2 * u
+        elif len(shape) == 1:                              # LayerNorm weights
+            w = 1.0 + 0.5 * u
+        else:                                              # linear / conv: fan-in scaling
+            fan_in = shape[-1] if len(shape) == 3 else int(np.prod(shape[1:]))
+            w = u * np.sqrt(3.0 / fan_in)
+        out[key] = torch.from_numpy(w.astype(np.float32))
+    return out
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+    m = types.ModuleType(name)
+    m.__dict__.update(attrs)
+    sys.modules[name] = m
+    return m
+
+
+def _stand_ins(official: Path) -> None:
+    """What the official code imports but cannot have here (see the module docstring)."""
+    layers = _module("timm.models.layers", DropPath=lambda drop_prob=0.0: nn.Identity(),
+                     trunc_normal_=nn.init.trunc_normal_, to_2tuple=lambda x: (x, x))
+    vit = _module("timm.models.vision_transformer")
+    _module("timm", models=_module("timm.models", layers=layers, vision_transformer=vit))
+    _module("torchvision", models=_module("torchvision.models", VisionTransformer=None))
+    _module("fvcore", nn=_module("fvcore.nn", FlopCountAnalysis=None, flop_count_str=None, flop_count=None,
+                                 parameter_count=None))
+    _module("wget")
+    # Importing test_selective_scan.py rebinds `selective_scan_ref` to a CUDA wrapper: run the function's source.
+    text = (official / "kernels" / "selective_scan" / "test_selective_scan.py").read_text()
+    node = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == "selective_scan_ref")
+    einops = importlib.import_module("einops")
+    namespace = dict(torch=torch, F=F, rearrange=einops.rearrange, repeat=einops.repeat)
+    exec(ast.get_source_segment(text, node), namespace)
+    ref = namespace["selective_scan_ref"]
+
+    def fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, nrows, oflex):
+        out = ref(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
+        return out.float() if oflex else out, None         # (out, states only the backward pass reads)
+
+    _module("selective_scan_cuda_oflex", fwd=fwd)
+
+
+def official_model(models: types.ModuleType, name: str) -> nn.Module:
+    """The official `DASS` (ast_models.py) in DataParallel, so its keys read `module.v.*`. Its constructor knows only
+    the small and medium widths; for other sizes `v` is the VSSM it would build, with those widths (the 1-channel
+    stem conv and the label head it swaps in are then VSSM's own, of the same shapes)."""
+    dims, depths, d_state, mlp_ratio, classes, _ = CONFIGS[name]
+    if name == "small":
+        net = models.DASS(label_dim=classes, imagenet_pretrain=False, audioset_pretrain=False, model_size="small",
+                          verbose=False)
+    else:
+        net = models.DASS.__new__(models.DASS)
+        nn.Module.__init__(net)
+        net.v = models.vmamba.VSSM(
+            in_chans=1, num_classes=classes, dims=list(dims), depths=list(depths), ssm_d_state=d_state,
+            mlp_ratio=mlp_ratio, drop_path_rate=0.2, ssm_ratio=1.0, ssm_conv_bias=False, forward_type="v05_noz",
+            downsample_version="v3", patchembed_version="v2", norm_layer="LN2D")
+    return nn.DataParallel(net).eval()
+
+
+def run(model: nn.Module, norm: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, the output of `norm`: the feature map the head pools)."""
+    seen = []
+    hook = norm.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        out = model(torch.from_numpy(x))
+    hook.remove()
+    return getattr(out, "logits", out).numpy(), seen[0].numpy()
+
+
+def hf_port(hf_dir: Path) -> types.ModuleType:
+    """modeling_dass.py as `transformers.models.dass.modeling_dass`, so its relative imports find transformers."""
+    package = _module("transformers.models.dass")
+    package.__path__ = [str(hf_dir / "src" / "transformers" / "models" / "dass")]
+    return importlib.import_module("transformers.models.dass.modeling_dass")
+
+
+HF_RENAMES = (  # official -> port, within the names
+    ("patch_embed.0.", "patch_embeddings.projection.0."), ("patch_embed.2.", "patch_embeddings.projection.1."),
+    ("patch_embed.5.", "patch_embeddings.projection.3."), ("patch_embed.7.", "patch_embeddings.projection.4."),
+    ("downsample.1.", "downsample.down."), ("downsample.3.", "downsample.norm."),
+    ("x_proj_weight", "x_proj.weight"), ("dt_projs_weight", "dt_projs.weight"),
+)
+
+
+def to_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """module.v.* -> the port's names, as its convert_dass_original_pytorch_checkpoint_to_pytorch.py renames them
+    (its DASSLinear2d reshapes the stacked x_proj / dt_projs weights itself when loading)."""
+    out = {}
+    for key, v in state.items():
+        k = key.replace("module.v.", "dass.").replace("dass.classifier.head.", "head.").replace("classifier.", "")
+        for old, new in HF_RENAMES:
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--official", type=Path, required=True, help="checkout of github.com/Saurabhbhati/DASS")
+    p.add_argument("--hf-port", type=Path, required=True, help="checkout of github.com/Saurabhbhati/transformers-DASS")
+    args = p.parse_args()
+    _stand_ins(args.official)
+    sys.path.insert(0, str(args.official / "src"))
+    models = importlib.import_module("models")             # src/models: ast_models.DASS and its vmamba
+    torch.manual_seed(0)                                   # the constructors' initialisation, overwritten below
+
+    arrays, weights = {}, {}
+    for name, (*_, (B, T)) in CONFIGS.items():
+        model = official_model(models, name)
+        shapes = [(k, v.shape) for k, v in model.state_dict().items()]
+        weights[name] = seeded_weights(shapes)
+        model.load_state_dict(weights[name], strict=True)
+        x = np.random.default_rng([SEED, B, T]).standard_normal((B, T, 128)).astype(np.float32)
+        logits, features = run(model, model.module.v.classifier.norm, x)
+        arrays.update({f"{name}_input": x, f"{name}_logits": logits, f"{name}_features": features})
+        if name == "small":
+            arrays["small_keys"] = np.array([k for k, _ in shapes])
+            arrays["small_shapes"] = np.array([",".join(map(str, s)) for _, s in shapes])
+        else:
+            torch.save(weights[name], OUT / f"dass_official_{name}.pth")
+        print(f"official {name}: logits {logits.shape}, features {features.shape}")
+
+    port = hf_port(args.hf_port)
+    dims, depths, *_, classes, _ = CONFIGS["tiny"]
+    hf = port.DASSForAudioClassification(port.DASSConfig(dims=list(dims), depths=list(depths), num_classes=classes))
+    hf.load_state_dict(to_hf_keys(weights["tiny"]), strict=True)
+    logits, features = run(hf.eval(), hf.dass.norm, arrays["tiny_input"])
+    gap = max(np.abs(logits - arrays["tiny_logits"]).max(), np.abs(features - arrays["tiny_features"]).max())
+    print(f"HF port vs official code, same weights: max |difference| {gap:.2e}")
+    if gap > 1e-4:
+        raise SystemExit("the port and the official code disagree; its fixture is not written")
+    arrays.update({"hf_tiny_logits": logits, "hf_tiny_features": features})
+    type(hf.config)._get_generation_parameters = lambda self: {}  # the port overrides this under its v4 name
+    hf.save_pretrained(OUT / "dass_hf_tiny")
+
+    np.savez_compressed(OUT / "dass_official.npz", **arrays)
+    size = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file() and "dass" in str(f.relative_to(OUT)))
+    print(f"wrote {OUT}/dass_* ({size / 1024:.0f} kB) with torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
