@@ -225,7 +225,7 @@ class OpenAQADataset(torch.utils.data.Dataset):
 
     encode(instruction, output, input) -> (input_ids, labels) tokenizes an entry (the model's prompt format and text
     cutoff: `SSLALM.encode_example`). The audio is found with `resolve_audio` (under `roots`, after the `prefixes`
-    rewrites), read with `audio.load_audio` and turned into the DASS input (`audio.dass_input`: `audio_frames`
+    rewrites), read and turned into the DASS input (`audio.dass_input_from_file`: `audio_frames`
     frames, or all of them when None). A file that is missing or cannot be decoded gives a `BadEntry` instead of an
     example; the training loop raises it as a DataError or, with skip_bad, skips and counts it. Missing files are
     found up front by `check_files`.
@@ -273,7 +273,7 @@ class OpenAQADataset(torch.utils.data.Dataset):
         fb = self.cache.get(path) if self.cache is not None else None
         if fb is None:
             try:
-                fb = audio.dass_input(audio.load_audio(path), self.audio_frames)  # (T, 128)
+                fb = audio.dass_input_from_file(path, self.audio_frames)  # (T, 128)
             except (OSError, ValueError) as err:
                 return BadEntry(i, str(path), str(err))
             if self.cache is not None:

@@ -223,7 +223,7 @@ class SSLALM(nn.Module):
         audio_frames frames with crop=True.
         """
         if isinstance(clip, (str, os.PathLike)):
-            clip = audio.load_audio(clip)
+            clip = audio.dass_input_from_file(clip, target_length=None)  # errors name the file
         if clip.dim() == 1:
             clip = audio.dass_input(clip, target_length=None)
         if clip.dim() != 2 or clip.shape[1] != audio.N_MELS:

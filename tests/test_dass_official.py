@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dass
+import weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -46,7 +47,7 @@ def _config(name: str) -> dass.DASSConfig:
 def test_official_checkpoint_gives_the_official_outputs(ref, name):
     path = FIXTURES / f"dass_official_{name}.pth"
     assert all(k.startswith("module.v.") for k in torch.load(path, weights_only=True))  # the official layout
-    model = dass.DASS.from_pretrained(path).eval()
+    model = weights.load_dass(path).eval()
     assert model.config == _config(name)              # inferred from the tensor shapes
     _assert_same_outputs(model, ref, name)
 
@@ -55,7 +56,7 @@ def test_dass_small_gives_the_official_outputs(ref, tmp_path):
     keys, shapes = ref["small_keys"].tolist(), [s.split(",") for s in ref["small_shapes"].tolist()]
     path = tmp_path / "DASS_small.pth"
     torch.save(make_dass_fixture.seeded_weights(zip(keys, shapes)), path)
-    model = dass.DASS.from_pretrained(path).eval()
+    model = weights.load_dass(path).eval()
     assert model.config == _config("small") == dass.DASSConfig.small()
     assert sum(p.numel() for p in model.parameters()) == 29_884_463
     _assert_same_outputs(model, ref, "small")
@@ -64,7 +65,7 @@ def test_dass_small_gives_the_official_outputs(ref, tmp_path):
 def test_hf_port_folder_gives_the_port_outputs(ref):
     folder = FIXTURES / "dass_hf_tiny"
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
-    model = dass.DASS.from_pretrained(folder).eval()
+    model = weights.load_dass(folder).eval()
     assert model.config == _config("tiny")
     _assert_same_outputs(model, ref, "hf_tiny", input_name="tiny")
 
