@@ -353,9 +353,9 @@ def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | No
             raise ValueError(f"{output} holds answers for another eval set (entry {rec['key']} is "
                              f"{rec['audio_id']!r} there, {clip.audio_id!r} here); pass another --output")
         if checkpoint_id is not None and rec.get("checkpoint") != checkpoint_id:
-            raise ValueError(f"{output}: line {n + 1} was answered by another checkpoint ({rec.get('checkpoint') or 'not'}"
-                             f" recorded; this one is {checkpoint_id}); pass another --output, or delete the file to "
-                             "answer again")
+            raise ValueError(f"{output}: line {n + 1} was answered by another checkpoint (recorded: "
+                             f"{rec.get('checkpoint')}; this one is {checkpoint_id}); pass another --output, or "
+                             "delete the file to answer again")
         good.append(line)
         done[rec["key"]] = rec["prediction"]
     clean = "".join(g + "\n" for g in good)

@@ -39,9 +39,9 @@ import checkpoint
 import demo
 import layout
 import sslalm
-from data import DataError, OpenAQADataset, at_least, load_openaqa, parse_prefixes
+from data import BadEntry, DataError, OpenAQADataset, at_least, load_openaqa, parse_prefixes
 from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, check_model_files, count_parameters,
-                     init_distributed, list_checkpoints, report_bad, train)
+                     init_distributed, list_checkpoints, train)
 
 try:  # optional: loss.png
     import matplotlib
@@ -114,6 +114,18 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     return res
 
 
+def report_bad(bad: list[BadEntry], file=None, limit: int = 20) -> None:
+    """The end-of-run report of --skip-bad: how many entries were skipped, and which."""
+    if not bad:
+        return
+    file = file or sys.stderr
+    print(f"skipped {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} (--skip-bad):", file=file)
+    for b in sorted(bad, key=lambda b: b.index)[:limit]:
+        print(f"  {b}", file=file)
+    if len(bad) > limit:
+        print(f"  ... and {len(bad) - limit} more", file=file)
+
+
 def curriculum_stage(args: argparse.Namespace, stage: int, out: Path, init_from: Path | None) -> TrainResult:
     """One unfinished stage of the curriculum (layout.run_curriculum): resumed from its newest readable checkpoint
     if it has one, else started afresh (what a run stopped before its first checkpoint left there is deleted)."""
@@ -173,8 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
     t.add_argument("--lr", type=at_least(0, float, strict=True))
     t.add_argument("--epochs", type=at_least(1))
-    t.add_argument("--max-steps", type=at_least(1), help="train exactly this many steps, overriding --epochs as Hugging "
-                   "Face's Trainer does (the lr schedule ends there)")
+    t.add_argument("--max-steps", type=at_least(1), help="train exactly this many steps, overriding --epochs as "
+                   "Hugging Face's Trainer does (the lr schedule ends there)")
     t.add_argument("--batch-size", type=at_least(1), help="global batch (default 256)")
     t.add_argument("--micro-batch", type=at_least(1), help="entries per forward pass per process (default 4)")
     t.add_argument("--warmup-steps", type=at_least(0))
@@ -182,7 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--weight-decay", type=at_least(0, float))
     t.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
     c = p.add_argument_group("checkpoints and logs")
-    c.add_argument("--save-every", type=at_least(0), help="steps between checkpoints (default 1000; 0: only at the end)")
+    c.add_argument("--save-every", type=at_least(0), help="steps between checkpoints (default 1000; 0: only at the "
+                   "end)")
     c.add_argument("--keep", type=at_least(1), help="checkpoints kept (default 2)")
     again = c.add_mutually_exclusive_group()
     again.add_argument("--resume", nargs="?", const="latest", help="continue from the newest readable checkpoint "

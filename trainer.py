@@ -69,6 +69,7 @@ STAGES = {
 
 # what a run leaves in its output folder: a new run there is refused unless overwrite (which deletes them)
 RUN_FILES = ("checkpoints", "log.jsonl", "loss.png", "config.json", "model.safetensors")
+TRAINER_KEYS = {"step", "order_epoch", "order", "optimizer", "n_entries", "world", "config", "bad"}  # in trainer.pt
 
 
 class NonFiniteLoss(RuntimeError):
@@ -302,7 +303,7 @@ def _fsync_dir(p: Path) -> None:
         os.close(fd)
 
 
-def read_plain(file: Path) -> dict:
+def read_plain(file: Path):
     """trainer.pt or rng-rank{r}.pt, read with torch.load(weights_only=True): tensors and plain containers only, so
     nothing in the file can run code. A file that is truncated or holds anything else is a CorruptCheckpoint."""
     if not file.is_file():
@@ -315,10 +316,7 @@ def read_plain(file: Path) -> dict:
         raise CorruptCheckpoint(f"{file}: refused unread: it holds objects other than tensors and plain containers"
                                 f"{detail}, which trainer.py never writes; the file is corrupt or not ours") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({str(e).splitlines()[0] if str(e) else 'empty'})") \
-            from None
-    if not isinstance(state, dict):
-        raise CorruptCheckpoint(f"{file}: holds a {type(state).__name__}, not the dict trainer.py writes")
+        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({(str(e) or 'empty').splitlines()[0]})") from None
     return state
 
 
@@ -373,14 +371,9 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.t0 = time.time()
         self.samples = 0
-        self.log = None
         if enabled:
-            log = output_dir / "log.jsonl"
-            kept = [line for line in (log.read_text(encoding="utf-8").splitlines() if log.is_file() else [])
-                    if _logged_step(line) <= start]
-            log.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(log.with_suffix(".tmp"), log)
-            self.log = open(log, "a", encoding="utf-8")
+            _cut_log(output_dir / "log.jsonl", start)
+        self.log = open(output_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
 
     def step(self, rec: dict) -> None:
         if not self.enabled:
@@ -406,25 +399,17 @@ class Progress:
                 print(file=sys.stderr)
 
 
-def _logged_step(line: str) -> float:
-    """The step of a log.jsonl line; infinity for a torn or foreign line (dropped when the log is cut)."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        return math.inf
-    return rec["step"] if isinstance(rec, dict) and isinstance(rec.get("step"), int) else math.inf
-
-
-def report_bad(bad: list[BadEntry], file=None, limit: int = 20) -> None:
-    """The end-of-run report of --skip-bad: how many entries were skipped, and which."""
-    if not bad:
-        return
-    file = file or sys.stderr
-    print(f"skipped {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} (--skip-bad):", file=file)
-    for b in sorted(bad, key=lambda b: b.index)[:limit]:
-        print(f"  {b}", file=file)
-    if len(bad) > limit:
-        print(f"  ... and {len(bad) - limit} more", file=file)
+def _cut_log(log: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to `step` (a resumed run logs the later steps again); a torn line goes too."""
+    kept = []
+    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # torn by a stop mid-write
+    log.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(log.with_suffix(".tmp"), log)
 
 
 def count_parameters(params) -> int:
@@ -487,8 +472,7 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
         return {"step": pos.step, "epoch": pos.step // per_epoch, "step_in_epoch": pos.step % per_epoch,
                 "order_epoch": pos.order_epoch, "order": pos.order, "optimizer": opt.state_dict(),
                 "n_entries": n, "data": data_id, "world": d.world, "total_steps": total,
-                "config": dataclasses.asdict(cfg),
-                "bad": [dataclasses.asdict(b) for b in result.bad]}
+                "config": dataclasses.asdict(cfg), "bad": [dataclasses.asdict(b) for b in result.bad]}
 
     prog = Progress(out, cfg.name, total, pos.step, cfg.log_every, d.main)
     model.train()
@@ -529,31 +513,28 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
 def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
             n: int, data_id: dict, d: Dist, device: torch.device) -> tuple[Position, list[BadEntry]]:
     """Load checkpoint `resume` into the model, the optimizer and the random states; returns where the run was and
-    the bad entries met so far. "latest": the newest in out/checkpoints that can be read; one that cannot (a
-    CorruptCheckpoint) is passed over, saying so, for the one before it."""
-    if str(resume) != "latest":
-        return _load(Path(resume), model, opt, cfg, n, data_id, d, device)
-    found = list_checkpoints(out)
+    the bad entries met so far. "latest": the newest in out/checkpoints whose files can all be read; one that
+    cannot (a CorruptCheckpoint) is passed over, saying so, for the one before it. Every rank reads every rank's
+    random states, so that all ranks find the same checkpoint unreadable and fall back alike."""
+    latest = str(resume) == "latest"
+    found = list_checkpoints(out)[::-1] if latest else [Path(resume)]
     if not found:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    for ckpt in reversed(found):
+    for ckpt in found:
         try:
-            return _load(ckpt, model, opt, cfg, n, data_id, d, device)
+            st = read_plain(ckpt / "trainer.pt")
+            if not isinstance(st, dict) or not TRAINER_KEYS <= set(st):
+                raise CorruptCheckpoint(f"{ckpt / 'trainer.pt'}: not the trainer state trainer.py writes")
+            rng = [read_plain(ckpt / f"rng-rank{r}.pt") for r in range(st["world"])]
+            check_model_files(ckpt)
+            break
         except CorruptCheckpoint as e:
+            if not latest:
+                raise
             if d.main:
                 print(f"warning: {e}; falling back to the checkpoint before it", file=sys.stderr)
-    raise CorruptCheckpoint(f"--resume: none of the {len(found)} checkpoints in {out / 'checkpoints'} can be read")
-
-
-def _load(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, n: int, data_id: dict,
-          d: Dist, device: torch.device) -> tuple[Position, list[BadEntry]]:
-    """One checkpoint into the run (see `_resume`). Every rank reads every rank's random states, so that all ranks
-    find the same files unreadable and fall back alike."""
-    st = read_plain(ckpt / "trainer.pt")
-    missing = {"step", "order_epoch", "order", "optimizer", "n_entries", "world", "config", "bad"} - set(st)
-    if missing:
-        raise CorruptCheckpoint(f"{ckpt / 'trainer.pt'}: not a trainer state (no {', '.join(sorted(missing))})")
-    rng = [read_plain(ckpt / f"rng-rank{r}.pt") for r in range(st["world"])]
+    else:
+        raise CorruptCheckpoint(f"--resume: none of the {len(found)} checkpoints in {out / 'checkpoints'} can be read")
     if st["n_entries"] != n:
         raise DataError(f"--resume {ckpt}: the checkpoint was trained on {st['n_entries']} entries, the data now "
                         f"has {n}; resume with the same data (and --skip-bad setting)")
@@ -566,7 +547,6 @@ def _load(ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainCo
         if st["config"][key] != getattr(cfg, key):
             raise ValueError(f"--resume {ckpt}: it was trained with {key} {st['config'][key]}, now {key} is "
                              f"{getattr(cfg, key)}; the data order and the schedule depend on it")
-    check_model_files(ckpt)
     checkpoint.load_trainable(model, ckpt)
     opt.load_state_dict(st["optimizer"])
     if st["world"] == d.world:
