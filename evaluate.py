@@ -290,7 +290,7 @@ class OutputBusy(ValueError):
 @contextmanager
 def output_lock(output: str):
     """Hold <output>.lock (created with O_EXCL, holding "host pid") while `output` is read and appended to, so two
-    runs never answer the same entries into one file. A lock left by a process of this host that is gone (killed
+    runs never answer the same entries into one file. A lock left by a process of this host that has ended (killed
     with -9) is taken over, saying so; any other is OutputBusy."""
     lock = output + ".lock"
     for attempt in range(2):
@@ -299,12 +299,11 @@ def output_lock(output: str):
             break
         except FileExistsError:
             holder = Path(lock).read_text(errors="replace").split()
-            gone = len(holder) == 2 and holder[0] == socket.gethostname() and not _alive(int(holder[1]))
-            if attempt or not gone:
+            if attempt or not _ended(holder):
                 raise OutputBusy(f"{output} is being written by another evaluate.py ({lock} holds "
                                  f"{' '.join(holder) or 'nothing'}); wait for it or pass another --output, or delete "
                                  f"{lock} if that run is gone") from None
-            print(f"note: {lock} was left by process {holder[1]}, which is gone; taking it over", file=sys.stderr)
+            print(f"note: {lock} was left by process {holder[1]}, which has ended; taking it over", file=sys.stderr)
             os.unlink(lock)
     with os.fdopen(fd, "w") as f:
         f.write(f"{socket.gethostname()} {os.getpid()}\n")
@@ -314,14 +313,17 @@ def output_lock(output: str):
         os.unlink(lock)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _ended(holder: list[str]) -> bool:
+    """Whether a lock's holder ["host", "pid"] was a process of this host that no longer exists."""
+    if len(holder) != 2 or holder[0] != socket.gethostname() or not holder[1].isdigit():
         return False
-    except PermissionError:  # another user's process
+    try:
+        os.kill(int(holder[1]), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return False
 
 
 def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | None = None) -> dict[str, str]:
@@ -435,9 +437,6 @@ def checkpoint_identity(folder: str) -> str:
     """sha256 of a checkpoint's config.json and model.safetensors (16 hex digits), recorded with every answer so
     that answers of another checkpoint are never taken for this one's; both files are checked whole first."""
     path = Path(folder)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an ssLALM checkpoint: {name} is missing")
     check_model_files(path)
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):

@@ -321,8 +321,11 @@ def read_plain(file: Path):
 
 
 def check_model_files(folder: Path) -> None:
-    """The model files of a checkpoint folder (checkpoint.save_checkpoint's) are whole: config.json is JSON and
-    model.safetensors' header covers the file; CorruptCheckpoint names the file otherwise."""
+    """The model files of a checkpoint folder (checkpoint.save_checkpoint's) are there and whole: config.json is
+    JSON and model.safetensors' header covers the file; CorruptCheckpoint names the file otherwise."""
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not an ssLALM checkpoint: {name} is missing")
     try:
         json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -19,6 +19,7 @@ import ast
 import builtins
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -221,26 +222,37 @@ def test_resume_refuses_other_data_of_the_same_length(tmp_path):
     assert res.steps == 4
 
 
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """(the losses of an uninterrupted 6-step run, the folder of the same run stopped after step 5)."""
+    root = tmp_path_factory.mktemp("stopped")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer.checkpoint, "save_checkpoint", lambda model, d: model.save_checkpoint(d))
+        full = trainer.train(StandIn(), MemoryData(11), pad_collate, 0, small_cfg(), root / "full")
+        with pytest.raises(Crash):
+            trainer.train(StandIn(), MemoryData(11), pad_collate, 0, small_cfg(save_every=1), root / "cut",
+                          on_step=crash_at(5))
+    return full.losses, root / "cut"
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "trainer.pt", "rng-rank0.pt", "config.json"])
-def test_resume_falls_back_over_a_corrupt_checkpoint_exactly(tmp_path, name, capsys):
-    ds = MemoryData(11)
-    full = trainer.train(StandIn(), ds, pad_collate, 0, small_cfg(save_every=1), tmp_path / "full")
-    with pytest.raises(Crash):
-        trainer.train(StandIn(), ds, pad_collate, 0, small_cfg(save_every=1), tmp_path / "cut", on_step=crash_at(5))
-    newest = trainer.list_checkpoints(tmp_path / "cut")[-1]
+def test_resume_falls_back_over_a_corrupt_checkpoint_exactly(stopped_run, tmp_path, name, capsys):
+    full, stopped = stopped_run
+    run = shutil.copytree(stopped, tmp_path / "run")
+    newest = trainer.list_checkpoints(run)[-1]
     assert newest.name == "step-0000005"
     file = newest / name
     file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])  # a copy cut short
     with pytest.raises(trainer.CorruptCheckpoint) as err:  # named explicitly: an error naming the file
-        trainer.train(StandIn(), ds, pad_collate, 0, small_cfg(save_every=1), tmp_path / "cut", resume=newest)
+        trainer.train(StandIn(), MemoryData(11), pad_collate, 0, small_cfg(save_every=1), run, resume=newest)
     assert str(file) in str(err.value) and "truncated or corrupt" in str(err.value)
-    res = trainer.train(StandIn(seed=9), ds, pad_collate, 0, small_cfg(save_every=1), tmp_path / "cut",
+    res = trainer.train(StandIn(seed=9), MemoryData(11), pad_collate, 0, small_cfg(save_every=1), run,
                         resume="latest")
     err = capsys.readouterr().err
     assert f"warning: {file}" in err and "falling back to the checkpoint before it" in err
     assert "resumed from" in err and "step-0000004 at step 4" in err
-    assert res.losses == full.losses[4:]                       # exactly the uninterrupted run from there
-    assert steps_logged(tmp_path / "cut") == list(range(1, 7))  # and one log line per step
+    assert res.losses == full[4:]                     # exactly the uninterrupted run from there
+    assert steps_logged(run) == list(range(1, 7))     # and one log line per step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,7 +354,7 @@ def test_two_runs_on_one_output_never_answer_the_same_entry(tmp_path, capsys):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     Path(out + ".lock").write_text(f"{socket.gethostname()} {gone.stdout.strip()}\n")  # killed with -9
     assert run(ToneAnswers(VS, "{}"))["accuracy"] == 1.0
-    assert "which is gone; taking it over" in capsys.readouterr().err
+    assert "which has ended; taking it over" in capsys.readouterr().err
 
 
 def test_answers_of_another_checkpoint_are_not_reused(tmp_path):
