@@ -350,12 +350,11 @@ def collate_checked(items: list, collate: Callable[[list[dict], int], dict], pad
     """The model's collate on the good items; bad ones travel along in batch["bad"] (a list of BadEntry), and
     batch["n"] counts the good ones. An example without a labelled token is bad (its loss would be 0/0 = NaN), so
     a batch holds at least one labelled token whenever n > 0."""
-    bad = [x for x in items if isinstance(x, BadEntry)]
-    good = []
+    good, bad = [], []
     for x in items:
         if isinstance(x, BadEntry):
-            continue
-        if labelled_tokens(x["labels"]):
+            bad.append(x)
+        elif labelled_tokens(x["labels"]):
             good.append(x)
         else:
             bad.append(BadEntry(x["index"], x.get("file", ""), NO_LABEL))

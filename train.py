@@ -40,8 +40,8 @@ import demo
 import layout
 import sslalm
 from data import BadEntry, DataError, OpenAQADataset, at_least, load_openaqa, parse_prefixes
-from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, check_model_files, count_parameters,
-                     init_distributed, list_checkpoints, train)
+from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, check_model_files, claim_output,
+                     count_parameters, init_distributed, list_checkpoints, train)
 
 try:  # optional: loss.png
     import matplotlib
@@ -80,6 +80,7 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if d.main else (lambda s: None)
     entries = load_openaqa(args.data)                          # malformed data fails before any model is built
     out = Path(args.output_dir)
+    claim_output(out, args.resume, args.overwrite, d)           # and a folder holding another run, too
     model = build_model(args, device, say)
     cfg = TrainConfig.for_stage(
         args.stage, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.micro_batch,
@@ -98,14 +99,14 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     roots = [r for r in (args.audio_root, Path(args.data).resolve().parent) if r]
     ds = OpenAQADataset(entries, model.encode_example, roots, parse_prefixes(args.audio_prefix),
                         model.config.audio_frames, source=args.data)
-    missing = ds.check_files(args.skip_bad)
+    dropped = ds.check_files(args.skip_bad)
     if model.config.response_only_loss:  # otherwise the prompt's own tokens are labelled: no entry lacks labels
-        missing += ds.check_labels(args.skip_bad)
+        dropped += ds.check_labels(args.skip_bad)
     pad_id = getattr(model.tokenizer, "pad_token_id", None)
     pad_id = model.tokenizer.eos_token_id if pad_id is None else pad_id
     res = train(model, ds, sslalm.collate, pad_id, cfg, out, resume=args.resume, overwrite=args.overwrite, d=d,
                 device=device)
-    res.bad = missing + res.bad
+    res.bad = dropped + res.bad
     if d.main:
         checkpoint.save_checkpoint(model, out)
         report_bad(res.bad)
