@@ -307,8 +307,7 @@ def read_plain(file: Path):
     """trainer.pt or rng-rank{r}.pt, read with torch.load(weights_only=True): tensors and plain containers only, so
     nothing in the file can run code. A file that is truncated or holds anything else is a CorruptCheckpoint."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file; a checkpoint folder (checkpoints/step-N) holds trainer.pt, "
-                                "rng-rank<r>.pt and the model's files")
+        raise FileNotFoundError(f"{file}: no such file; a checkpoint folder is checkpoints/step-N of a run")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -351,6 +350,7 @@ def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist)
     if not overwrite:
         raise OutputInUse(f"{out} holds another run ({', '.join(held)}): pass --resume to continue it, --overwrite "
                           "to start afresh (deletes them), or another --output-dir")
+    d.barrier()  # every rank has looked before rank 0 deletes
     if d.main:
         print(f"--overwrite: deleting {', '.join(held)} in {out}", file=sys.stderr)
         for name in held:
@@ -518,7 +518,8 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
     """Load checkpoint `resume` into the model, the optimizer and the random states; returns where the run was and
     the bad entries met so far. "latest": the newest in out/checkpoints whose files can all be read; one that
     cannot (a CorruptCheckpoint) is passed over, saying so, for the one before it. Every rank reads every rank's
-    random states, so that all ranks find the same checkpoint unreadable and fall back alike."""
+    random states, so that all ranks find the same checkpoint unreadable and fall back alike. Checkpoints of later
+    steps in out/checkpoints are deleted."""
     latest = str(resume) == "latest"
     found = list_checkpoints(out)[::-1] if latest else [Path(resume)]
     if not found:
@@ -550,6 +551,13 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
         if st["config"][key] != getattr(cfg, key):
             raise ValueError(f"--resume {ckpt}: it was trained with {key} {st['config'][key]}, now {key} is "
                              f"{getattr(cfg, key)}; the data order and the schedule depend on it")
+    later = [p for p in list_checkpoints(out) if int(p.name[len("step-"):]) > st["step"]]
+    if later and d.main:  # a continuation that is replaced: "latest" and the rotation must not pick them up
+        print(f"note: resuming at step {st['step']}, the later {', '.join(p.name for p in later)} are deleted",
+              file=sys.stderr)
+        for p in later:
+            shutil.rmtree(p)
+    d.barrier()
     checkpoint.load_trainable(model, ckpt)
     opt.load_state_dict(st["optimizer"])
     if st["world"] == d.world:

@@ -7,6 +7,7 @@
     no labelled token never means NaN             test_entries_without_a_labelled_token_are_named_or_skipped
     --resume trains on the same data              test_resume_refuses_other_data_of_the_same_length
     a corrupt checkpoint names its file           test_resume_falls_back_over_a_corrupt_checkpoint_exactly
+    a rewound run replaces its continuation       test_resuming_an_earlier_checkpoint_deletes_the_later_ones
     evaluate.py checks before it infers           test_eval_json_is_checked_before_any_inference,
                                                   test_unreadable_clips_stop_the_run_or_are_skipped_and_counted
     one --output, one writer, one checkpoint      test_two_runs_on_one_output_never_answer_the_same_entry,
@@ -253,6 +254,19 @@ def test_resume_falls_back_over_a_corrupt_checkpoint_exactly(stopped_run, tmp_pa
     assert "resumed from" in err and "step-0000004 at step 4" in err
     assert res.losses == full[4:]                     # exactly the uninterrupted run from there
     assert steps_logged(run) == list(range(1, 7))     # and one log line per step
+
+
+def test_resuming_an_earlier_checkpoint_deletes_the_later_ones(stopped_run, tmp_path, capsys):
+    """Rewinding to step 2 replaces the continuation: its checkpoints 3-5 would otherwise outrank the new run's in
+    the rotation and in "latest" (here the new run saves every 2 steps, so none of them is overwritten)."""
+    full, stopped = stopped_run
+    run = shutil.copytree(stopped, tmp_path / "run")
+    res = trainer.train(StandIn(), MemoryData(11), pad_collate, 0, small_cfg(save_every=2), run,
+                        resume=run / "checkpoints" / "step-0000002")
+    assert res.losses == full[2:]
+    assert [p.name for p in trainer.list_checkpoints(run)] == [f"step-000000{s}" for s in (1, 2, 4, 6)]
+    assert "the later step-0000003, step-0000004, step-0000005 are deleted" in capsys.readouterr().err
+    assert steps_logged(run) == list(range(1, 7))
 
 
 # ----------------------------------------------------------------------------------------------------------------
