@@ -7,14 +7,22 @@ Glossary (code name -> meaning):
     prefix       a rewrite OLD=NEW applied to the start of an audio_id (--audio-prefix): LTU's absolute paths
     label CSV    one row per class, header index,mid,display_name (AudioSet's and LTU's eval/labels/ files)
     Clip         one evaluation entry with its audio found (or not) on this machine
-    BadEntry     an entry whose audio is missing or cannot be decoded (training raises it, or skips it)
+    BadEntry     an entry training cannot use: its audio is missing or cannot be decoded, or no token of its text
+                 is labelled (the text cutoff falls before the part the loss is on); training raises it, or skips it
+    labelled     a text position with a loss: positions 1.. (the first token is given, not predicted) whose label
+                 is not IGNORE_INDEX
+    fingerprint  sha256 over the entries training reads (audio_id, instruction, input, output, in order): a resumed
+                 run refuses other data of the same length
 
 Every reader fails loudly on bad data, naming the file and the entry, before any model is built or run.
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 
 import audio
+from sslalm import IGNORE_INDEX
 
 OPENAQA_KEYS = ("instruction", "input", "audio_id", "dataset", "task", "output")
 # LTU's closed-ended classification question: asked of every classification clip in Table I (evaluate.PROMPTS), and
@@ -47,6 +56,8 @@ def read_entries(path: str | Path, what: str) -> list:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files are UTF-8") from None
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of entries, got "
                         f"{'an empty list' if data == [] else 'a ' + type(data).__name__}")
@@ -128,8 +139,11 @@ def read_labels(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"label CSV not found: {path}. Expected a CSV with the header index,mid,display_name "
                                 "and one row per class (e.g. LTU's eval/labels/class_labels_indices_*.csv)")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
         raise DataError(f"{path}: expected the header index,mid,display_name and at least one row")
     names = {}
@@ -166,19 +180,30 @@ class Clip:
 
 
 def load_eval_json(path: str | Path, audio_root: str | Path | None = None,
-                   prefixes: Sequence[tuple[str, str]] = ()) -> list[Clip]:
-    """LTU's eval JSON: a list of OpenAQA objects; only audio_id and output are required. The audio is looked up
-    under --audio-root, then next to the JSON (see `audio_candidates`)."""
+                   prefixes: Sequence[tuple[str, str]] = (), need_instruction: bool = False) -> list[Clip]:
+    """LTU's eval JSON: a list of OpenAQA objects. audio_id (a non-empty string) and output (a string) are required,
+    and a non-empty instruction with need_instruction (a task that asks each entry its own question). Every entry is
+    checked before any is used; the first bad one is a DataError naming the file and the entry. The audio is looked
+    up under --audio-root, then next to the JSON (see `audio_candidates`)."""
     data = read_entries(path, "LTU's eval data: a JSON list of objects with the keys "
                               f"{', '.join(OPENAQA_KEYS)} (e.g. esc50.json from LTU's eval set)")
     roots = [r for r in (audio_root, Path(path).resolve().parent) if r]
+    required = ("audio_id", "output", "instruction") if need_instruction else ("audio_id", "output")
     clips = []
     for i, e in enumerate(data):
-        missing = [k for k in ("audio_id", "output") if not isinstance(e, dict) or k not in e]
+        if not isinstance(e, dict):
+            raise DataError(f"{path}: entry {i} is a {type(e).__name__}, not an object with the keys {OPENAQA_KEYS}")
+        missing = [k for k in required if k not in e]
         if missing:
             raise DataError(f"{path}: entry {i} lacks the key(s) {missing}; expected the OpenAQA keys {OPENAQA_KEYS}")
+        for k in ("audio_id", "output", "instruction"):
+            if k in e and not isinstance(e[k], str):
+                raise DataError(f"{path}: entry {i}: {k!r} must be a string, got {json.dumps(e[k])[:60]}")
+        for k in ("audio_id", "instruction") if need_instruction else ("audio_id",):
+            if not e[k].strip():
+                raise DataError(f"{path}: entry {i}: {k!r} is empty")
         found = resolve_audio(e["audio_id"], roots, prefixes)
-        clips.append(Clip(str(i), e["audio_id"], str(e["output"]), str(e.get("instruction", "")),
+        clips.append(Clip(str(i), e["audio_id"], e["output"], e.get("instruction", ""),
                           None if found is None else str(found)))
     return clips
 
@@ -217,25 +242,36 @@ class BadEntry:
     reason: str
 
     def __str__(self) -> str:
-        return f"entry {self.index} ({self.file}): {self.reason}"
+        return f"entry {self.index}" + (f" ({self.file})" if self.file else "") + f": {self.reason}"
+
+
+NO_LABEL = "no labelled token: the text cutoff falls before the part of its text the loss is on"
+
+
+def labelled_tokens(labels: Sequence[int]) -> int:
+    """How many positions of an example's labels have a loss (see the glossary: position 0 is never predicted)."""
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
 class OpenAQADataset(torch.utils.data.Dataset):
-    """OpenAQA entries -> training examples {"fbank": (T, 128), "input_ids": list, "labels": list, "index": int}.
+    """OpenAQA entries -> training examples {"fbank": (T, 128), "input_ids": list, "labels": list, "index": int,
+    "file": str}.
 
     encode(instruction, output, input) -> (input_ids, labels) tokenizes an entry (the model's prompt format and text
     cutoff: `SSLALM.encode_example`). The audio is found with `resolve_audio` (under `roots`, after the `prefixes`
     rewrites), read and turned into the DASS input (`audio.dass_input_from_file`: `audio_frames`
     frames, or all of them when None). A file that is missing or cannot be decoded gives a `BadEntry` instead of an
     example; the training loop raises it as a DataError or, with skip_bad, skips and counts it. Missing files are
-    found up front by `check_files`.
+    found up front by `check_files`, entries without a labelled token by `check_labels`. `source` is the JSON file
+    the entries came from (named in messages; `fingerprint` identifies its content).
     """
 
     def __init__(self, entries: list[dict], encode: Callable[[str, str, str], tuple[list[int], list[int]]],
                  roots: Sequence[str | Path] = (), prefixes: Sequence[tuple[str, str]] = (),
-                 audio_frames: int | None = audio.DASS_FRAMES, cache: bool = False):
+                 audio_frames: int | None = audio.DASS_FRAMES, cache: bool = False, source: str | Path | None = None):
         self.entries, self.encode, self.audio_frames = entries, encode, audio_frames
         self.roots, self.prefixes = list(roots), list(prefixes)
+        self.source = None if source is None else str(source)
         self.cache = {} if cache else None  # path -> DASS input; in this process only (use with num_workers=0)
         found: dict[str, Path | None] = {}  # audio_id -> file: entries share clips
         for e in entries:
@@ -257,10 +293,38 @@ class OpenAQADataset(torch.utils.data.Dataset):
                 raise DataError(f"entry {i} (audio_id {self.entries[i]['audio_id']!r}): no audio file; looked for "
                                 f"{', '.join(looked)}. Set --audio-root (relative paths) or --audio-prefix OLD=NEW "
                                 "(absolute paths), or pass --skip-bad to skip such entries")
-        keep = [k for k, p in enumerate(self.paths) if p is not None]
-        self.index = [self.index[k] for k in keep]
-        self.paths = [self.paths[k] for k in keep]
+        self._keep([k for k, p in enumerate(self.paths) if p is not None])
         return bad
+
+    def check_labels(self, skip_bad: bool) -> list[BadEntry]:
+        """Tokenize every entry: those without a labelled token raise one DataError naming them (the first 10), or
+        with skip_bad are dropped from the dataset; returns the dropped entries."""
+        keep, bad = [], []
+        for k, i in enumerate(self.index):
+            e = self.entries[i]
+            if labelled_tokens(self.encode(e["instruction"], e["output"], e["input"])[1]):
+                keep.append(k)
+            else:
+                bad.append(BadEntry(i, e["audio_id"], NO_LABEL))
+        if bad and not skip_bad:
+            names = "; ".join(f"entry {b.index} ({b.file})" for b in bad[:10])
+            raise DataError(f"{self.source or 'the data'}: {len(bad)} entr{'y has' if len(bad) == 1 else 'ies have'} "
+                            f"{NO_LABEL}: {names}{' ...' if len(bad) > 10 else ''}. Shorten their text, or pass "
+                            "--skip-bad to skip such entries")
+        self._keep(keep)
+        return bad
+
+    def _keep(self, positions: list[int]) -> None:
+        self.index = [self.index[k] for k in positions]
+        self.paths = [self.paths[k] for k in positions]
+
+    def fingerprint(self) -> str:
+        """sha256 over the entries in the dataset, in order: what a resumed run must train on again."""
+        h = hashlib.sha256()
+        for i in self.index:
+            e = self.entries[i]
+            h.update("\x1f".join((e["audio_id"], e["instruction"], e["input"], e["output"])).encode() + b"\x1e")
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -279,14 +343,39 @@ class OpenAQADataset(torch.utils.data.Dataset):
             if self.cache is not None:
                 self.cache[path] = fb
         input_ids, labels = self.encode(e["instruction"], e["output"], e["input"])
-        return {"fbank": fb, "input_ids": input_ids, "labels": labels, "index": i}
+        return {"fbank": fb, "input_ids": input_ids, "labels": labels, "index": i, "file": str(path)}
 
 
 def collate_checked(items: list, collate: Callable[[list[dict], int], dict], pad_id: int) -> dict:
     """The model's collate on the good items; bad ones travel along in batch["bad"] (a list of BadEntry), and
-    batch["n"] counts the good ones."""
-    good = [x for x in items if not isinstance(x, BadEntry)]
-    batch = collate([{k: v for k, v in x.items() if k != "index"} for x in good], pad_id) if good else {}
-    batch["bad"] = [x for x in items if isinstance(x, BadEntry)]
+    batch["n"] counts the good ones. An example without a labelled token is bad (its loss would be 0/0 = NaN), so
+    a batch holds at least one labelled token whenever n > 0."""
+    good, bad = [], []
+    for x in items:
+        if isinstance(x, BadEntry):
+            bad.append(x)
+        elif labelled_tokens(x["labels"]):
+            good.append(x)
+        else:
+            bad.append(BadEntry(x["index"], x.get("file", ""), NO_LABEL))
+    batch = collate([{k: v for k, v in x.items() if k not in ("index", "file")} for x in good], pad_id) if good else {}
+    batch["bad"] = bad
     batch["n"] = len(good)
     return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers on the command line (train.py, evaluate.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def at_least(low: float, kind: type = int, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number of `kind` >= low (> low with strict); argparse names the option in its
+    error ("argument --batch-size: must be an integer >= 1, got 0")."""
+    def parse(text: str):
+        value = kind(text)  # ValueError: argparse's "invalid <name> value"
+        if not math.isfinite(value) or value < low or strict and value == low:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse

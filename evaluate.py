@@ -53,12 +53,15 @@ As in LTU, each clip is cut (or padded) to the training length (1024 frames, 10.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import socket
 import string
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -67,11 +70,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import audio
 import checkpoint
 import layout
-from data import CLASSIFY_PROMPT, Clip, load_esc50, load_eval_json, parse_prefixes, read_labels, unquote
+from data import CLASSIFY_PROMPT, Clip, at_least, load_esc50, load_eval_json, parse_prefixes, read_labels, unquote
 from metrics import accuracy, bleu, cider_d, mean_average_precision, micro_f1, spice
 from textenc import TextEncoder
+from trainer import check_model_files
 
 PROMPTS = {
     **{t: CLASSIFY_PROMPT for t in ("esc50", "dcase", "vs", "tut", "bjo", "vgg", "fsd", "audioset")},
@@ -155,10 +160,9 @@ def caption_text(text: str) -> str:
 # Scoring, and the protocol end to end
 # ----------------------------------------------------------------------------------------------------------------
 
-def score_classification(task: str, clips: Sequence[Clip], predictions: dict[str, str], labels: Sequence[str],
-                         encoder) -> dict:
-    """Embed answers and labels, compare by cosine similarity, and compute the task's metric (see the top)."""
-    kind = TASKS[task].kind
+def class_targets(task: str, clips: Sequence[Clip], labels: Sequence[str]) -> np.ndarray:
+    """(n, C) 0/1: the classes each clip's reference names. Raises ValueError naming the first entry whose output
+    names no class of the label CSV (checked before any inference)."""
     keys = {}
     for i, name in enumerate(labels):
         if label_key(name) in keys:
@@ -166,11 +170,19 @@ def score_classification(task: str, clips: Sequence[Clip], predictions: dict[str
         keys[label_key(name)] = i
     targets = np.zeros((len(clips), len(labels)))
     for row, clip in enumerate(clips):
-        idx = reference_labels(clip.reference, keys, multi=kind == "multi")
+        idx = reference_labels(clip.reference, keys, multi=TASKS[task].kind == "multi")
         if idx is None:
             raise ValueError(f"entry {clip.key} ({clip.audio_id}): its output {clip.reference!r} names no class of "
                              f"the label CSV ({len(labels)} classes, e.g. {labels[0]!r})")
         targets[row, idx] = 1
+    return targets
+
+
+def score_classification(task: str, clips: Sequence[Clip], predictions: dict[str, str], labels: Sequence[str],
+                         encoder) -> dict:
+    """Embed answers and labels, compare by cosine similarity, and compute the task's metric (see the top)."""
+    kind = TASKS[task].kind
+    targets = class_targets(task, clips, labels)
     label_emb = torch.as_tensor(encoder.encode([label_prompt(n, task) for n in labels]), dtype=torch.float64)
     answer_emb = torch.as_tensor(encoder.encode([answer_prompt(predictions[c.key], task) for c in clips]),
                                  dtype=torch.float64)
@@ -215,23 +227,38 @@ def score_captioning(task: str, clips: Sequence[Clip], predictions: dict[str, st
 
 def evaluate(task: str, clips: Sequence[Clip], answer_fn: AnswerFn | None, output: str, *,
              labels: Sequence[str] | None = None, encoder=None, batch_size: int = 8, limit: int | None = None,
-             spice_jar: str | None = None, progress: bool = True) -> dict:
+             spice_jar: str | None = None, progress: bool = True, skip_bad: bool = False,
+             checkpoint_id: str | None = None) -> dict:
     """Run (or resume) the model over the first `limit` clips and score them as Table I does.
 
     answer_fn(audio_paths, instructions) -> answers; output: the predictions JSONL; labels: class names (the
     classification tasks); encoder: anything with .encode(list[str]) -> (n, d), by default TextEncoder().
+    skip_bad: clips whose audio is missing or cannot be read are left out of the answers and the score, and counted
+    (metrics["skipped"]); checkpoint_id: recorded with each answer (see `collect_predictions`).
     Returns the metrics dict (fractions in [0, 1]; the Table I number is under TASKS[task].metric).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     clips = list(clips)[:limit]
+    if TASKS[task].kind != "caption":
+        if not labels:
+            raise ValueError(f"task {task} needs its label CSV (--labels)")
+        class_targets(task, clips, labels)  # every reference names a class, before any inference
     instructions = [PROMPTS[task] or c.instruction for c in clips]
-    predictions = collect_predictions(clips, instructions, answer_fn, output, batch_size, progress)
+    predictions, skipped = collect_predictions(clips, instructions, answer_fn, output, batch_size, progress,
+                                               skip_bad=skip_bad, checkpoint_id=checkpoint_id)
+    clips = [c for c in clips if c.key in predictions]
+    if not clips:
+        raise ValueError(f"no clip of the {len(skipped)} could be read (--skip-bad skipped them all)")
     if TASKS[task].kind == "caption":
-        return score_captioning(task, clips, predictions, spice_jar)
-    if not labels:
-        raise ValueError(f"task {task} needs its label CSV (--labels)")
-    return score_classification(task, clips, predictions, labels, encoder or TextEncoder())
+        metrics = score_captioning(task, clips, predictions, spice_jar)
+    else:
+        metrics = score_classification(task, clips, predictions, labels, encoder or TextEncoder())
+    return {**metrics, "skipped": len(skipped)}
 
 
 def table_row(metrics: dict, name: str = "model") -> str:
@@ -245,6 +272,8 @@ def table_row(metrics: dict, name: str = "model") -> str:
     cells = ["n/c" if v is None else f"{100 * v:.1f}" for v in vals]
     lines = ["| Model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
              f"| {name} | " + " | ".join(cells) + " |", "", f"{metrics['n']} entries."]
+    if metrics.get("skipped"):
+        lines.append(f"{metrics['skipped']} entries skipped: their audio could not be read (--skip-bad).")
     if metrics.get("spice_note"):
         lines.append(metrics["spice_note"] + ".")
     return "\n".join(lines)
@@ -254,13 +283,60 @@ def table_row(metrics: dict, name: str = "model") -> str:
 # Asking the model: batched, resumable (one JSONL line per answer)
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_predictions(output: str, clips: Sequence[Clip]) -> dict[str, str]:
-    """Answers already in the JSONL, by clip key. A torn last line (a run stopped mid-write) is cut off."""
+class OutputBusy(ValueError):
+    """Another evaluate.py is answering into the same predictions file."""
+
+
+@contextmanager
+def output_lock(output: str):
+    """Hold <output>.lock (created with O_EXCL, holding "host pid") while `output` is read and appended to, so two
+    runs never answer the same entries into one file. A lock left by a process of this host that has ended (killed
+    with -9) is taken over, saying so; any other is OutputBusy."""
+    lock = output + ".lock"
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = Path(lock).read_text(errors="replace").split()
+            if attempt or not _ended(holder):
+                raise OutputBusy(f"{output} is being written by another evaluate.py ({lock} holds "
+                                 f"{' '.join(holder) or 'nothing'}); wait for it or pass another --output, or delete "
+                                 f"{lock} if that run is gone") from None
+            print(f"note: {lock} was left by process {holder[1]}, which has ended; taking it over", file=sys.stderr)
+            os.unlink(lock)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    try:
+        yield
+    finally:
+        os.unlink(lock)
+
+
+def _ended(holder: list[str]) -> bool:
+    """Whether a lock's holder ["host", "pid"] was a process of this host that no longer exists."""
+    if len(holder) != 2 or holder[0] != socket.gethostname() or not holder[1].isdigit():
+        return False
+    try:
+        os.kill(int(holder[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return False
+
+
+def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | None = None) -> dict[str, str]:
+    """Answers already in the JSONL, by clip key. A torn last line (a run stopped mid-write) is cut off. With a
+    checkpoint_id, an answer recorded by another checkpoint (or by none) is refused, naming the file."""
     if not os.path.isfile(output):
         return {}
     by_key = {c.key: c for c in clips}
-    with open(output) as f:
-        text = f.read()
+    try:
+        with open(output, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{output}: not UTF-8 text (byte {e.start}); not a predictions file") from None
     lines = text.split("\n")
     done, good = {}, []
     for n, line in enumerate(lines):
@@ -278,57 +354,97 @@ def read_predictions(output: str, clips: Sequence[Clip]) -> dict[str, str]:
         if clip is not None and clip.audio_id != rec["audio_id"]:
             raise ValueError(f"{output} holds answers for another eval set (entry {rec['key']} is "
                              f"{rec['audio_id']!r} there, {clip.audio_id!r} here); pass another --output")
+        if checkpoint_id is not None and rec.get("checkpoint") != checkpoint_id:
+            raise ValueError(f"{output}: line {n + 1} was answered by another checkpoint (recorded: "
+                             f"{rec.get('checkpoint')}; this one is {checkpoint_id}); pass another --output, or "
+                             "delete the file to answer again")
         good.append(line)
         done[rec["key"]] = rec["prediction"]
     clean = "".join(g + "\n" for g in good)
     if clean != text:  # a torn or unterminated last line: rewrite, so that appending starts on a new line
-        with open(output, "w") as f:
+        with open(output, "w", encoding="utf-8") as f:
             f.write(clean)
     return done
 
 
+def unreadable(clip: Clip) -> str | None:
+    """Why the model cannot hear `clip` (its file is missing, or audio.dass_input_from_file refuses it), or None."""
+    if clip.path is None:
+        return "no audio file found"
+    try:
+        audio.dass_input_from_file(clip.path, target_length=None)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answer_fn: AnswerFn | None,
-                        output: str, batch_size: int = 8, progress: bool = True) -> dict[str, str]:
+                        output: str, batch_size: int = 8, progress: bool = True, *, skip_bad: bool = False,
+                        checkpoint_id: str | None = None) -> tuple[dict[str, str], list[Clip]]:
     """Answers for all clips: those already in `output` (JSONL) are kept, the rest are asked of answer_fn in
-    batches and appended, one flushed line per clip, so a stopped run resumes where it stopped."""
-    done = read_predictions(output, clips)
-    todo = [(c, q) for c, q in zip(clips, instructions, strict=True) if c.key not in done]
-    if not todo:
-        return done
-    if answer_fn is None:
-        raise ValueError(f"{len(todo)} clip(s) have no answer in {output}: pass --checkpoint to run the model")
-    missing = [c for c, _ in todo if c.path is None]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} audio file(s) not found, e.g. {missing[0].audio_id!r}: pass "
-                                f"--audio-root DIR, the folder holding the dataset's audio files")
+    batches and appended, one flushed line per clip (with checkpoint_id), so a stopped run resumes where it
+    stopped; `output_lock` keeps a second run out meanwhile. skip_bad: each clip's audio is read once first and
+    clips that cannot be read are left unanswered. Returns (answers by clip key, the clips skipped)."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    if progress:
-        print(f"{len(clips) - len(todo)} of {len(clips)} clips already answered in {output}; "
-              f"asking the model about {len(todo)}", file=sys.stderr)
-    start, last_report = time.time(), 0.0
-    with open(output, "a") as f:
-        for s in range(0, len(todo), batch_size):
-            batch = todo[s:s + batch_size]
-            answers = answer_fn([c.path for c, _ in batch], [q for _, q in batch])
-            if len(answers) != len(batch):
-                raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} clips")
-            for (c, q), a in zip(batch, answers):
-                f.write(json.dumps({"key": c.key, "audio_id": c.audio_id, "instruction": q,
-                                    "prediction": a, "reference": c.reference}) + "\n")
-                done[c.key] = a
-            f.flush()
-            n, elapsed = s + len(batch), time.time() - start
-            if progress and (elapsed - last_report > 5 or n == len(todo)):
-                last_report = elapsed
-                eta = elapsed / n * (len(todo) - n)
-                print(f"{n}/{len(todo)} clips answered, {n / elapsed:.2f} clips/s, ETA {eta / 60:.1f} min",
-                      file=sys.stderr)
-    return done
+    with output_lock(output):
+        done = read_predictions(output, clips, checkpoint_id)
+        todo = [(c, q) for c, q in zip(clips, instructions, strict=True) if c.key not in done]
+        if not todo:
+            return done, []
+        if answer_fn is None:
+            raise ValueError(f"{len(todo)} clip(s) have no answer in {output}: pass --checkpoint to run the model")
+        missing = [c for c, _ in todo if c.path is None]
+        if missing and not skip_bad:
+            raise FileNotFoundError(f"{len(missing)} audio file(s) not found, e.g. {missing[0].audio_id!r}: pass "
+                                    "--audio-root DIR, the folder holding the dataset's audio files (or --skip-bad)")
+        if progress:
+            print(f"{len(clips) - len(todo)} of {len(clips)} clips already answered in {output}; "
+                  f"asking the model about {len(todo)}", file=sys.stderr)
+        start, last_report, skipped = time.time(), 0.0, []
+        with open(output, "a", encoding="utf-8") as f:
+            for s in range(0, len(todo), batch_size):
+                batch = todo[s:s + batch_size]
+                if skip_bad:
+                    why = [unreadable(c) for c, _ in batch]
+                    skipped += [(c, w) for (c, _), w in zip(batch, why) if w is not None]
+                    batch = [b for b, w in zip(batch, why) if w is None]
+                answers = answer_fn([c.path for c, _ in batch], [q for _, q in batch]) if batch else []
+                if len(answers) != len(batch):
+                    raise ValueError(f"answer_fn returned {len(answers)} answers for {len(batch)} clips")
+                for (c, q), a in zip(batch, answers):
+                    f.write(json.dumps({"key": c.key, "audio_id": c.audio_id, "instruction": q, "prediction": a,
+                                        "reference": c.reference, "checkpoint": checkpoint_id}) + "\n")
+                    done[c.key] = a
+                f.flush()
+                n, elapsed = min(s + batch_size, len(todo)), time.time() - start
+                if progress and (elapsed - last_report > 5 or n == len(todo)):
+                    last_report = elapsed
+                    eta = elapsed / n * (len(todo) - n)
+                    print(f"{n}/{len(todo)} clips done, {n / elapsed:.2f} clips/s, ETA {eta / 60:.1f} min",
+                          file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} clip(s) whose audio cannot be read (--skip-bad):", file=sys.stderr)
+        for c, why in skipped[:20]:
+            print(f"  entry {c.key} ({c.audio_id}): {why}", file=sys.stderr)
+    return done, [c for c, _ in skipped]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+
+def checkpoint_identity(folder: str) -> str:
+    """sha256 of a checkpoint's config.json and model.safetensors (16 hex digits), recorded with every answer so
+    that answers of another checkpoint are never taken for this one's; both files are checked whole first."""
+    path = Path(folder)
+    check_model_files(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(path / name, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
 
 def model_answer_fn(folder: str, device: str | None, dtype: str | None, greedy: bool,
                     max_new_tokens: int | None, llm_weights: str | None = None, whole_clips: bool = False) -> AnswerFn:
@@ -362,10 +478,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="rewrite audio_id paths starting with OLD (repeatable)")
     p.add_argument("--esc50-root", help="ESC-50 in its own layout (meta/esc50.csv, audio/) instead of --data "
                    "(default: data/ESC-50-master; other tasks: data/FOLDER/ as layout.EVAL_SETS)")
-    p.add_argument("--limit", type=int, help="only the first N entries")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=at_least(1), help="only the first N entries")
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--skip-bad", action="store_true", help="leave out (and count) clips whose audio is missing or "
+                   "cannot be read, instead of stopping at the first")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
-    p.add_argument("--max-new-tokens", type=int, help="default: the paper's 400")
+    p.add_argument("--max-new-tokens", type=at_least(1), help="default: the paper's 400")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda if available (in bf16), else cpu (fp32)")
     p.add_argument("--whole-clips", action="store_true", help="long clips whole instead of cut to the training "
@@ -376,10 +494,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-encoder", help="BERT sentence-transformers folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--spice-jar", help="coco-caption's spice-1.0.jar (captioning; needs Java)")
     a = p.parse_args(argv)
-    if a.task != "demo":
-        layout.evaluation_defaults(a)  # the default layout's model and data, or one message naming what is missing
     if a.esc50_root and a.task != "esc50":
         p.error("--esc50-root goes with --task esc50")
+    if a.task != "demo":
+        layout.evaluation_defaults(a)  # the default layout's model and data, or one message naming what is missing
     if not (a.data or a.esc50_root or a.task == "demo" and a.checkpoint):
         p.error("pass --data EVAL_JSON" + (" or --esc50-root DIR" if a.task == "esc50" else ""))
     if not (a.labels or a.esc50_root or a.task == "demo" and a.checkpoint or TASKS[a.task].kind == "caption"):
@@ -399,8 +517,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if a.esc50_root:
         clips, labels = load_esc50(a.esc50_root)
     else:
-        clips = load_eval_json(a.data, a.audio_root, parse_prefixes(a.audio_prefix))
+        clips = load_eval_json(a.data, a.audio_root, parse_prefixes(a.audio_prefix),
+                               need_instruction=PROMPTS[a.task] is None)
         labels = read_labels(a.labels) if TASKS[a.task].kind != "caption" else None
+    identity = checkpoint_identity(a.checkpoint) if a.checkpoint else None  # and its files checked whole
     output = a.output
     if output is None:
         output = os.path.join(a.checkpoint, f"eval_{a.task}.jsonl") if os.path.isdir(a.checkpoint) \
@@ -417,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  a.whole_clips) if a.checkpoint else None)
     encoder = TextEncoder(a.text_encoder) if TASKS[a.task].kind != "caption" else None
     metrics = evaluate(a.task, clips, answer_fn, output, labels=labels, encoder=encoder, batch_size=a.batch_size,
-                       limit=a.limit, spice_jar=a.spice_jar)
+                       limit=a.limit, spice_jar=a.spice_jar, skip_bad=a.skip_bad, checkpoint_id=identity)
     name = Path(a.checkpoint).name if a.checkpoint else Path(output).stem
     print(table_row(metrics, name))
     if a.json:

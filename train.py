@@ -6,6 +6,7 @@
     python train.py ... --stage 2 --data stage2.json --init-from runs/stage1 --output-dir runs/stage2
     torchrun --nproc_per_node 8 train.py ...        # the same training, data-parallel over 8 GPUs
     python train.py ... --resume                    # continue the run in --output-dir exactly where it stopped
+    python train.py ... --overwrite                 # start afresh in --output-dir (deletes its run's files)
     python train.py --demo --output-dir demo        # CPU, minutes: synthetic sounds -> a tiny ssLALM (demo.py)
 
 `--stage` picks what trains, the learning rate and the epochs (trainer.STAGES); it selects nothing from the data.
@@ -13,7 +14,9 @@ LTU published a separate JSON file for each stage: pass the stage's file with --
 output directory with --init-from.
 
 Unlike LTU, a missing or unreadable audio file stops the run, naming the entry and the file (LTU replaced the
-features with constants); `--skip-bad` skips such entries, counts them and reports them at the end.
+features with constants), and so does an entry without a labelled token (with response_only_loss, an instruction
+longer than the text cutoff; all are found before training); `--skip-bad` skips such entries, counts them and
+reports them at the end. A folder holding another run is refused unless --resume or --overwrite.
 
 What --output-dir receives: config.json + model.safetensors, the trained DASS, projector and LoRA weights (what
 `checkpoint.load_checkpoint`, `evaluate.py` and `cli.py ask` read; the config names the base weights); log.jsonl,
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,9 +39,9 @@ import checkpoint
 import demo
 import layout
 import sslalm
-from data import DataError, OpenAQADataset, load_openaqa, parse_prefixes
-from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, count_parameters, init_distributed,
-                     list_checkpoints, report_bad, train)
+from data import BadEntry, DataError, OpenAQADataset, at_least, load_openaqa, parse_prefixes
+from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, check_model_files, claim_output,
+                     count_parameters, init_distributed, list_checkpoints, train)
 
 try:  # optional: loss.png
     import matplotlib
@@ -53,6 +57,7 @@ def build_model(args: argparse.Namespace, device: torch.device, say) -> sslalm.S
     if args.init_from:
         say(f"stage {args.stage}: starting from {args.init_from} (its config names the base weights; "
             "--llm-weights overrides it)")
+        check_model_files(Path(args.init_from))
         return checkpoint.load_checkpoint(args.init_from, device=device, dtype=dtype, llm_weights=args.llm_weights,
                                       tokenizer=args.tokenizer)
     if args.stage > 1:
@@ -75,6 +80,7 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if d.main else (lambda s: None)
     entries = load_openaqa(args.data)                          # malformed data fails before any model is built
     out = Path(args.output_dir)
+    claim_output(out, args.resume, args.overwrite, d)           # and a folder holding another run, too
     model = build_model(args, device, say)
     cfg = TrainConfig.for_stage(
         args.stage, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.micro_batch,
@@ -92,18 +98,42 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
         f"{cfg.micro_batch} x accumulation, {len(entries):,} entries from {args.data}")
     roots = [r for r in (args.audio_root, Path(args.data).resolve().parent) if r]
     ds = OpenAQADataset(entries, model.encode_example, roots, parse_prefixes(args.audio_prefix),
-                        model.config.audio_frames)
-    missing = ds.check_files(args.skip_bad)
+                        model.config.audio_frames, source=args.data)
+    dropped = ds.check_files(args.skip_bad)
+    if model.config.response_only_loss:  # otherwise the prompt's own tokens are labelled: no entry lacks labels
+        dropped += ds.check_labels(args.skip_bad)
     pad_id = getattr(model.tokenizer, "pad_token_id", None)
     pad_id = model.tokenizer.eos_token_id if pad_id is None else pad_id
-    res = train(model, ds, sslalm.collate, pad_id, cfg, out, resume=args.resume, d=d, device=device)
-    res.bad = missing + res.bad
+    res = train(model, ds, sslalm.collate, pad_id, cfg, out, resume=args.resume, overwrite=args.overwrite, d=d,
+                device=device)
+    res.bad = dropped + res.bad
     if d.main:
         checkpoint.save_checkpoint(model, out)
         report_bad(res.bad)
         plot_losses(out)
         say(f"done: {res.steps} steps; the model is in {out} (config.json + model.safetensors)")
     return res
+
+
+def report_bad(bad: list[BadEntry], file=None, limit: int = 20) -> None:
+    """The end-of-run report of --skip-bad: how many entries were skipped, and which."""
+    if not bad:
+        return
+    file = file or sys.stderr
+    print(f"skipped {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} (--skip-bad):", file=file)
+    for b in sorted(bad, key=lambda b: b.index)[:limit]:
+        print(f"  {b}", file=file)
+    if len(bad) > limit:
+        print(f"  ... and {len(bad) - limit} more", file=file)
+
+
+def curriculum_stage(args: argparse.Namespace, stage: int, out: Path, init_from: Path | None) -> TrainResult:
+    """One unfinished stage of the curriculum (layout.run_curriculum): resumed from its newest readable checkpoint
+    if it has one, else started afresh (what a run stopped before its first checkpoint left there is deleted)."""
+    resume = "latest" if list_checkpoints(out) else None
+    stage_args = layout.stage_args(args, stage, out, init_from, resume)
+    stage_args.overwrite = resume is None
+    return run_stage(stage_args)
 
 
 def plot_losses(output_dir: str | Path) -> Path | None:
@@ -137,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--llm-weights", help="folder of the LLM (state-spaces/mamba-2.8b-hf or lmsys/vicuna-7b-v1.5)")
     m.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model (default: in --llm-weights)")
     m.add_argument("--init-from", help="the previous stage's output dir (its config names the base weights)")
-    m.add_argument("--audio-frames", type=int, help="fbank frames per clip (default 1024)")
+    m.add_argument("--audio-frames", type=at_least(1), help="fbank frames per clip (default 1024)")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM blocks in backward")
     d = p.add_argument_group("data")
     d.add_argument("--data", help="the stage's OpenAQA JSON file (default: DATA_DIR/stageN.json)")
@@ -148,37 +178,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--audio-prefix", action="append", default=[], metavar="OLD=NEW",
                    help="rewrite audio_id paths starting with OLD (repeatable)")
     d.add_argument("--skip-bad", action="store_true", help="skip (and report) entries whose audio is missing/bad")
-    d.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+    d.add_argument("--num-workers", type=at_least(0), default=4, help="data loader processes")
     t = p.add_argument_group("recipe (defaults: the --stage's, paper §III-E)")
     t.add_argument("--stage", type=int, choices=sorted(STAGES), help="train this stage only (default: 1 with --data, "
                    "--init-from or --resume; without them the four stages in turn, each from the previous one's "
                    "model, skipping finished ones and resuming a stopped one)")
     t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--max-steps", type=int, help="train exactly this many steps, overriding --epochs as Hugging "
-                   "Face's Trainer does (the lr schedule ends there)")
-    t.add_argument("--batch-size", type=int, help="global batch (default 256)")
-    t.add_argument("--micro-batch", type=int, help="entries per forward pass per process (default 4)")
-    t.add_argument("--warmup-steps", type=int)
-    t.add_argument("--grad-clip", type=float)
-    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--lr", type=at_least(0, float, strict=True))
+    t.add_argument("--epochs", type=at_least(1))
+    t.add_argument("--max-steps", type=at_least(1), help="train exactly this many steps, overriding --epochs as "
+                   "Hugging Face's Trainer does (the lr schedule ends there)")
+    t.add_argument("--batch-size", type=at_least(1), help="global batch (default 256)")
+    t.add_argument("--micro-batch", type=at_least(1), help="entries per forward pass per process (default 4)")
+    t.add_argument("--warmup-steps", type=at_least(0))
+    t.add_argument("--grad-clip", type=at_least(0, float, strict=True))
+    t.add_argument("--weight-decay", type=at_least(0, float))
     t.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
     c = p.add_argument_group("checkpoints and logs")
-    c.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; 0: only at the end)")
-    c.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
-    c.add_argument("--resume", nargs="?", const="latest", help="continue from the newest checkpoint in "
-                   "--output-dir (or the one given)")
-    c.add_argument("--log-every", type=int, default=10, help="progress lines when stderr is not a terminal")
+    c.add_argument("--save-every", type=at_least(0), help="steps between checkpoints (default 1000; 0: only at the "
+                   "end)")
+    c.add_argument("--keep", type=at_least(1), help="checkpoints kept (default 2)")
+    again = c.add_mutually_exclusive_group()
+    again.add_argument("--resume", nargs="?", const="latest", help="continue from the newest readable checkpoint "
+                       "in --output-dir (or the one given)")
+    again.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds another "
+                       "run: its checkpoints, log.jsonl and final model are deleted (one stage; without --stage the "
+                       "stages resume on their own)")
+    c.add_argument("--log-every", type=at_least(1), default=10, help="progress lines when stderr is not a terminal")
     e = p.add_argument_group("demo")
-    e.add_argument("--demo-clips", type=int, help="training clips per class")
-    e.add_argument("--demo-lm-steps", type=int, help="pretraining steps of the tiny LM")
-    e.add_argument("--demo-epochs", type=int, help="epochs of demo stage 2")
+    e.add_argument("--demo-clips", type=at_least(1), help="training clips per class")
+    e.add_argument("--demo-lm-steps", type=at_least(1), help="pretraining steps of the tiny LM")
+    e.add_argument("--demo-epochs", type=at_least(0), help="epochs of demo stage 2")
     args = p.parse_args(argv)
     if args.demo and not args.output_dir:
         p.error("--demo needs --output-dir")
     if args.stage is None and (args.data or args.init_from or args.resume):
         args.stage = 1  # one stage's flags: stage 1 unless --stage says otherwise
+    if args.overwrite and args.stage is None and not args.demo:
+        p.error("--overwrite starts one stage afresh (with --stage N); the four stages resume on their own: to start "
+                "the whole run afresh, delete its folder")
     return args
 
 
@@ -194,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage is not None:
                 run_stage(args)
             else:
-                def stage(n: int, out: Path, init_from: Path | None) -> TrainResult:
-                    resume = "latest" if list_checkpoints(out) else None
-                    return run_stage(layout.stage_args(args, n, out, init_from, resume))
-                layout.run_curriculum(stage, args.output_dir)
+                layout.run_curriculum(partial(curriculum_stage, args), args.output_dir)
     except (DataError, NonFiniteLoss, FileNotFoundError, KeyError, ValueError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1

@@ -23,9 +23,13 @@ same way whatever the number of processes, so 1 or N GPUs with the same batch si
 same model up to float summation order (and dropout masks, which are per process).
 
 Checkpoints: <output_dir>/checkpoints/step-NNNNNNN/ holds the model's files (checkpoint.save_checkpoint), trainer.pt
-(optimizer, step, the epoch's order) and rng-rank{r}.pt (each process's torch, CUDA-device, numpy and python random
-states). Each is written into a temporary folder that is renamed when complete; the newest `keep` are kept. A resume
-continues exactly: on CPU the losses after a resume are bit-identical to those of an uninterrupted run.
+(optimizer, step, the epoch's order, the data's fingerprint) and rng-rank{r}.pt (each process's torch, CUDA-device,
+numpy and python random states). Both hold tensors and plain containers only and are read with
+torch.load(weights_only=True): a file holding anything else is refused unread. Each checkpoint is written into a
+temporary folder that is renamed when complete; the newest `keep` are kept. A resume continues exactly: on CPU the
+losses after a resume are bit-identical to those of an uninterrupted run, and log.jsonl keeps one line per step.
+Resuming from "latest" passes over a checkpoint that cannot be read (saying so) for the one before it. A new run
+does not start in a folder holding another run (OutputInUse) unless told to overwrite it.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -47,6 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from safetensors import SafetensorError, safe_open
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
@@ -61,8 +67,21 @@ STAGES = {
 }
 
 
+# what a run leaves in its output folder: a new run there is refused unless overwrite (which deletes them)
+RUN_FILES = ("checkpoints", "log.jsonl", "loss.png", "config.json", "model.safetensors")
+TRAINER_KEYS = {"step", "order_epoch", "order", "optimizer", "n_entries", "world", "config", "bad"}  # in trainer.pt
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss or the gradient norm of a step became NaN or infinite."""
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that is truncated or corrupt, or holds objects this code never writes (refused unread)."""
+
+
+class OutputInUse(ValueError):
+    """A new run was asked to start in a folder that holds another run's checkpoints, log or final model."""
 
 
 @dataclass
@@ -85,6 +104,18 @@ class TrainConfig:
     skip_bad: bool = False
     log_every: int = 10            # progress lines when stderr is not a terminal
     name: str = "train"            # shown in the progress line ("stage 1")
+
+    def __post_init__(self):
+        at_least = {"batch_size": 1, "micro_batch": 1, "epochs": 1, "max_steps": 1, "warmup_steps": 0,
+                    "save_every": 0, "keep": 1, "num_workers": 0, "log_every": 1}
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            if not (value is None and key == "max_steps" or isinstance(value, int) and value >= low):
+                raise ValueError(f"{key} must be an integer >= {low}; got {value!r}")
+        for key, positive in (("lr", True), ("grad_clip", True), ("weight_decay", False)):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{key} must be a finite number {'>' if positive else '>='} 0; got {value!r}")
 
     @classmethod
     def for_stage(cls, stage: int, **overrides) -> "TrainConfig":
@@ -272,18 +303,79 @@ def _fsync_dir(p: Path) -> None:
         os.close(fd)
 
 
+def read_plain(file: Path):
+    """trainer.pt or rng-rank{r}.pt, read with torch.load(weights_only=True): tensors and plain containers only, so
+    nothing in the file can run code. A file that is truncated or holds anything else is a CorruptCheckpoint."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file; a checkpoint folder is checkpoints/step-N of a run")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = "".join(f" ({line.strip()})" for line in str(e).splitlines() if "GLOBAL" in line)
+        raise CorruptCheckpoint(f"{file}: refused unread: it holds objects other than tensors and plain containers"
+                                f"{detail}, which trainer.py never writes; the file is corrupt or not ours") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({(str(e) or 'empty').splitlines()[0]})") from None
+    return state
+
+
+def check_model_files(folder: Path) -> None:
+    """The model files of a checkpoint folder (checkpoint.save_checkpoint's) are there and whole: config.json is
+    JSON and model.safetensors' header covers the file; CorruptCheckpoint names the file otherwise."""
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not an ssLALM checkpoint: {name} is missing")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"{folder / 'config.json'}: truncated or corrupt ({e})") from None
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise CorruptCheckpoint(f"{folder / 'model.safetensors'}: truncated or corrupt ({e})") from None
+
+
+def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist) -> None:
+    """A new run (resume None) refuses a folder holding another run's files (RUN_FILES; an empty log.jsonl does not
+    count): its checkpoints would be rotated with the new ones and its log mixed in. overwrite deletes them first."""
+    if resume is not None:
+        if overwrite:
+            raise ValueError("--resume continues the run in the output folder, --overwrite starts afresh: pass one")
+        return
+    held = [name for name in RUN_FILES if (out / name).exists()
+            and not (name == "log.jsonl" and (out / name).stat().st_size == 0)]
+    if not held:
+        return
+    if not overwrite:
+        raise OutputInUse(f"{out} holds another run ({', '.join(held)}): pass --resume to continue it, --overwrite "
+                          "to start afresh (deletes them), or another --output-dir")
+    d.barrier()  # every rank has looked before rank 0 deletes
+    if d.main:
+        print(f"--overwrite: deleting {', '.join(held)} in {out}", file=sys.stderr)
+        for name in held:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
+    d.barrier()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------------------------
 
 class Progress:
-    """A live line on stderr (rewritten in place on a terminal) and a JSON line per step in <output_dir>/log.jsonl."""
+    """A live line on stderr (rewritten in place on a terminal) and a JSON line per step in <output_dir>/log.jsonl.
+    The log is first cut to the steps up to `start`: a resumed run logs the steps after its checkpoint again."""
 
     def __init__(self, output_dir: Path, name: str, total: int, start: int, every: int, enabled: bool):
         self.name, self.total, self.start, self.every, self.enabled = name, total, start, every, enabled
         self.tty = sys.stderr.isatty()
         self.t0 = time.time()
         self.samples = 0
+        if enabled:
+            _cut_log(output_dir / "log.jsonl", start)
         self.log = open(output_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
 
     def step(self, rec: dict) -> None:
@@ -310,16 +402,17 @@ class Progress:
                 print(file=sys.stderr)
 
 
-def report_bad(bad: list[BadEntry], file=None, limit: int = 20) -> None:
-    """The end-of-run report of --skip-bad: how many entries were skipped, and which."""
-    if not bad:
-        return
-    file = file or sys.stderr
-    print(f"skipped {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} (--skip-bad):", file=file)
-    for b in sorted(bad, key=lambda b: b.index)[:limit]:
-        print(f"  {b}", file=file)
-    if len(bad) > limit:
-        print(f"  ... and {len(bad) - limit} more", file=file)
+def _cut_log(log: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to `step` (a resumed run logs the later steps again); a torn line goes too."""
+    kept = []
+    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # torn by a stop mid-write
+    log.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(log.with_suffix(".tmp"), log)
 
 
 def count_parameters(params) -> int:
@@ -340,19 +433,22 @@ class Position:
 
 def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable[[list[dict], int], dict],
           pad_id: int, cfg: TrainConfig, output_dir: str | Path, *, resume: str | Path | None = None,
-          d: Dist | None = None, device: torch.device | str = "cpu",
+          overwrite: bool = False, d: Dist | None = None, device: torch.device | str = "cpu",
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train `model`'s parameters that require grad on `dataset`; checkpoints and logs go to `output_dir`.
 
     model(**batch) must return the scalar loss of a micro-batch; checkpoint.save_checkpoint and
     checkpoint.load_trainable save and restore its trained weights (model.trainable_state_dict()).
-    resume: a checkpoint directory (or "latest": the newest in output_dir/checkpoints) to continue from exactly.
+    resume: a checkpoint directory (or "latest": the newest readable one in output_dir/checkpoints) to continue
+    from exactly; without it, output_dir must hold no other run (OutputInUse) unless overwrite, which deletes it.
+    A dataset with .fingerprint() (and .source, its file) is checked against the checkpoint's on resume.
     on_step(step, loss) is called after every optimizer step (tests use it to simulate a crash).
     Raises NonFiniteLoss at the first step whose loss or gradient norm is NaN/inf (nothing of it is saved) and
     DataError at the first bad entry unless cfg.skip_bad.
     """
     d, device, out = d or Dist(), torch.device(device), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, resume, overwrite, d)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
@@ -363,11 +459,13 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
     total = per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     result = TrainResult()
+    data_id = {"sha256": dataset.fingerprint() if hasattr(dataset, "fingerprint") else None,
+               "file": getattr(dataset, "source", None)}
     if resume is None:
         pos = Position(0, 0, epoch_order(n, cfg.seed, 0))
         seed_everything(cfg.seed, d.rank)
     else:
-        pos, result.bad = _resume(resume, out, model, opt, cfg, n, d, device)
+        pos, result.bad = _resume(resume, out, model, opt, cfg, n, data_id, d, device)
     net: nn.Module = LossOf(model)
     if d.world > 1:  # rank 0's weights are broadcast to every rank; gradients are averaged in the last pass
         net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
@@ -376,8 +474,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
     def state() -> dict:
         return {"step": pos.step, "epoch": pos.step // per_epoch, "step_in_epoch": pos.step % per_epoch,
                 "order_epoch": pos.order_epoch, "order": pos.order, "optimizer": opt.state_dict(),
-                "n_entries": n, "world": d.world, "total_steps": total, "config": dataclasses.asdict(cfg),
-                "bad": [dataclasses.asdict(b) for b in result.bad]}
+                "n_entries": n, "data": data_id, "world": d.world, "total_steps": total,
+                "config": dataclasses.asdict(cfg), "bad": [dataclasses.asdict(b) for b in result.bad]}
 
     prog = Progress(out, cfg.name, total, pos.step, cfg.log_every, d.main)
     model.train()
@@ -416,27 +514,54 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
 
 
 def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-            n: int, d: Dist, device: torch.device) -> tuple[Position, list[BadEntry]]:
-    """Load checkpoint `resume` ("latest": the newest in out/checkpoints) into the model, the optimizer and the
-    random states; returns where the run was and the bad entries met so far."""
-    ckpt = Path(resume)
-    if str(resume) == "latest":
-        found = list_checkpoints(out)
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        ckpt = found[-1]
-    st = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+            n: int, data_id: dict, d: Dist, device: torch.device) -> tuple[Position, list[BadEntry]]:
+    """Load checkpoint `resume` into the model, the optimizer and the random states; returns where the run was and
+    the bad entries met so far. "latest": the newest in out/checkpoints whose files can all be read; one that
+    cannot (a CorruptCheckpoint) is passed over, saying so, for the one before it. Every rank reads every rank's
+    random states, so that all ranks find the same checkpoint unreadable and fall back alike. Checkpoints of later
+    steps in out/checkpoints are deleted."""
+    latest = str(resume) == "latest"
+    found = list_checkpoints(out)[::-1] if latest else [Path(resume)]
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    for ckpt in found:
+        try:
+            st = read_plain(ckpt / "trainer.pt")
+            if not isinstance(st, dict) or not TRAINER_KEYS <= set(st):
+                raise CorruptCheckpoint(f"{ckpt / 'trainer.pt'}: not the trainer state trainer.py writes")
+            rng = [read_plain(ckpt / f"rng-rank{r}.pt") for r in range(st["world"])]
+            check_model_files(ckpt)
+            break
+        except CorruptCheckpoint as e:
+            if not latest:
+                raise
+            if d.main:
+                print(f"warning: {e}; falling back to the checkpoint before it", file=sys.stderr)
+    else:
+        raise CorruptCheckpoint(f"--resume: none of the {len(found)} checkpoints in {out / 'checkpoints'} can be read")
     if st["n_entries"] != n:
         raise DataError(f"--resume {ckpt}: the checkpoint was trained on {st['n_entries']} entries, the data now "
                         f"has {n}; resume with the same data (and --skip-bad setting)")
+    saved = st.get("data") or {}
+    if saved.get("sha256") and data_id["sha256"] and saved["sha256"] != data_id["sha256"]:
+        raise DataError(f"--resume {ckpt / 'trainer.pt'} was trained on other data of the same length: "
+                        f"{saved.get('file')} then (sha256 {saved['sha256'][:16]}), {data_id['file']} now (sha256 "
+                        f"{data_id['sha256'][:16]}); resume with the data it was trained on")
     for key in ("batch_size", "seed", "epochs", "max_steps"):
         if st["config"][key] != getattr(cfg, key):
             raise ValueError(f"--resume {ckpt}: it was trained with {key} {st['config'][key]}, now {key} is "
                              f"{getattr(cfg, key)}; the data order and the schedule depend on it")
+    later = [p for p in list_checkpoints(out) if int(p.name[len("step-"):]) > st["step"]]
+    if later and d.main:  # a continuation that is replaced: "latest" and the rotation must not pick them up
+        print(f"note: resuming at step {st['step']}, the later {', '.join(p.name for p in later)} are deleted",
+              file=sys.stderr)
+        for p in later:
+            shutil.rmtree(p)
+    d.barrier()
     checkpoint.load_trainable(model, ckpt)
     opt.load_state_dict(st["optimizer"])
     if st["world"] == d.world:
-        set_rng_state(torch.load(ckpt / f"rng-rank{d.rank}.pt", map_location="cpu", weights_only=True), device)
+        set_rng_state(rng[d.rank], device)
     else:
         print(f"note: {ckpt} was written by {st['world']} processes, resuming with {d.world}; the data order "
               "and weights continue exactly, random states (dropout) start afresh", file=sys.stderr)

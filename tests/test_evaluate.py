@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from safetensors.torch import save_file
 from sklearn.metrics import average_precision_score
 
 import checkpoint
@@ -173,6 +174,13 @@ def fake_sslalm(monkeypatch, labels):
     return model
 
 
+def fake_checkpoint(folder):
+    """A checkpoint folder's files (what evaluate.py fingerprints); the model is FakeModel."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+
+
 def test_answers_are_sampled_with_the_papers_settings():
     """evaluate.py passes no sampling settings: the model's defaults, which are the paper's (§III-D)."""
     defaults = {k: p.default for k, p in inspect.signature(sslalm.SSLALM.generate).parameters.items()}
@@ -187,7 +195,7 @@ def test_cli_esc50_native_layout(tmp_path, monkeypatch, capsys):
     tones[5] = 3  # one wrong
     write_esc50(tmp_path / "ESC-50", cats, tones)
     fake_sslalm(monkeypatch, [c.replace("_", " ") for c in cats])
-    (tmp_path / "ckpt").mkdir()
+    fake_checkpoint(tmp_path / "ckpt")
     m = ev.main(["--task", "esc50", "--checkpoint", str(tmp_path / "ckpt"), "--esc50-root",
                  str(tmp_path / "ESC-50"), "--batch-size", "3", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
@@ -201,7 +209,7 @@ def test_cli_esc50_native_layout(tmp_path, monkeypatch, capsys):
 def test_cli_demo_uses_checkpoint_files_and_entry_instructions(tmp_path, monkeypatch, capsys):
     names = ["Dog", "Cat", "Rain"]
     ckpt = tmp_path / "demo_out"
-    ckpt.mkdir()
+    fake_checkpoint(ckpt)
     eval_json, labels_csv, _ = write_ltu_set(ckpt, names, ["Dog", "Cat", "Rain", "Dog"], [0, 1, 2, 1])
     os.rename(eval_json, ckpt / "demo_eval.json")
     os.rename(labels_csv, ckpt / "demo_labels.csv")
@@ -219,7 +227,7 @@ def test_cli_demo_uses_checkpoint_files_and_entry_instructions(tmp_path, monkeyp
     assert FakeModel.calls[-1]["crop"] is False
     # an intermediate checkpoint of the run (OUT/checkpoints/step-N) finds the run's files too
     step = ckpt / "checkpoints" / "step-0000010"
-    step.mkdir(parents=True)
+    fake_checkpoint(step)
     ev.main(["--task", "demo", "--checkpoint", str(step), "--json"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(0.75)
     assert (step / "eval_demo.jsonl").is_file()
@@ -332,13 +340,20 @@ def test_cli_scores_a_real_checkpoint_without_stand_ins(bases, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--task", "vs", "--checkpoint", "c"], "pass --data EVAL_JSON"),
-    (["--task", "esc50", "--checkpoint", "c"], "pass --data EVAL_JSON or --esc50-root DIR"),
-    (["--task", "vs", "--data", "e.json", "--checkpoint", "c"], "--task vs needs --labels"),
+    (["--task", "demo"], "pass --data EVAL_JSON"),
+    (["--task", "demo", "--data", "e.json"], "--task demo needs --labels"),
+    (["--task", "demo", "--data", "e.json", "--labels", "l.csv"], "pass --output PREDICTIONS_JSONL (or --checkpoint)"),
     (["--task", "vs", "--esc50-root", "E", "--checkpoint", "c"], "--esc50-root goes with --task esc50"),
-    (["--task", "audiocaps", "--data", "e.json"], "pass --output PREDICTIONS_JSONL (or --checkpoint)"),
 ])
 def test_cli_says_what_is_missing(argv, message, capsys):
     with pytest.raises(SystemExit):
         ev.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_cli_without_the_default_layout_lists_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:  # layout.MissingFiles
+        ev.parse_args(["--task", "vs", "--checkpoint", "c"])
+    for path in ("data/vocalsound/vocalsound_test.json", "data/vocalsound/class_labels_indices_vs.csv"):
+        assert path in str(e.value)

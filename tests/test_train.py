@@ -57,13 +57,12 @@ def test_errors_raised_in_the_demo_reach_train_main(tmp_path, monkeypatch, capsy
     assert exit.value.code == 1 and "error: step 3: loss nan" in capsys.readouterr().err
 
 
-def test_data_is_required_without_demo(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--output-dir", "x"])
-    assert "--data is required (or --demo)" in capsys.readouterr().err
+def test_one_stage_flags_or_the_curriculum():
     args = train.parse_args(["--output-dir", "x", "--data", "d.json", "--stage", "3"])
-    assert (args.stage, args.resume, args.audio_prefix) == (3, None, [])
+    assert (args.stage, args.resume, args.overwrite, args.audio_prefix) == (3, None, False, [])
     assert train.parse_args(["--output-dir", "x", "--data", "d.json", "--resume"]).resume == "latest"
+    assert train.parse_args(["--data", "d.json"]).stage == 1  # a stage's flag: stage 1
+    assert train.parse_args(["--output-dir", "x"]).stage is None  # no stage's flag: the four stages in turn
 
 
 def imports_of(path: Path) -> tuple[set[str], list[int]]:
