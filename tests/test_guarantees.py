@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
