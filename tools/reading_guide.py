@@ -19,7 +19,7 @@ class Row(NamedTuple):
     what: str    # what to read there
 
 
-ROWS = {  # the paper's part -> where the code implements it
+GUIDE = {  # the paper's part -> where the code implements it
     "Eqs. (1)–(2): continuous SSM h'(t) = A h + B x, y = C h": Row("scan.py", "Glossary (code name -> paper symbol",
         "the glossary: which tensor is A, B, C, Δ, h (the code works with the discretised form)"),
     "Eq. (3): Ā = exp(ΔA)": Row("scan.py", "# eq. (3)  Ā = exp(ΔA)", "`selective_scan_ref`, one step of the loop"),
@@ -58,6 +58,7 @@ ROWS = {  # the paper's part -> where the code implements it
     "§III-E: parameter counts": Row("sslalm.py", "def parameter_table(", "`python cli.py params`"),
     "Table I: evaluation protocol": Row("evaluate.py", "TASKS = {", "`evaluate.py` (module docstring: the protocol)"),
 }
+ROWS = [(paper, *row) for paper, row in GUIDE.items()]  # the README's rows: (paper, file, anchor, what to read)
 
 
 def line_of(file: str, anchor: str) -> int:
@@ -70,7 +71,7 @@ def line_of(file: str, anchor: str) -> int:
 
 def table() -> str:
     rows = []
-    for paper, (file, anchor, what) in ROWS.items():
+    for paper, file, anchor, what in ROWS:
         n = line_of(file, anchor)
         rows.append(f"| {paper} | [`{file}:{n}`]({file}#L{n}) | {what} |\n")
     return HEADER + "".join(rows)
