@@ -40,18 +40,13 @@ MAX_SECONDS = 3600    # longer files are refused by load_audio (see there)
 RESAMPLE_BLOCK = 1 << 18  # values per work tensor in resample (1 MB in float32): bounds its memory
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reading and resampling
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Reading and resampling --------------------------------------------------------------------------------------
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
-    """Read any file soundfile can (wav, flac, ogg, mp3, ...): first channel, float32, resampled to `sample_rate`.
-
-    Returns (samples,). Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that
-    cannot be decoded, has no samples, holds NaN/inf, is shorter than one 25 ms fbank frame, or is longer than
-    MAX_SECONDS (refused from its header, or once that much is read, so a huge file never fills the memory; an
-    hour at 48 kHz peaks at about 2 GB while it is read and resampled).
-    """
+    """Read any file soundfile can (wav, flac, ogg, mp3, ...) -> (samples,): first channel, float32, resampled to
+    `sample_rate`. Every error names the file. A file longer than MAX_SECONDS is refused from its header, or once
+    that much is read, so a huge file never fills the memory (an hour at 48 kHz peaks at about 2 GB while it is
+    read and resampled)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path}: no such file")
@@ -161,9 +156,7 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
     return y[:n_out].to(waveform.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Kaldi filterbank
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Kaldi filterbank --------------------------------------------------------------------------------------------
 
 def _mel(f: float | Tensor) -> float | Tensor:
     """HTK mel scale, 1127 ln(1 + f/700): float64 for the scalar band edges, float32 for the FFT bins (Kaldi and
@@ -188,14 +181,10 @@ def mel_filterbank(n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE, n_fft: 
 
 
 def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
-    """Kaldi log-mel filterbank, torchaudio-compatible (see the module docstring): (samples,) -> (frames, 128).
-
-    frames = 1 + (samples - 400) // 160. Per frame: remove the DC offset, pre-emphasis 0.97, symmetric Hann
-    window, zero-pad to 512, power spectrum, 128 mel filters, log with a floor at float32 eps.
-    Computed in blocks of frames, so a 60-minute waveform needs no more than a few tens of MB of work memory.
-    A ValueError if any value is NaN or infinite (NaN/inf samples, or samples so large, such as 4e29, that the
-    power spectrum overflows float32): such an fbank would make every feature NaN.
-    """
+    """Kaldi log-mel filterbank, torchaudio-compatible (see the module docstring): (samples,) -> (frames, 128),
+    frames = 1 + (samples - 400) // 160. Computed in blocks of frames: a 60-minute waveform needs a few tens of MB
+    of work memory. A ValueError if any value is NaN or infinite (NaN/inf samples, or samples so large, such as
+    4e29, that the power spectrum overflows float32): such an fbank would make every feature NaN."""
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"fbank expects {SAMPLE_RATE} Hz audio; got {sample_rate} Hz (use resample first)")
     if waveform.dim() == 2 and waveform.shape[0] == 1:
@@ -226,9 +215,7 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# DASS input
-# ----------------------------------------------------------------------------------------------------------------
+# ---- DASS input --------------------------------------------------------------------------------------------------
 
 def dass_input(waveform: Tensor, target_length: int | None = DASS_FRAMES) -> Tensor:
     """16 kHz waveform (samples,) -> normalised fbank (T, 128), as DASS was trained.

@@ -55,11 +55,10 @@ def build(config: SSLALMConfig, device=None, dtype: torch.dtype | None = None, l
 
 
 def save_checkpoint(model: SSLALM, path: str | os.PathLike, home: str | os.PathLike | None = None) -> None:
-    """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is.
-
-    The config names the base weights by absolute path, or relative to the checkpoint's folder when they lie inside
-    it (then the folder can be moved as a whole). That folder is `path`, or `home` if the files are written
-    elsewhere first and moved there."""
+    """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is. The config
+    names the base weights by absolute path, or relative to the checkpoint's folder when they lie inside it (then the
+    folder can be moved as a whole). That folder is `path`, or `home` if the files are written elsewhere first and
+    moved there."""
     path = Path(path)
     home = Path(home or path).resolve()
     path.mkdir(parents=True, exist_ok=True)
@@ -194,8 +193,7 @@ def load_lora(model: nn.Module, path: str) -> None:
     _load_adapters(model, tensors, meta["r"], meta["alpha"], str(path))
 
 
-def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str | None = None,
-                task_type: str = "CAUSAL_LM") -> None:
+def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors so that peft's PeftModel.from_pretrained(transformers
     model, directory) loads the adapters."""
     settings = _lora_settings(model)
@@ -206,7 +204,7 @@ def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str |
         raise ValueError(f"adapters sit on a subset of the layers named {targets}; PEFT's target_modules list "
                          f"would put them on all {len(covered)}")
     config = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,

@@ -211,18 +211,15 @@ class DASS(nn.Module):
         return self.classifier["norm"](x).permute(0, 3, 1, 2)          # (B, C, F/32, T/32)
 
     def features(self, x: Tensor, window: int | None = WINDOW) -> Tensor:
-        """The feature map the LALM consumes: (B, T, 128) fbank -> (B, 768, 4, ceil(T/32)) (channels, freq, time).
+        """The feature map the LALM consumes: (B, T, 128) fbank -> (B, 768, 4, ceil(T/32)) (channels, freq, time),
+        the last stage's output after classifier.norm (the map whose mean the head classifies).
 
-        It is the last stage's output after classifier.norm (the map whose mean the head classifies).
-        Inputs of at most `window` frames (or window=None) go through in one pass. Longer inputs are cut into
-        consecutive windows of `window` frames (the last one shorter) that are encoded independently and
-        concatenated along time; `window` must be a multiple of 32, so window i gives exactly time steps
-        [i*window/32, (i+1)*window/32) and the total is still ceil(T/32). Compared with one pass over the whole
-        input, the four scans restart from a zero state at every window and never see the other windows, and the
-        3x3 convolutions see zero padding at window edges. Memory is then that of one `window`-frame pass
-        (O(window), independent of T); the default 8192 frames keeps the largest scan at H*W = 32 x 2048 per
-        direction. One pass over 60 minutes (360k frames) would need H*W = 32 x 90000 per direction at stage 0,
-        several GB for each (B, 4*96, H*W) fp32 tensor, and tens of GB in total.
+        Inputs longer than `window` frames (a multiple of 32; None: one pass) are cut into consecutive windows,
+        encoded independently and concatenated along time: window i gives exactly time steps [i*window/32,
+        (i+1)*window/32). Each window's scans start from a zero state and its 3x3 convolutions see zero padding at
+        its edges, but memory stays that of one window (the default's largest scan: H*W = 32 x 2048 per direction).
+        One pass over 60 minutes (360k frames) would scan 32 x 90000 positions per direction at stage 0: several GB
+        for each (B, 4*96, H*W) fp32 tensor, tens of GB in total.
         """
         if x.dim() != 3 or x.shape[-1] != self.config.n_mels:
             raise ValueError(f"DASS expects a (batch, frames, {self.config.n_mels}) fbank; got {tuple(x.shape)}")

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -47,35 +47,36 @@ from data import CLASSIFY_PROMPT, OpenAQADataset, load_eval_json, load_openaqa
 from mamba import MambaConfig, MambaLM
 from trainer import TrainConfig, count_parameters, lr_at, train
 
-# ----------------------------------------------------------------------------------------------------------------
-# The demo, part 1: a synthetic sound question-answer set in OpenAQA format
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The demo, part 1: a synthetic sound question-answer set in OpenAQA format -----------------------------------
 
-# mid, display name, kind, what it sounds like ("A loud ...")
-DEMO_CLASSES = [
-    ("/demo/low_tone", "Low tone", "a tone", "steady low-pitched tone"),
-    ("/demo/middle_tone", "Middle tone", "a tone", "steady tone of middle pitch"),
-    ("/demo/high_tone", "High tone", "a tone", "steady high-pitched tone"),
-    ("/demo/white_noise", "White noise", "a noise", "bright hiss of white noise"),
-    ("/demo/pink_noise", "Pink noise", "a noise", "soft rushing pink noise"),
-    ("/demo/brown_noise", "Brown noise", "a noise", "deep rumbling brown noise"),
-    ("/demo/rising_chirp", "Rising chirp", "a sweep", "tone sweeping upward in pitch"),
-    ("/demo/falling_chirp", "Falling chirp", "a sweep", "tone sweeping downward in pitch"),
-    ("/demo/click_train", "Click train", "clicks", "regular train of sharp clicks"),
-    ("/demo/am_tone", "Amplitude-modulated tone", "a tone", "tone pulsing on and off"),
-    ("/demo/fm_tone", "Frequency-modulated tone", "a tone", "warbling tone whose pitch wobbles"),
-    ("/demo/silence", "Silence", "silence", "silence"),
-]
+class Sound(NamedTuple):
+    display: str  # the class's display name, the answer to the classification prompt
+    kind: str     # a tone, a noise, a sweep, clicks or silence
+    caption: str  # what it sounds like ("A loud ...")
+
+
+DEMO_CLASSES = {  # name (its mid in the label CSV: /demo/<name>) -> Sound
+    "low_tone": Sound("Low tone", "a tone", "steady low-pitched tone"),
+    "middle_tone": Sound("Middle tone", "a tone", "steady tone of middle pitch"),
+    "high_tone": Sound("High tone", "a tone", "steady high-pitched tone"),
+    "white_noise": Sound("White noise", "a noise", "bright hiss of white noise"),
+    "pink_noise": Sound("Pink noise", "a noise", "soft rushing pink noise"),
+    "brown_noise": Sound("Brown noise", "a noise", "deep rumbling brown noise"),
+    "rising_chirp": Sound("Rising chirp", "a sweep", "tone sweeping upward in pitch"),
+    "falling_chirp": Sound("Falling chirp", "a sweep", "tone sweeping downward in pitch"),
+    "click_train": Sound("Click train", "clicks", "regular train of sharp clicks"),
+    "am_tone": Sound("Amplitude-modulated tone", "a tone", "tone pulsing on and off"),
+    "fm_tone": Sound("Frequency-modulated tone", "a tone", "warbling tone whose pitch wobbles"),
+    "silence": Sound("Silence", "silence", "silence"),
+}
 TONE_BANDS = {"low_tone": (150.0, 300.0), "middle_tone": (600.0, 1000.0), "high_tone": (2500.0, 4000.0)}
 LEVELS_DB = {"quiet": (-44.0, -32.0), "loud": (-20.0, -12.0)}  # RMS in dB re full scale; two apart for clear answers
 CLICK_PEAK_DB = {"quiet": (-30.0, -18.0), "loud": (-6.0, -1.0)}  # click trains: peak level instead of RMS
 
 
 def synth_clip(cls: str, rng: np.random.Generator, sr: int = audio.SAMPLE_RATE) -> tuple[np.ndarray, dict]:
-    """One random clip of class `cls` (the part of its mid after /demo/): float32 samples (n,) and its parameters.
-
-    Durations 1-3 s, random phases, levels, frequencies within the class's band, so every clip is new.
-    """
+    """One random clip of class `cls` (a name of DEMO_CLASSES): float32 samples (n,) and its parameters.
+    Durations 1-3 s, random phases, levels, frequencies within the class's band, so every clip is new."""
     dur = float(rng.uniform(1.0, 3.0))
     n = int(dur * sr)
     t = np.arange(n) / sr
@@ -130,17 +131,16 @@ def synth_clip(cls: str, rng: np.random.Generator, sr: int = audio.SAMPLE_RATE) 
     return np.clip(x * fade, -1, 1).astype(np.float32), p
 
 
-def demo_questions(display: str, kind: str, caption: str, loudness: str,
-                   rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def demo_questions(sound: Sound, loudness: str, rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """(task, instruction, output) for one clip: the classification prompt, an open description, two closed ones."""
-    described = f"A {loudness} {caption}." if loudness != "silent" else "Silence: nothing can be heard."
+    described = f"A {loudness} {sound.caption}." if loudness != "silent" else "Silence: nothing can be heard."
     return [
-        ("cla_label", CLASSIFY_PROMPT, display),
+        ("cla_label", CLASSIFY_PROMPT, sound.display),
         ("open-ended question", str(rng.choice(["What can you hear?", "Describe the sound."])), described),
         ("closed-ended question", "Is the sound loud or quiet?",
          {"loud": "Loud.", "quiet": "Quiet.", "silent": "There is no sound."}[loudness]),
         ("closed-ended question", "What kind of sound is it: a tone, a noise, a sweep or clicks?",
-         f"{kind[0].upper()}{kind[1:]}." if kind != "silence" else "None of them: it is silence."),
+         f"{sound.kind.capitalize()}." if sound.kind != "silence" else "None of them: it is silence."),
     ]
 
 
@@ -154,8 +154,6 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
     data/demo_clips.json                  every clip's class and synthesis parameters
     demo_eval.json, demo_labels.csv       the held-out clips with LTU's classification prompt, and the labels
                                           (index,mid,display_name) for `evaluate.py --task demo`
-    Paths inside the JSON files are relative to the file's own folder (what train.py and evaluate.py resolve them
-    against), so the folder can be moved or copied as a whole.
     """
     out = Path(out_dir).resolve()
     rng = np.random.default_rng(seed)
@@ -166,8 +164,7 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
     for split, per_class in (("train", clips_per_class), ("eval", eval_per_class)):
         (out / "data" / split).mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
-            for mid, display, kind, caption in DEMO_CLASSES:
-                cls = mid.rsplit("/", 1)[1]
+            for cls, sound in DEMO_CLASSES.items():
                 x, p = synth_clip(cls, rng)
                 f = out / "data" / split / f"{cls}_{j:03d}.wav"
                 sf.write(str(f), x, audio.SAMPLE_RATE, subtype="PCM_16")
@@ -175,9 +172,9 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
                 clips.append({"file": in_data, "split": split, **p})
                 if split == "eval":
                     evals.append(dict(instruction=CLASSIFY_PROMPT, input="", audio_id=f"data/{in_data}",
-                                      dataset="demo", task="cla_label", output=display))
+                                      dataset="demo", task="cla_label", output=sound.display))
                     continue
-                for task, q, a in demo_questions(display, kind, caption, p["loudness"], rng):
+                for task, q, a in demo_questions(sound, p["loudness"], rng):
                     e = dict(instruction=q, input="", audio_id=in_data, dataset="demo", task=task, output=a)
                     train.append(e)
                     if task == "cla_label":
@@ -188,17 +185,15 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
     with open(paths["labels"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "mid", "display_name"])
-        for i, (mid, display, _, _) in enumerate(DEMO_CLASSES):
-            w.writerow([i, mid, display])
+        for i, (cls, sound) in enumerate(DEMO_CLASSES.items()):
+            w.writerow([i, f"/demo/{cls}", sound.display])
     if verbose:
         print(f"  {len(DEMO_CLASSES)} classes x {clips_per_class} training clips -> {len(train)} QA pairs "
               f"({len(cla)} classification); {len(evals)} held-out clips -> {paths['eval'].name}")
     return paths
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The demo, part 2: a tokenizer, a tiny Mamba LM and a tiny DASS pretrained on the demo's data, then the recipe
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The demo, part 2: a tokenizer, a tiny Mamba LM and a tiny DASS pretrained on its data, then the recipe ----
 
 @dataclass
 class DemoConfig:
@@ -325,7 +320,7 @@ def pretrain_demo_dass(clips: list[dict], cfg: DemoConfig, seed: int, path: Path
 
 def demo_tags() -> list[str]:
     """The demo DASS's output tags: the 12 classes, then the two loudness levels."""
-    return [mid.rsplit("/", 1)[1] for mid, *_ in DEMO_CLASSES] + list(LEVELS_DB)
+    return list(DEMO_CLASSES) + list(LEVELS_DB)
 
 
 def dass_accuracy(model: nn.Module, clips: list[dict], frames: int) -> float:
@@ -352,7 +347,7 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
     entries, cla = load_openaqa(paths["train"]), load_openaqa(paths["cla"])
     all_clips = [{**c, "file": str(paths["clips"].parent / c["file"])} for c in json.loads(paths["clips"].read_text())]
     clips = [c for c in all_clips if c["split"] == "train"]
-    say(f"      {len(DEMO_CLASSES)} classes: {', '.join(c[1] for c in DEMO_CLASSES)}")
+    say(f"      {len(DEMO_CLASSES)} classes: {', '.join(c.display for c in DEMO_CLASSES.values())}")
     say(f"      {len(clips)} training clips x 4 questions = {len(entries)} QA pairs, e.g. {entries[0]['instruction']!r}"
         f" -> {entries[0]['output']!r}; {cfg.eval_per_class * len(DEMO_CLASSES)} held-out clips in demo_eval.json")
     times["data"] = time.time() - t
@@ -413,7 +408,7 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
             f"({count_parameters(p for p in model.parameters() if p.requires_grad):,} parameters), the rest is frozen; "
             f"lr {lr:g}, {epochs} epochs of batches of {cfg.batch_size} ({cfg.micro_batch} per forward pass)")
         tc = TrainConfig(lr=lr, epochs=epochs, trainable=parts, name=f"stage {stage}", **common)
-        train(model, ds, sslalm.collate, tok.eos_token_id, tc, out / f"stage{stage}")
+        train(model, ds, sslalm.collate, tok.eos_token_id, tc, out / f"stage{stage}", overwrite=True)
         times[f"stage{stage}"] = time.time() - t
     checkpoint.save_checkpoint(model, out)
     say(f"      the trained DASS, projector and LoRA weights: {out / 'model.safetensors'} (+ config.json naming "

@@ -1,23 +1,12 @@
-"""The default layout of weights, data and runs, shared by train.py and evaluate.py.
+"""The default layout of weights, data and runs, shared by train.py and evaluate.py (drawn in the README).
 
-With the downloads in these places (relative to the current directory), the two commands need no other flag:
-
-    python train.py --size small --llm mamba      # LTU's four stages in turn -> runs/small-mamba/stage1 ... stage4
-    python evaluate.py --task esc50               # the newest finished model under runs/ on data/ESC-50-master
-
-    weights/DASS_small.pth, weights/DASS_medium.pth     DASS checkpoints (the official .pth files)
-    weights/mamba-2.8b-hf/ (or weights/mamba-2.8b/)     Mamba-2.8B, Hugging Face (or original) format + tokenizer.json
-    weights/vicuna-7b-v1.5/                             Vicuna-7B + tokenizer.model
-    data/openaqa/stage1.json ... stage4.json            the curriculum's OpenAQA files (STAGE_SOURCES), audio ids
-                                                        relative to data/openaqa/ unless --audio-root/--audio-prefix
-    data/ESC-50-master/                                 ESC-50 in its own layout (meta/esc50.csv, audio/*.wav)
-    data/<folder>/                                      another Table I task: LTU's eval JSON, its label CSV and an
-                                                        audio/ folder with the clips (EVAL_SETS)
-    runs/<size>-<llm>/stageN/                           what stage N of the curriculum writes (config.json and
-                                                        model.safetensors once finished; checkpoints/ meanwhile)
-
-Every path stays overridable with the commands' flags. A command missing a default path raises MissingFiles,
-whose message lists every default path looked for and not found, with what to download and where it goes.
+With the downloads in place (relative to the current directory), `python train.py --size small --llm mamba` and
+`python evaluate.py --task esc50` need no other flag: DASS and the LLM under weights/ (`dass_path`, `llm_paths`),
+the curriculum's OpenAQA files in data/openaqa/ (STAGE_SOURCES), the Table I sets under data/ (ESC50, EVAL_SETS),
+and stage N of a run written to runs/<size>-<llm>/stageN/ (config.json and model.safetensors once finished,
+checkpoints/ meanwhile). Every path stays overridable with the commands' flags. A command missing a default path
+raises MissingFiles, whose message lists every default path looked for and not found, with what to download and
+where it goes.
 """
 from __future__ import annotations
 
@@ -64,9 +53,7 @@ EVAL_SETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Default paths
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Default paths -----------------------------------------------------------------------------------------------
 
 def dass_path(size: str) -> Path:
     return WEIGHTS / f"DASS_{size}.pth"
@@ -101,23 +88,13 @@ def newest_model(root: str | Path = RUNS) -> Path | None:
     return max(found, key=lambda d: (d / "config.json").stat().st_mtime_ns, default=None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# What is missing, and where to get it
-# ----------------------------------------------------------------------------------------------------------------
+# ---- What is missing, and where to get it ------------------------------------------------------------------------
 
-def _get_dass(size: str) -> str:
-    return f"DASS_{size}.pth from the DASS releases (github.com/Saurabhbhati/DASS)"
-
-
-def _get_llm(llm: str) -> str:
-    if llm == "mamba":
-        return ("huggingface-cli download state-spaces/mamba-2.8b-hf --local-dir weights/mamba-2.8b-hf "
-                "(or state-spaces/mamba-2.8b into weights/mamba-2.8b)")
-    return "huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir weights/vicuna-7b-v1.5"
-
-
-def _get_stage(stage: int) -> str:
-    return f"LTU's OpenAQA {STAGE_SOURCES[stage]} ({LTU_DATA}), with its audio (16 kHz)"
+GET_LLM = {  # what to download, for a MissingFiles message
+    "mamba": "huggingface-cli download state-spaces/mamba-2.8b-hf --local-dir weights/mamba-2.8b-hf "
+             "(or state-spaces/mamba-2.8b into weights/mamba-2.8b)",
+    "llama": "huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir weights/vicuna-7b-v1.5",
+}
 
 
 class MissingFiles(FileNotFoundError):
@@ -136,9 +113,7 @@ def _shown(path: Path, folder: bool = False) -> str:
     return path.as_posix() + ("/" if folder else "")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# train.py
-# ----------------------------------------------------------------------------------------------------------------
+# ---- train.py ----------------------------------------------------------------------------------------------------
 
 def training_defaults(args: argparse.Namespace) -> None:
     """Fill train.py's unset paths from the layout; raise MissingFiles naming every default path not found.
@@ -168,16 +143,18 @@ def training_defaults(args: argparse.Namespace) -> None:
         if dass_path(args.size).is_file():
             args.dass_weights = str(dass_path(args.size))
         elif from_layout:
-            missing.append((_shown(dass_path(args.size)), _get_dass(args.size)))
+            missing.append((_shown(dass_path(args.size)),
+                            f"DASS_{args.size}.pth from the DASS releases (github.com/Saurabhbhati/DASS)"))
     if args.llm_weights is None:
         found = [p for p in llm_paths(args.llm) if p.is_dir()]
         if found:
             args.llm_weights = str(found[0])
         elif builds and from_layout:
-            missing.append((" or ".join(_shown(p, True) for p in llm_paths(args.llm)), _get_llm(args.llm)))
+            missing.append((" or ".join(_shown(p, True) for p in llm_paths(args.llm)), GET_LLM[args.llm]))
     for s in stages:
         if not stage_file(args.data_dir, s).is_file():
-            missing.append((_shown(stage_file(args.data_dir, s)), _get_stage(s)))
+            missing.append((_shown(stage_file(args.data_dir, s)),
+                            f"LTU's OpenAQA {STAGE_SOURCES[s]} ({LTU_DATA}), with its audio (16 kHz)"))
     if missing:
         raise MissingFiles(missing, "--dass-weights, --llm-weights, --data-dir (or --stage N --data FILE)")
 
@@ -236,9 +213,7 @@ def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: s
     return previous
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# evaluate.py
-# ----------------------------------------------------------------------------------------------------------------
+# ---- evaluate.py -------------------------------------------------------------------------------------------------
 
 def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = _say) -> None:
     """Fill evaluate.py's unset paths from the layout; raise MissingFiles naming every default path not found.

@@ -11,8 +11,7 @@ A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-a
 mlp is SwiGLU: down(silu(gate(x)) * up(x)). RoPE follows the Hugging Face convention (rotate_half over the two halves
 of each head); the HF checkpoints' q/k weights are permuted for it, so no permutation is needed here. Module names
 equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which LoRA (lora.py) and the PEFT export rely
-on. Generation goes through sampling.py; this module provides embed / prefill / decode_step with a preallocated
-key/value cache. Checkpoint formats and the tokenizer are in weights.py.
+on. Generation: sampling.py, with a preallocated key/value cache. Checkpoint formats, the tokenizer: weights.py.
 
 Written here rather than taken from transformers (the oracle in the tests): the whole model fits in one reading, with
 the same state dict, and shares the cache protocol of sampling.py with mamba.py. Attention is PyTorch's
@@ -155,12 +154,9 @@ class Block(nn.Module):
 
 
 def _positions(attention_mask: Tensor | None, batch: int, length: int, device) -> tuple[Tensor, Tensor | None]:
-    """attention_mask (B, L) of 0/1 or None -> (pos (B, L), mask (B, 1, L, L) bool or None).
-
-    Without padding: pos = 0 .. L-1 and no mask (attention then runs with is_causal=True). With (left) padding:
-    causal, padding keys hidden, and a padding query also sees itself, so that no row of the softmax is empty (an
-    empty row would give NaN).
-    """
+    """attention_mask (B, L) of 0/1 or None -> (pos (B, L), mask (B, 1, L, L) bool or None). Without padding:
+    pos = 0 .. L-1 and no mask (is_causal). With (left) padding: causal, padding keys hidden, a padding query sees
+    itself (an empty softmax row would give NaN)."""
     if attention_mask is None or attention_mask.bool().all():
         return torch.arange(length, device=device).expand(batch, length), None
     valid = attention_mask.bool()

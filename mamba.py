@@ -19,11 +19,10 @@ the prompt once (`prefill`), then one token at a time (`decode_step`) from a cac
 
 Written here rather than imported from mamba_ssm: that package is CUDA-only compiled code (it does not run on a
 CPU), and its fused kernels hide the equations. Where this code differs from it: the residual stream is always
-fp32 and the RMSNorm multiplies by its weight in fp32 before casting (mamba_ssm's fused kernel does the same;
-transformers casts first); the depthwise conv is plain PyTorch (no causal-conv1d kernel); left padding is masked by
-zeroing the conv's input and output (transformers zeroes the mixer input, the same thing when in_proj has no
-bias). On CUDA, the decode step of each batch size is recorded once as a CUDA graph and replayed (`cuda_graph`), as
-gpt-fast does with torch.compile: at batch 1 the ~15 kernel launches per layer, not the arithmetic, set the pace.
+fp32; the depthwise conv is plain PyTorch (no causal-conv1d kernel); left padding is masked by zeroing the conv's
+input and output (transformers zeroes the mixer input, the same thing when in_proj has no bias). On CUDA, the
+decode step of each batch size is recorded once as a CUDA graph and replayed (`cuda_graph`), as gpt-fast does with
+torch.compile: at batch 1 the ~15 kernel launches per layer, not the arithmetic, set the pace.
 Checkpoint formats and the tokenizer are in weights.py.
 """
 from __future__ import annotations
@@ -93,10 +92,7 @@ class RMSNorm(nn.Module):
 
 class MambaMixer(nn.Module):
     """The Mamba block's mixer: in_proj -> causal conv -> selective SSM (eqs. (3)-(6)) gated by silu(z) -> out_proj.
-
-    Parameter names are the checkpoints' (backbone.layers.{i}.mixer.*). A_log and D stay fp32 when the rest of the
-    model is loaded in bf16/fp16, as in mamba_ssm.
-    """
+    Parameter names are the checkpoints' (backbone.layers.{i}.mixer.*)."""
 
     def __init__(self, cfg: MambaConfig):
         super().__init__()
@@ -116,13 +112,11 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden: Tensor, mask: Tensor | None = None, conv_state: Tensor | None = None,
                 ssm_state: Tensor | None = None) -> Tensor:
-        """hidden: (B, L, d_model); mask: (B, L), 1 at real positions, 0 at (left) padding, or None.
-
-        Returns (B, L, d_model). If conv_state (B, d_inner, d_conv) and ssm_state (B, d_inner, N) are given they are
-        overwritten with the states after position L (the last d_conv conv inputs, h_L) for decoding to go on from.
-        Padded positions leave both states untouched: the conv sees zeros there, and with x = 0 also B = C = 0,
-        so Δ·B·x = 0 and h stays 0 (eq. (5)).
-        """
+        """hidden (B, L, d_model) -> (B, L, d_model); mask (B, L): 1 at real positions, 0 at (left) padding, or None.
+        If conv_state (B, d_inner, d_conv) and ssm_state (B, d_inner, N) are given they are overwritten with the
+        states after position L (the last d_conv conv inputs, h_L) for decoding to go on from. Padded positions
+        leave both states untouched: the conv sees zeros there, and with x = 0 also B = C = 0, so Δ·B·x = 0 and h
+        stays 0 (eq. (5))."""
         length = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)          # (B, d_inner, L) each
         if mask is not None:
@@ -251,13 +245,7 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """mamba_ssm's initialisation, for training from scratch.
-
-        Embedding N(0, 0.02²); in_proj, x_proj, conv1d: PyTorch's defaults; out_proj: PyTorch's default scaled by
-        1/sqrt(n_layer) (GPT-2's residual rescaling); Linear biases 0; dt_proj.weight U(±dt_rank^-0.5); A and
-        dt_proj.bias: `scan.init_A_and_delta_bias` (A = -(1, ..., N), Δ log-uniform in [dt_min, dt_max]); D = 1;
-        norm weights 1.
-        """
+        """mamba_ssm's initialisation, for training from scratch (out_proj scaled as GPT-2's residual projections)."""
         cfg = self.config
         nn.init.normal_(self.backbone.embeddings.weight, std=cfg.initializer_range)
         for block in self.backbone.layers:
@@ -286,12 +274,9 @@ class MambaLM(nn.Module):
 
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:
-        """input_ids (B, L) and/or inputs_embeds (B, P, d_model) -> logits (B, P + L, V) fp32.
-
-        With both, the sequence is inputs_embeds followed by the embedded input_ids (audio tokens, then text).
-        attention_mask (B, P + L): 1 at real positions, 0 at padding (left padding for prompts; right padding in
-        training batches only affects the padded positions themselves).
-        """
+        """input_ids (B, L) and/or inputs_embeds (B, P, d_model) (audio tokens, then text) -> logits (B, P + L, V)
+        fp32. attention_mask (B, P + L): 1 at real positions, 0 at padding (left padding for prompts; right padding
+        in training batches only affects the padded positions themselves)."""
         residual = sampling.join(self, input_ids, inputs_embeds).float()
         sampling.check_attention_mask(attention_mask, *residual.shape[:2])
         for block in self.backbone.layers:
@@ -305,11 +290,8 @@ class MambaLM(nn.Module):
 
     def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
                 max_length: int | None = None) -> tuple[Tensor, MambaCache]:
-        """Run the prompt inputs_embeds (B, L, d_model) once, keeping each layer's final conv and SSM state.
-
-        Returns the logits of the last position (B, V) and the cache. max_length is not needed: the state has the
-        same size whatever the length.
-        """
+        """Run the prompt inputs_embeds (B, L, d_model) once -> the logits of the last position (B, V) and the cache
+        (each layer's final conv and SSM state). max_length is not needed: the state's size does not depend on it."""
         batch = inputs_embeds.shape[0]
         sampling.check_attention_mask(attention_mask, batch, inputs_embeds.shape[1], prompt=True)
         cache = MambaCache.allocate(self.config, batch, self.backbone.norm_f.weight.dtype, inputs_embeds.device)

@@ -19,9 +19,7 @@ from typing import Sequence
 import numpy as np
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Classification metrics
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Classification metrics --------------------------------------------------------------------------------------
 
 def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     """Fraction of entries whose predicted class index equals the true one. pred, target: (n,) ints."""
@@ -63,9 +61,7 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Captioning metrics (coco-caption's definitions; inputs are whitespace-tokenised strings)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Captioning metrics (coco-caption's definitions; inputs are whitespace-tokenised strings) --------------------
 
 def _ngrams(words: list[str], n: int) -> Counter:
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))

@@ -40,11 +40,8 @@ LLMS = {"mamba": (MambaLM, MambaConfig), "llama": (LlamaLM, LlamaConfig)}  # the
 
 @dataclass
 class SSLALMConfig:
-    """Everything needed to rebuild the model; saved as config.json beside a checkpoint's trainable weights.
-
-    Defaults are the paper's small ssLALM. Paths that are relative are resolved against the checkpoint folder
-    when a checkpoint is loaded.
-    """
+    """Everything needed to rebuild the model, saved in a checkpoint's config.json. Defaults: the paper's small
+    ssLALM. Relative paths are resolved against the checkpoint folder when a checkpoint is loaded."""
     size: str = "small"                     # DASS size: "small" or "medium" (or "custom": see `dass`)
     llm: str = "mamba"                      # "mamba" (ssLALM) or "llama" (hybrid LALM)
     dass: dict = field(default_factory=dict)        # DASSConfig fields; empty = DASSConfig.<size>()
@@ -86,9 +83,7 @@ class SSLALMConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown SSLALM config fields {sorted(unknown)}")
-        d = dict(d)
-        d["lora_targets"] = tuple(d.get("lora_targets", ()))
-        return cls(**d)
+        return cls(**{**d, "lora_targets": tuple(d.get("lora_targets", ()))})
 
 
 class SSLALM(nn.Module):
@@ -196,9 +191,8 @@ class SSLALM(nn.Module):
         """The answer tokens for one instruction per clip, batched with left padding and the LLM's decode cache.
 
         Sampling follows sampling.PAPER_SAMPLING (§III-D) unless `settings` (temperature, top_k, top_p,
-        repetition_penalty) override it; greedy=True takes the argmax instead. Clips shorter than the training
-        length are padded to it; longer ones are kept whole (more audio tokens), or cut to it with crop=True
-        (LTU's evaluation does that). See `prepare_audio`.
+        repetition_penalty) override it; greedy=True takes the argmax instead. crop: see `prepare_audio` (LTU's
+        evaluation crops).
         """
         if len(clips) != len(instructions):
             raise ValueError(f"got {len(clips)} clips and {len(instructions)} instructions")
@@ -248,9 +242,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, Tensor]:
     with IGNORE_INDEX. Returns fbank (B, T, 128), input_ids, labels, attention_mask (B, L)."""
     frames = max(e["fbank"].shape[0] for e in examples)
     length = max(len(e["input_ids"]) for e in examples)
-    silent = audio.SILENT_FRAME
     batch = {
-        "fbank": torch.full((len(examples), frames, audio.N_MELS), silent),
+        "fbank": torch.full((len(examples), frames, audio.N_MELS), audio.SILENT_FRAME),
         "input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
         "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros(len(examples), length, dtype=torch.long),

@@ -8,10 +8,9 @@
     tokenizers Mamba's tokenizer.json (GPT-NeoX's BPE) and LLaMA's tokenizer.model, by the libraries that made them
 
 Our models are not transformers' classes, so their folders are read here rather than by from_pretrained
-(transformers is the oracle in the tests). A Hugging Face folder holds its weights in one of four layouts, tried in
-this order (as transformers does): model.safetensors; model.safetensors.index.json (shards: its weight_map names
-the file of every key); pytorch_model.bin; pytorch_model.bin.index.json. Tensors are read one at a time into a
-model built on the meta device, so the weights are never held twice.
+(transformers is the oracle in the tests). A Hugging Face folder holds its weights in one of the LAYOUTS, tried in
+transformers' order (an index.json names the shard of every key). Tensors are read one at a time into a model built
+on the meta device, so the weights are never held twice.
 
 Every loader here, and those of checkpoint.py, ends in `load_state`: strict, as in nanoGPT / llama2.c. Every
 parameter must be read exactly once with the right shape; each missing, unexpected, repeated or mis-shaped key is
@@ -29,7 +28,7 @@ from pathlib import Path
 import sentencepiece
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
@@ -50,19 +49,14 @@ WHERE_TO_GET = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Strict loading, and the Hugging Face folder layout
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Strict loading, and the Hugging Face folder layout ----------------------------------------------------------
 
 def load_state(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], source: str, *,
                names: Iterable[str] | None = None, dtype: torch.dtype | None = None, fp32: tuple[str, ...] = ()
                ) -> None:
     """Put tensors, (key, tensor, file it came from), into the parameters of `model` named `names` (default: all).
-
     A parameter on the meta device is replaced by the tensor, cast to dtype (None: the stored dtype; names ending
-    with one of `fp32` become fp32); any other parameter is copied into, keeping its dtype and device.
-    Raises one ValueError naming `source` and listing every missing, unexpected, repeated and mis-shaped key.
-    """
+    with one of `fp32` become fp32); any other parameter is copied into, keeping its dtype and device."""
     params = dict(model.named_parameters())
     wanted = set(params) if names is None else set(names)
     seen: dict[str, str] = {}  # key -> the file it was read from
@@ -149,9 +143,7 @@ def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
               metadata={"format": "pt"})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Mamba
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Mamba -------------------------------------------------------------------------------------------------------
 
 # transformers' MambaConfig fields -> ours; mamba_ssm's config uses our names (its SSM ones inside ssm_cfg)
 HF_MAMBA = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
@@ -191,10 +183,8 @@ def mamba_config(path: str) -> MambaConfig:
 
 def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> MambaLM:
     """A Mamba checkpoint folder (HF or mamba_ssm format) -> MambaLM in eval mode, parameters trainable.
-
     dtype: None keeps the stored dtype, otherwise every tensor is cast to it except A_log and D, which stay fp32 (as
-    mamba_ssm keeps them). lm_head.weight may be stored; it must then equal the embedding (the head is tied).
-    """
+    mamba_ssm keeps them). lm_head.weight may be stored; it must then equal the embedding (the head is tied)."""
     with torch.device("meta"):
         model = MambaLM(mamba_config(config_file(path, "a Mamba checkpoint folder")))
     heads = []
@@ -216,11 +206,9 @@ def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> Mamb
 
 def mamba_hf_config(c: MambaConfig) -> dict:
     """config.json in transformers' MambaConfig field names (what MambaForCausalLM.from_pretrained reads)."""
-    config = {hf: getattr(c, ours) for hf, ours in HF_MAMBA.items()}
-    config.update(architectures=["MambaForCausalLM"], model_type="mamba", intermediate_size=c.d_inner,
-                  hidden_act="silu", residual_in_fp32=True, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-                  pad_token_id=0)
-    return config
+    return {hf: getattr(c, ours) for hf, ours in HF_MAMBA.items()} | dict(
+        architectures=["MambaForCausalLM"], model_type="mamba", intermediate_size=c.d_inner, hidden_act="silu",
+        residual_in_fp32=True, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
 def save_mamba(model: MambaLM, path: str) -> None:
@@ -229,9 +217,7 @@ def save_mamba(model: MambaLM, path: str) -> None:
     save_weights(model.state_dict(), path, mamba_hf_config(model.config) | {"dtype": dtype})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# LLaMA
-# ----------------------------------------------------------------------------------------------------------------
+# ---- LLaMA -------------------------------------------------------------------------------------------------------
 
 def llama_config(cfg: dict, source: str = "config.json") -> LlamaConfig:
     """A Hugging Face LLaMA config.json (transformers 4.x or 5.x field names); refuse what is not built here."""
@@ -246,10 +232,8 @@ def llama_config(cfg: dict, source: str = "config.json") -> LlamaConfig:
     for name, (got, want) in unsupported.items():
         if got != want:
             raise ValueError(f"{source}: {name} = {got!r} is not supported (only {want!r})")
-    config = LlamaConfig(hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
-                         num_attention_heads=cfg["num_attention_heads"],
-                         num_key_value_heads=cfg.get("num_key_value_heads"),
-                         intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    config = LlamaConfig(**{k: cfg[k] for k in required}, num_key_value_heads=cfg.get("num_key_value_heads"),
                          rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                          rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
                          max_position_embeddings=cfg.get("max_position_embeddings", 2048))
@@ -297,9 +281,7 @@ def llm_kind(path: str) -> str:
 LOADERS = {"mamba": load_mamba, "llama": load_llama}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizers
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Tokenizers --------------------------------------------------------------------------------------------------
 
 class MambaTokenizer:
     """GPT-NeoX's byte-level BPE, read from the tokenizer.json that ships with the Mamba checkpoints.
@@ -354,14 +336,12 @@ def load_tokenizer(config) -> MambaTokenizer | LlamaTokenizer:
     return MambaTokenizer(str(path)) if config.llm == "mamba" else LlamaTokenizer(str(path))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# DASS
-# ----------------------------------------------------------------------------------------------------------------
+# ---- DASS --------------------------------------------------------------------------------------------------------
 
-def load_dass(path: str | Path, config: DASSConfig | None = None, map_location: str | torch.device = "cpu") -> DASS:
+def load_dass(path: str | Path, config: DASSConfig | None = None) -> DASS:
     """DASS weights in any of the three formats (module docstring) -> DASS in fp32, train mode. The config is the
     file's (ours), or inferred from the tensor shapes, unless given."""
-    state, file, file_config = _read_dass(Path(path), map_location)
+    state, file, file_config = _read_dass(Path(path))
     with torch.device("meta"):
         model = DASS(config or file_config or _infer_dass_config(state, file))
     load_state(model, ((k, v, str(file)) for k, v in state.items()), f"DASS checkpoint {file}", dtype=torch.float32)
@@ -375,7 +355,7 @@ def save_dass(model: DASS, path: str | Path) -> None:
     save_file(state, str(path), metadata={"format": "dass", "config": json.dumps(asdict(model.config))})
 
 
-def _read_dass(path: Path, map_location) -> tuple[dict[str, Tensor], Path, DASSConfig | None]:
+def _read_dass(path: Path) -> tuple[dict[str, Tensor], Path, DASSConfig | None]:
     """Any supported file (or a folder holding the HF port's) -> (state dict in our key layout, the file, the config
     if the file carries one)."""
     if path.is_dir():
@@ -388,13 +368,12 @@ def _read_dass(path: Path, map_location) -> tuple[dict[str, Tensor], Path, DASSC
     config = None
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path), device=str(map_location))
+            state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         if "config" in meta:
             config = DASSConfig(**json.loads(meta["config"]))
     else:
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"DASS weights {path}: not a readable PyTorch checkpoint ({e})") from e
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -1,6 +1,5 @@
 """Write tests/fixtures/dass_*: what the official DASS code and its Hugging Face port compute on fixed inputs, with
 deterministic weights saved in each one's own checkpoint layout (tests/test_dass_official.py checks dass.py on them).
-
 Neither is a dependency of this project: they run once, here, from checkouts OUTSIDE the repository.
 
     git clone https://github.com/Saurabhbhati/DASS /tmp/DASS
@@ -8,12 +7,8 @@ Neither is a dependency of this project: they run once, here, from checkouts OUT
     pip install einops transformers        # besides this project's requirements
     python tools/make_dass_fixture.py --official /tmp/DASS --hf-port /tmp/hf-DASS
 
-The official code is written for CUDA; on a CPU its selective-scan extension is replaced by the plain PyTorch loop
-`selective_scan_ref` of its own kernels/selective_scan/test_selective_scan.py, and its Triton cross-scan kernels
-run in Triton's interpreter. It imports timm, torchvision, fvcore and wget only for DropPath (the identity at
-inference), initialisation (overwritten here) and helpers the forward pass never calls: `_stand_ins` replaces them
-(torchvision, which timm needs, has no CPU build for this torch). The port runs as it is: without the CUDA
-extension it takes its own PyTorch scan.
+The official code is written for CUDA: on a CPU it runs with the stand-ins of `_stand_ins`. The port runs as it
+is: without the CUDA extension it takes its own PyTorch scan.
 
 Files: dass_official.npz holds, per configuration c of CONFIGS, `c_input` (B, T, 128), `c_logits` and
 `c_features`, the classifier.norm output the head pools (B, C, 128/stride, ceil(T/stride)); `hf_tiny_logits` and
@@ -82,7 +77,10 @@ def _module(name: str, **attrs) -> types.ModuleType:
 
 
 def _stand_ins(official: Path) -> None:
-    """What the official code imports but cannot have here (see the module docstring)."""
+    """What the official code imports but cannot have here: its selective-scan extension becomes the plain PyTorch
+    loop `selective_scan_ref` of its own kernels/selective_scan/test_selective_scan.py (its Triton cross-scan kernels
+    run in Triton's interpreter); timm, torchvision (no CPU build for this torch), fvcore and wget serve only
+    DropPath (the identity at inference), initialisation (overwritten here) and helpers the forward never calls."""
     layers = _module("timm.models.layers", DropPath=lambda drop_prob=0.0: nn.Identity(),
                      trunc_normal_=nn.init.trunc_normal_, to_2tuple=lambda x: (x, x))
     vit = _module("timm.models.vision_transformer")

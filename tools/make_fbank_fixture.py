@@ -5,9 +5,9 @@ torchaudio is not a dependency of this project, so its output is computed once, 
     python3 -m venv /tmp/ta && /tmp/ta/bin/pip install torch==2.9.1 torchaudio==2.9.1 numpy
     /tmp/ta/bin/python tools/make_fbank_fixture.py
 
-For every test signal the file holds `wave_<name>` (float32, 16 kHz) and `fbank_<name>` =
-torchaudio.compliance.kaldi.fbank with the settings DASS and LTU use. `dass_<name>` (two signals) is the full DASS input of the
-official README (mean removal, fbank, zero-pad or crop to `dass_target_length` frames, (x + 4.2677393) / (4.5689974 * 2)).
+For every test signal the file holds `wave_<name>` (float32, 16 kHz) and `fbank_<name>` (`kaldi_fbank`).
+`dass_<name>` (two signals) is the full DASS input of the official README (mean removal, fbank, zero-pad or crop to
+`dass_target_length` frames, (x + 4.2677393) / (4.5689974 * 2)).
 """
 from pathlib import Path
 
@@ -21,17 +21,15 @@ DASS_TARGET = 128  # short, to keep the file small
 DASS_SIGNALS = ("chirp_dc", "long")  # 98 frames are zero-padded to 128, 199 are cropped
 
 
-def kaldi_fbank(w: np.ndarray) -> np.ndarray:
-    return torchaudio.compliance.kaldi.fbank(
-        torch.from_numpy(w)[None], htk_compat=True, sample_frequency=SR, use_energy=False, window_type="hanning",
-        num_mel_bins=128, dither=0.0, frame_shift=10).numpy()
+def kaldi_fbank(x: torch.Tensor) -> torch.Tensor:
+    """x (1, samples) -> (frames, 128), with the settings DASS and LTU use."""
+    return torchaudio.compliance.kaldi.fbank(x, htk_compat=True, sample_frequency=SR, use_energy=False,
+                                             window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
 
 
 def dass_input(w: np.ndarray, target: int) -> np.ndarray:
     x = torch.from_numpy(w)[None]
-    x = x - x.mean()
-    f = torchaudio.compliance.kaldi.fbank(x, htk_compat=True, sample_frequency=SR, use_energy=False,
-                                          window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    f = kaldi_fbank(x - x.mean())
     p = target - f.shape[0]
     f = torch.nn.functional.pad(f, (0, 0, 0, p)) if p > 0 else f[:target]
     return ((f + 4.2677393) / (4.5689974 * 2)).numpy()
@@ -57,7 +55,7 @@ def main() -> None:
     arrays = {"dass_target_length": np.array(DASS_TARGET)}
     for name, w in signals().items():
         arrays[f"wave_{name}"] = w
-        arrays[f"fbank_{name}"] = kaldi_fbank(w)
+        arrays[f"fbank_{name}"] = kaldi_fbank(torch.from_numpy(w)[None]).numpy()
         if name in DASS_SIGNALS:
             arrays[f"dass_{name}"] = dass_input(w, DASS_TARGET)
     OUT.parent.mkdir(parents=True, exist_ok=True)
