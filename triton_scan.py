@@ -373,15 +373,15 @@ class Plan:
 
 def plan(batch: int, dim: int, dstate: int, groups: int, length: int, device: torch.device,
          chunk: int | None = None, seg: int | None = None, span: int | None = None) -> Plan:
-    """The default tiles (chunk, seg, span may be overridden, e.g. small in tests). N >= 2: 4 steps per tile (the
-    backward holds a chunk's N states per step in registers), a state kept every 256 steps (1/16 of u's size at
-    N = 16). N = 1: 16 steps per tile, every 128 steps. Spans: as few as give WARPS_PER_SM warps per SM."""
+    """The default tiles; chunk, seg, span may be overridden (small in tests). A chunk is 4 steps for N >= 2 (the
+    backward holds a chunk's N states per step in registers), 16 for N = 1; a state is kept every 128 steps (at
+    N = 16 below 1/8 of u's size in fp32); spans: as few as give WARPS_PER_SM warps per SM."""
     block_n = 1 << max(dstate - 1, 0).bit_length()
     block_d = 32
     while (dim // groups) % block_d:
         block_d //= 2
     chunk = chunk or (4 if dstate > 1 else 16)
-    seg = seg or (256 if dstate > 1 else 128)
+    seg = seg or 128
     if chunk & (chunk - 1) or seg % chunk:
         raise ValueError(f"chunk must be a power of two dividing seg; got chunk={chunk}, seg={seg}")
     n_seg = triton.cdiv(length, seg)
