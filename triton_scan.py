@@ -321,7 +321,7 @@ def _scan_bwd(u_ptr, delta_ptr, z_ptr, dy_ptr, du_ptr, ddelta_ptr, dz_ptr, A_ptr
                 else:
                     Bt = tl.load(B_t0 + r * sB_t, mask=live_n, other=0.0).to(tl.float32)
                     h = tl.sum(tl.where(offs_t[:, None, None] == r, hs, -0.0), axis=0)  # row r: free in registers
-                    ah = dh * (h - (dt * x)[None, :] * Bt[:, None])        # ∂L/∂Ā_t Ā_t: Ā_t h_{t-1} = h_t - B̄x
+                    ah = dh * (h - (dt * x)[None, :] * Bt[:, None])        # ∂L/∂Ā · Ā; Ā h_{t-1} = h_t - B̄x
                     dA_acc += ah * dt[None, :]                             # ∂/∂A of eq. (3)
                     dhB = tl.sum(dh * Bt[:, None], axis=0)                 # Σ_n ∂L/∂h B
                     du = dt * dhB                                          # ∂/∂x of eq. (4)
