@@ -374,14 +374,14 @@ class Plan:
 
 def plan(batch: int, dim: int, dstate: int, groups: int, length: int, device: torch.device,
          chunk: int | None = None, seg: int | None = None, span: int | None = None) -> Plan:
-    """The default tiles; chunk, seg, span may be overridden (small in tests). A chunk is 4 steps for N >= 2 (the
-    backward holds a chunk's N states per step in registers), 16 for N = 1; a state is kept every 128 steps (at
-    N = 16 below 1/8 of u's size in fp32); spans: as few as give WARPS_PER_SM warps per SM."""
+    """The default tiles; chunk, seg, span may be overridden (small in tests). A chunk is 4 steps (the backward
+    holds a chunk's states in registers, 4 N per thread); a state is kept every 128 steps (for N = 16 below 1/8 of
+    u's size in fp32); spans: as few as give WARPS_PER_SM warps per SM."""
     block_n = 1 << max(dstate - 1, 0).bit_length()
     block_d = 32
     while (dim // groups) % block_d:
         block_d //= 2
-    chunk = chunk or (4 if dstate > 1 else 16)
+    chunk = chunk or 4
     seg = seg or 128
     if span is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \

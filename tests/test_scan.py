@@ -149,8 +149,8 @@ SMALL_TILES = [
     (1, 4, 16, 13, 2, "mamba", dict(chunk=2, seg=4, span=12)),
 ]
 # The default tiles (plan()): N = 16 with grouped B, C and two 32-channel blocks, crossing a kept state (every 128
-# steps); N = 1 crossing chunks (16 steps), kept states and spans, from an initial state.
-DEFAULT_TILES = [(1, 64, 16, 130, 2, "mamba", {}), (1, 32, 1, 300, 0, "state", {})]
+# steps); N = 1 crossing chunks (4 steps), kept states and spans, from an initial state.
+DEFAULT_TILES = [(1, 64, 16, 130, 2, "mamba", {}), (1, 32, 1, 301, 0, "state", {})]
 
 
 @pytest.mark.parametrize("batch, dim, dstate, length, groups, opts, tiles", SMALL_TILES + DEFAULT_TILES)
@@ -448,10 +448,15 @@ def test_import_without_triton_says_what_is_missing(monkeypatch):
 
 def test_triton_kernels_compile_for_an_h100():
     """Beyond the interpreter: Triton's compiler and ptxas turn every kernel variant the models launch (Mamba's and
-    DASS's tiles; forward, backward, decode step) into a cubin for sm_90, with no GPU needed."""
+    DASS's tiles and strides; forward, backward, their span passes, decode step) into a cubin for sm_90, with no GPU
+    needed; and the forward is what its design says: no shared memory (so no layout conversions), no spills."""
     tool = os.path.join(os.path.dirname(__file__), "..", "tools", "compile_kernels.py")
-    run = subprocess.run([sys.executable, tool, "--arch", "90", "--dtypes", "fp32,bf16"], capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, tool, "--arch", "90", "--dtypes", "bf16", "--quick"], capture_output=True,
+                         text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    compiled = [line for line in run.stdout.splitlines() if "registers" in line]
-    assert len(compiled) == 2 * 2 * 5, run.stdout  # (Mamba, DASS) x (fp32, bf16) x 5 kernel variants
+    rows = {cells[1]: cells[3:6] for cells in (line.split(" | ") for line in run.stdout.splitlines())
+            if len(cells) > 5 and cells[2] == "bf16"}
+    assert len(rows) == 12, run.stdout  # Mamba (B, C two layouts) 7 kernels, DASS 5
+    for kernel in ("Mamba B, C views: forward", "Mamba B, C contiguous: forward", "DASS: forward"):
+        registers, stack, shared = rows[kernel]
+        assert int(registers) <= 255 and stack == "0" and shared == "0", (kernel, rows[kernel])
