@@ -34,10 +34,10 @@ from torch import Tensor
 # The selective scan, eqs. (3)-(6)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
-             delta_softplus: bool, D: Tensor | None = None, z: Tensor | None = None,
-             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Check shapes; return Δ in fp32 (bias and softplus applied) and B, C grouped: (batch, G, N, L), fp32."""
+def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+           z: Tensor | None = None, delta_bias: Tensor | None = None,
+           initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Every backend's shape checks (loud, naming the argument); return B and C as (batch, G, N, L) views."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, D, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
     batch, dim, length = u.shape
@@ -48,15 +48,39 @@ def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bi
                            ("initial_state", initial_state, (batch, dim, dstate))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
+    B, C = _grouped(B, "B", batch, dim, dstate, length), _grouped(C, "C", batch, dim, dstate, length)
+    if B.shape[1] != C.shape[1]:
+        raise ValueError(f"B and C must have the same number of groups; got {B.shape[1]} and {C.shape[1]}")
+    return B, C
+
+
+def _check_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                z: Tensor | None, dt_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`selective_state_update`'s checks, naming its arguments; return B and C as (batch, G, N) views."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (batch, D); got {tuple(x.shape)}")
+    batch, dim = x.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (D, N) with D = {dim}; got {tuple(A.shape)}")
+    for name, t, shape in (("dt", dt, (batch, dim)), ("z", z, (batch, dim)), ("D", D, (dim,)),
+                           ("dt_bias", dt_bias, (dim,)), ("state", state, (batch, dim, A.shape[1]))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
+    B, C = _check(x.unsqueeze(-1), dt.unsqueeze(-1), A, B.unsqueeze(-1), C.unsqueeze(-1))
+    return B[..., 0], C[..., 0]
+
+
+def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
+             delta_softplus: bool, D: Tensor | None = None, z: Tensor | None = None,
+             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Check shapes; return Δ in state precision (bias and softplus applied) and B, C as (batch, G, N, L) in it."""
+    B, C = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     delta = delta.to(_state_dtype(u))
     if delta_bias is not None:
         delta = delta + delta_bias.to(delta.dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)  # softplus(x) = log(1 + e^x), linear above 20 like the kernels
-    B, C = (_grouped(M, name, batch, dim, dstate, length).to(delta.dtype) for M, name in ((B, "B"), (C, "C")))
-    if B.shape[1] != C.shape[1]:
-        raise ValueError(f"B and C must have the same number of groups; got {B.shape[1]} and {C.shape[1]}")
-    return delta, B, C, dstate
+    return delta, B.to(delta.dtype), C.to(delta.dtype), A.shape[1]
 
 
 def _state_dtype(u: Tensor) -> torch.dtype:
@@ -91,15 +115,13 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
 
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                        z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                       return_last_state: bool = False, backend: str | None = None,
-                       initial_state: Tensor | None = None):
+                       return_last_state: bool = False, initial_state: Tensor | None = None):
     """The selective scan as the paper writes it: one step of eqs. (3)-(6) per time step.
 
     u, delta, z: (batch, D, L); A: (D, N); B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias: (D,);
     initial_state: (batch, D, N) or None for h_0 = 0.
     Returns y (batch, D, L) in u's dtype, and the last state h_L (batch, D, N) if return_last_state;
     the state is kept in fp32 (fp64 for fp64 inputs).
-    `backend` is accepted (and ignored) so that every implementation takes the same arguments.
     """
     delta, B, C, dstate = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, D, z, initial_state)
     batch, dim, length = u.shape
@@ -234,6 +256,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
     backend: None picks "triton" for CUDA tensors and "torch" (the chunked fallback) otherwise; "ref", "torch" and
     "triton" force one ("triton" on CPU tensors needs TRITON_INTERPRET=1 set before triton_scan is imported).
+    Every input may be a strided view (the Triton kernels read them in place).
     """
     if backend is None:
         backend = "triton" if u.is_cuda else "torch"
@@ -244,9 +267,17 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if backend == "torch":
         return _scan_chunked(u, delta, A, B, C, **args)
     if backend == "triton":
+        B, C = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        if u.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"u must be float32, float16 or bfloat16 for the Triton scan; got {u.dtype}")
+        if u.shape[2] == 0:
+            raise ValueError("u must have at least one time step (L >= 1) for the Triton scan")
         import triton_scan
         return triton_scan.selective_scan(u, delta, A, B, C, **args)
     raise ValueError(f"unknown scan backend {backend!r}; use None, 'ref', 'torch' or 'triton'")
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -259,15 +290,18 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     """
     if backend is None:
         backend = "triton" if x.is_cuda else "torch"
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"unknown decode backend {backend!r}; use None, 'torch' or 'triton'")
+    B, C = _check_step(state, x, dt, A, B, C, D, z, dt_bias)
     if backend == "triton":
+        if state.dtype != torch.float32 or not state.is_contiguous():
+            raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place); got "
+                             f"{state.dtype}{'' if state.is_contiguous() else ', not contiguous'}")
         import triton_scan
         return triton_scan.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                                   dt_softplus=dt_softplus)
-    if backend != "torch":
-        raise ValueError(f"unknown decode backend {backend!r}; use None, 'torch' or 'triton'")
-    dt, B, C = (t.unsqueeze(-1) for t in (dt, B, C))  # the scan's shapes with L = 1
-    dt, B, C, _ = _prepare(x.unsqueeze(-1), dt, A, B, C, dt_bias, dt_softplus, D,
-                           None if z is None else z.unsqueeze(-1), state)
+    step = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731  the scan's shapes with L = 1
+    dt, B, C, _ = _prepare(step(x), step(dt), A, step(B), step(C), dt_bias, dt_softplus, D, step(z), state)
     B, C = _per_channel(B, x.shape[1]), _per_channel(C, x.shape[1])   # (batch, D, N, 1)
     dA = torch.exp(dt * A.to(dt.dtype))                       # eq. (3)   (batch, D, N)
     dBx = dt * B[..., 0] * x.to(dt.dtype)[:, :, None]         # eq. (4)   Euler form

@@ -1,0 +1,24 @@
+"""tools/gpu_check.sh, the one command of a GPU slot, run whole on CPU (--smoke): every step runs and writes its file,
+and tools/bench_scan.py prints the scan table and the span sweep for every tiny shape, mamba_ssm's column n/a."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    run = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert {p.name for p in tmp_path.iterdir()} >= {"env.txt", "mamba_build.log", "test_scan.log", "scan.md",
+                                                    "bench.md", "bench.err"}
+    assert "exit status 0" in (tmp_path / "test_scan.log").read_text()
+    table = (tmp_path / "scan.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| (") and "batch" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| (1, 32, 4, 9)", "| (1, 32, 1, 9)",
+                                                 "| (1, 32, 4, 9), B, C contiguous", "| (1, 32, 4, 9)"]  # + the sweep
+    assert all(r.split(" | ")[4] == "n/a" for r in rows[:3])             # no mamba_ssm on CPU
+    assert "## mamba" in (tmp_path / "bench.md").read_text() and "== done in" in run.stdout
