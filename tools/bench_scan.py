@@ -248,7 +248,7 @@ def cpu_table(shapes, lengths) -> None:
 
 def build_mamba_ssm(src: Path, build: Path):
     """Build only mamba_ssm's selective-scan extension (selective_scan_cuda) from its source tree (csrc/selective_scan),
-    for this GPU's architecture, with the nvcc flags of mamba_ssm's setup.py; the module, or None."""
+    for this GPU's architecture, with the nvcc flags of mamba_ssm's setup.py, into `build`; return the module."""
     sources = sorted(str(p) for p in (src / "csrc" / "selective_scan").glob("*.c*"))
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
