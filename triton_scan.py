@@ -28,8 +28,8 @@ How it is organised:
   that run in parallel: a first launch (`LOCAL`) walks each span from a zero state and keeps its end state and its
   Σ Δ; then each program folds the spans before it into its starting state (Π_t Ā_t over a span is
   exp(A Σ_t Δ_t)) and walks its own span. The backward does the same from the other end with the gradient g.
-- Training memory: the forward keeps the state at every SEG-th step only, (batch, L / SEG, N, D) fp32 (N / SEG of
-  u's size). The backward walks each segment twice: forward from its kept state, writing the state at each chunk's
+- Training memory: the forward keeps the state at every SEG-th step only, (batch, L / SEG - 1, N, D) fp32 (below
+  N / SEG of u's size). The backward walks each segment twice: forward from its kept state, writing the state at each chunk's
   start to a per-program scratch (one segment's worth, reused, so bounded by the number of programs), then
   backward chunk by chunk, recomputing the chunk's states in registers. No reverse `associative_scan` is used
   (Triton's lowering of one with a non-commutative combine has been reported wrong on GPUs): time runs backwards
@@ -59,7 +59,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 WARPS_PER_SM = 8        # split time into spans while batch · D / 32 is below this many warps per multiprocessor
 SMS_WITHOUT_GPU = 132   # the multiprocessors assumed under TRITON_INTERPRET=1 (an H100 / H200), to plan as on one
 
-# Strides (and `unit`) stay run-time values: see the module docstring.
+# The channel strides (and `unit`) stay run-time values: see the module docstring.
 _CHANNEL_STRIDES = ["su_d", "sv_d", "sz_d", "sy_d", "sg_d", "sr_d", "sq_d", "unit"]
 
 

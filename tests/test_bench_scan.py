@@ -18,7 +18,7 @@ def test_gpu_check_smoke(tmp_path):
     assert "exit status 0" in (tmp_path / "test_scan.log").read_text()
     table = (tmp_path / "scan.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| (") and "batch" not in line]
-    assert [r.split(" | ")[0] for r in rows] == ["| (1, 32, 4, 9)", "| (1, 32, 1, 9)",
-                                                 "| (1, 32, 4, 9), B, C contiguous", "| (1, 32, 4, 9)"]  # + the sweep
+    assert [r.split(" | ")[0] for r in rows] == ["| (1, 32, 4, 6)", "| (1, 32, 1, 6)",
+                                                 "| (1, 32, 4, 6), B, C contiguous", "| (1, 32, 4, 6)"]  # + the sweep
     assert all(r.split(" | ")[4] == "n/a" for r in rows[:3])             # no mamba_ssm on CPU
     assert "## mamba" in (tmp_path / "bench.md").read_text() and "== done in" in run.stdout

@@ -171,8 +171,8 @@ def test_default_tiles_cross_their_boundaries():
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, dict(rtol=2e-2, atol=1e-2)),
                                         (torch.float16, dict(rtol=5e-3, atol=2e-3))])
 @pytest.mark.parametrize("backend, dstate, length, tiles", [("torch", 16, 100, {}),
-                                                            ("triton", 16, 21, dict(chunk=4, seg=8, span=16)),
-                                                            ("triton", 1, 21, dict(chunk=4, seg=8, span=8))])
+                                                            ("triton", 16, 13, dict(chunk=4, seg=8, span=8)),
+                                                            ("triton", 1, 13, dict(chunk=2, seg=4, span=8))])
 def test_low_precision_inputs_match_fp64(backend, dstate, length, tiles, dtype, tol):
     """bf16/fp16 u, delta, z, B, C with fp32 state arithmetic: only the rounding of y and the gradients remains."""
     tensors, flags = make_inputs(2, 4, dstate, length, groups=0, opts="mamba", seed=3)
@@ -196,7 +196,7 @@ def mamba_layout(t):
 def test_triton_reads_strided_views_in_place(monkeypatch):
     """Inputs that are strided views (the Mamba mixer's transposes, and an incoming gradient laid out like y) give
     the same numbers bit for bit as contiguous ones, and none of them is copied on the way."""
-    tensors, flags = make_inputs(2, 8, 4, 19, 0, opts="mamba", seed=8)
+    tensors, flags = make_inputs(2, 8, 4, 11, 0, opts="mamba", seed=8)
     t = {k: v.float().to(DEVICE) for k, v in tensors.items()}
     dy = torch.randn(t["u"].shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     copied = []
@@ -241,7 +241,7 @@ def test_triton_training_memory_is_an_eighth_of_u():
     """With gradients, the autograd node keeps its inputs and one state per 128 steps, nothing per step: at the
     default tiles and N = 16, the bytes kept beyond the inputs are below 1/8 of u's in fp32 (mamba_ssm keeps one
     state per 2048 steps; a state per 8 steps would be 2x u)."""
-    batch, dim, dstate, length = 1, 32, 16, 260
+    batch, dim, dstate, length = 1, 32, 16, 130
     tensors, flags = make_inputs(batch, dim, dstate, length, opts="mamba")
     inputs = {k: v.float().to(DEVICE).requires_grad_() for k, v in tensors.items()}
     saved = []
@@ -249,7 +249,7 @@ def test_triton_training_memory_is_an_eighth_of_u():
         scan.selective_scan(**inputs, **flags, backend="triton")
     given = {v.data_ptr() for v in inputs.values()}
     beyond = sum(x.numel() * x.element_size() for x in saved if x.data_ptr() not in given)
-    assert 0 < beyond <= inputs["u"].numel() * 4 / 8, beyond  # (batch, L / 128 - 1, N, D) fp32: 2 states here
+    assert 0 < beyond <= inputs["u"].numel() * 4 / 8, beyond  # (batch, L / 128 - 1, N, D) fp32: one state here
 
 
 def test_torch_backend_gradcheck():
