@@ -137,7 +137,7 @@ class SS2D(nn.Module):
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, 4, d, L)   Δ before bias, softplus
         ys = selective_scan(                                           # eqs. (3)-(6), direction k = group k
             xs.reshape(B, 4 * d, L), dts.reshape(B, 4 * d, L),
-            -torch.exp(_fp32(self.A_logs)), Bs.contiguous(), Cs.contiguous(), D=_fp32(self.Ds),
+            -torch.exp(_fp32(self.A_logs)), Bs, Cs, D=_fp32(self.Ds),
             delta_bias=_fp32(self.dt_projs_bias).reshape(-1), delta_softplus=True,
         )                                                              # (B, 4d, L)
         y = cross_merge(ys.view(B, 4, d, L), H, W)                     # (B, d, H, W)

@@ -128,8 +128,8 @@ class MambaMixer(nn.Module):
             x = x * mask[:, None, :].to(x.dtype)                             # the conv's bias must not leak in
         delta, B, C = self._ssm_inputs(x.transpose(1, 2))                    # (B, L, d_inner), (B, L, N), (B, L, N)
         A = -torch.exp(self.A_log.float())                                   # (d_inner, N), negative
-        y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2).contiguous(),
-                           C.transpose(1, 2).contiguous(), self.D.float(), z=z,
+        y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2),
+                           C.transpose(1, 2), self.D.float(), z=z,
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,  # Δ = softplus(dt_proj(.))
                            return_last_state=ssm_state is not None)        # eqs. (3)-(6), then the gate
         if ssm_state is not None:
