@@ -32,7 +32,7 @@ TONES = {"a low tone": 220.0, "a high tone": 1760.0, "a rising chirp": None, "wh
 
 def command(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
                           env=env)
 
 
