@@ -39,7 +39,7 @@ def test_the_readme_demo_trains_and_answers(tmp_path):
         argv = [sys.executable, str(ROOT / cmd[1]), *cmd[2:]]
         if cmd[1] == "evaluate.py":
             argv.append("--json")  # the metrics as one JSON object on the last line
-        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=2400)  # a guard against a hang, not a speed test
+        run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=2400)
         assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}"
         outputs.append(run)
     train_log, evaluation, ask = outputs
