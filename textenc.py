@@ -1,18 +1,21 @@
-"""The sentence encoder that scores Table I's classification answers (evaluate.py): a BERT sentence-transformer.
+"""The sentence encoder that matches Table I's answers to labels (evaluate.py): BERT as sentence-transformers runs it.
 
-It reads a sentence-transformers folder (all-MiniLM-L6-v2 by default): config.json and the weights in Hugging Face's
-layout (read strictly by weights.load_state), tokenizer.json or vocab.txt (read by the `tokenizers` library),
-optionally sentence_bert_config.json and 1_Pooling/config.json. A text becomes a unit vector:
+Hand-written (80 lines) where sentence-transformers would bring transformers, scikit-learn and scipy into the
+runtime; tests/test_textenc.py checks it against sentence-transformers and transformers. It reads a
+sentence-transformers folder (all-MiniLM-L6-v2 by default): config.json, Hugging Face BERT weights (read strictly by
+weights.load_state), WordPiece from tokenizer.json or vocab.txt (the `tokenizers` library), the pooling config.
     WordPiece ids  [CLS] pieces [SEP], cut at max_seq_length                        (L,)
     BERT           embeddings + post-norm transformer encoder                       (L, d)
-    pooling        mean over the tokens (or the [CLS] token, as the pooling config says), then L2-normalised (d,)
+    pooling        mean over the tokens, L2-normalised                              (d,)
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -74,18 +77,13 @@ class Bert(nn.Module):
         return x
 
 
-def hf_renames(n_layers: int) -> dict[str, str]:
-    """Hugging Face BertModel's parameter prefixes -> ours."""
-    top = {"embeddings.word_embeddings.": "tok_emb.", "embeddings.position_embeddings.": "pos_emb.",
-           "embeddings.token_type_embeddings.": "type_emb.", "embeddings.LayerNorm.": "emb_norm."}
-    layer = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
-             "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",
-             "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "ffn_norm"}
-    return {**top, **{f"encoder.layer.{i}.{hf}.": f"layers.{i}.{ours}."
-                      for i in range(n_layers) for hf, ours in layer.items()}}
-
-
-# Stored but unused: the [CLS] pooler (sentence embeddings pool the hidden states themselves), position_ids.
+# Hugging Face BertModel's names -> ours, replaced in this order; the [CLS] pooler and position_ids are not used.
+HF_NAMES = (("embeddings.word_embeddings", "tok_emb"), ("embeddings.position_embeddings", "pos_emb"),
+            ("embeddings.token_type_embeddings", "type_emb"), ("embeddings.LayerNorm", "emb_norm"),
+            ("encoder.layer", "layers"), ("attention.self.query", "q"), ("attention.self.key", "k"),
+            ("attention.self.value", "v"), ("attention.output.dense", "attn_out"),
+            ("attention.output.LayerNorm", "attn_norm"), ("intermediate.dense", "ffn_in"),
+            ("output.dense", "ffn_out"), ("output.LayerNorm", "ffn_norm"))
 HF_UNUSED = ("pooler.dense.weight", "pooler.dense.bias", "position_ids")
 
 
@@ -104,37 +102,31 @@ class TextEncoder:
     def __init__(self, path: str | None = None, device: str | torch.device | None = None):
         self.path = path = path or default_text_encoder_path()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        cfg = _read_json(weights.config_file(path, "a BERT sentence-transformers folder"))
-        if cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}/config.json: only BERT with 'gelu' and absolute positions is supported")
+        weights.config_file(path, "a BERT sentence-transformers folder")  # the one required file of the four
+        names = ("config.json", "1_Pooling/config.json", "sentence_bert_config.json", "tokenizer_config.json")
+        cfg, pooling, st_cfg, tok_cfg = (json.loads(p.read_text()) if p.is_file() else {}
+                                         for p in (Path(path, name) for name in names))
+        if (cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("position_embedding_type", "absolute") != "absolute"
+                or any(pooling.get(f"pooling_mode_{m}") for m in ("cls_token", "max_tokens", "mean_sqrt_len_tokens"))):
+            raise ValueError(f"{path}: only BERT with 'gelu', absolute positions and mean pooling is supported")
         self.cfg = BertConfig(**{k: cfg[k] for k in BertConfig.__dataclass_fields__ if k in cfg})
         with torch.device("meta"):
             self.model = Bert(self.cfg)
-        renames = hf_renames(self.cfg.num_hidden_layers)
-        tensors = ((next((new + key[len(old):] for old, new in renames.items() if key.startswith(old)), key), t, f)
-                   for key, t, f in weights.folder_tensors(path) if not key.endswith(HF_UNUSED))
+        tensors = ((functools.reduce(lambda k, names: k.replace(*names), HF_NAMES, key), t, file)
+                   for key, t, file in weights.folder_tensors(path) if not key.endswith(HF_UNUSED))
         weights.load_state(self.model, tensors, path)
         self.model.to(self.device).eval()
 
-        st_cfg = _read_json(os.path.join(path, "sentence_bert_config.json"))
-        tok_cfg = _read_json(os.path.join(path, "tokenizer_config.json"))
-        max_len = st_cfg.get("max_seq_length") or min(self.cfg.max_position_embeddings,
-                                                      tok_cfg.get("model_max_length", 512))
         self.lowercase_input = st_cfg.get("do_lower_case", False)  # sentence-transformers' own lowercasing
-        pooling = _read_json(os.path.join(path, "1_Pooling", "config.json"))
-        self.cls_pooling = pooling.get("pooling_mode_cls_token", False)
-        if pooling.get("pooling_mode_max_tokens") or pooling.get("pooling_mode_mean_sqrt_len_tokens"):
-            raise ValueError(f"{path}/1_Pooling/config.json: only mean or CLS pooling is supported")
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            self.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        elif os.path.isfile(os.path.join(path, "vocab.txt")):
-            self.tokenizer = BertWordPieceTokenizer(
-                os.path.join(path, "vocab.txt"), lowercase=tok_cfg.get("do_lower_case", True),
-                strip_accents=tok_cfg.get("strip_accents"),
-                handle_chinese_chars=tok_cfg.get("tokenize_chinese_chars", True))
+        if Path(path, "tokenizer.json").is_file():
+            self.tokenizer = Tokenizer.from_file(str(Path(path, "tokenizer.json")))
+        elif Path(path, "vocab.txt").is_file():
+            self.tokenizer = BertWordPieceTokenizer(str(Path(path, "vocab.txt")),
+                                                    lowercase=tok_cfg.get("do_lower_case", True))
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
-        self.tokenizer.enable_truncation(max_len)
+        self.tokenizer.enable_truncation(st_cfg.get("max_seq_length") or min(self.cfg.max_position_embeddings,
+                                                                             tok_cfg.get("model_max_length", 512)))
         self.tokenizer.enable_padding(pad_id=0)  # a batch: padded to its longest text, attention_mask 0 there
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -144,27 +136,13 @@ class TextEncoder:
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """texts: n strings. Returns (n, d) float32 unit vectors on the CPU."""
-        texts = [t.lower() if self.lowercase_input else t for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths together: less padding
-        out = torch.empty(len(texts), self.cfg.hidden_size)
-        for s in range(0, len(order), batch_size):
-            chunk = order[s:s + batch_size]
-            batch = self.tokenizer.encode_batch([texts[i] for i in chunk])
+        out = [torch.empty(0, self.cfg.hidden_size)]
+        for s in range(0, len(texts), batch_size):
+            batch = self.tokenizer.encode_batch([t.lower() if self.lowercase_input else t
+                                                 for t in texts[s:s + batch_size]])
             ids = torch.tensor([e.ids for e in batch], device=self.device)                    # (B, L)
             mask = torch.tensor([e.attention_mask for e in batch], device=self.device).bool()  # (B, L)
             h = self.model(ids, mask).float()                                                 # (B, L, d)
-            if self.cls_pooling:
-                pooled = h[:, 0]
-            else:
-                m = mask[..., None].float()
-                pooled = (h * m).sum(1) / m.sum(1)
-            out[chunk] = F.normalize(pooled, dim=-1).cpu()
-        return out
-
-
-def _read_json(path: str) -> dict:
-    """The JSON object in `path`; {} when the (optional) file is absent."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+            m = mask[..., None].float()
+            out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1).cpu())                  # (B, d) mean pooling
+        return torch.cat(out)
