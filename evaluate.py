@@ -1,24 +1,17 @@
-"""Table I of the paper: LTU's closed-ended evaluation, offline.
-
-    python evaluate.py --task esc50         # the newest model under runs/ on data/ESC-50-master (layout.py)
-    python evaluate.py --task audiocaps --checkpoint runs/small --data audiocaps_test.json --spice-jar spice-1.0.jar
+"""Table I of the paper: LTU's closed-ended evaluation, offline (`python evaluate.py --task esc50`; see --help).
 
 The protocol of LTU's eval scripts (inference_batch.py, eval/eval_*.py), which the paper follows:
-  1. Each entry of the eval JSON gets one fixed question (PROMPTS) and one answer sampled with the paper's settings
-     (sampling.PAPER_SAMPLING, the model's default), its clip cut or padded to the training length (10.24 s).
-  2. Classification: the answer and each label are embedded as 'sound of <text lowercased>' by a sentence encoder
-     and compared by cosine similarity. Single-label sets: the most similar label is the prediction -> accuracy
-     (micro-F1 for DCASE). Multi-label sets: the similarities are the class scores -> mAP.
+  1. Each entry gets one fixed question (PROMPTS) and one answer sampled with the paper's settings (the model's
+     defaults, sampling.PAPER_SAMPLING), its clip cut or padded to the training length, 10.24 s.
+  2. Classification: the answer and each label are embedded as 'sound of <text>' by a sentence encoder and compared
+     by cosine similarity. The most similar label is the prediction -> accuracy (micro-F1 for DCASE); for the
+     multi-label sets the similarities are the class scores -> mAP.
   3. Captioning: each clip is answered once per reference caption (one entry each). Trial t scores every clip's
      t-th answer against all of its references; the metrics are averaged over trials.
-Where this differs from LTU's scripts:
-  - A local BERT (textenc.TextEncoder, all-MiniLM-L6-v2) stands in for OpenAI's remote text-embedding-ada-002:
-    the numbers are close to, not identical with, Table I's.
-  - LTU cuts a fixed number of characters after the ':'; we strip whitespace (no first letter lost). LTU's scores
-    are max(0, similarity), which picks class 0 when all are <= 0; we take the plain argmax.
-  - Captions are split on whitespace, not by coco-caption's Java PTB tokenizer (the same tokens on LTU's lowercased,
-    punctuation-free text, except where PTB splits a word: 'cannot'). SPICE needs Java (--spice-jar).
-  - The demo task asks each entry's own instruction, on which the model was trained.
+Where this differs from LTU: a local BERT (textenc, all-MiniLM-L6-v2) stands in for OpenAI's text-embedding-ada-002,
+so the numbers are close to Table I's, not identical; captions are split on whitespace, not by coco-caption's Java
+PTB tokenizer (the same tokens on LTU's lowercased, punctuation-free text but for words like 'cannot'); SPICE runs
+only with Java (--spice-jar); the demo task asks each entry's own instruction, on which the model was trained.
 """
 from __future__ import annotations
 
@@ -71,8 +64,8 @@ TASKS = {  # --task: Table I's column, and the eval set
     "tut": Task("TUT (Acc)", "single", "accuracy"),  # TUT acoustic scenes 2017: 15 classes
     "bjo": Task("BJO (Acc)", "single", "accuracy"),  # Beijing Opera percussion: 4 classes
     "vgg": Task("VGG (Acc)", "single", "accuracy"),  # VGGSound: 309 classes
-    "fsd": Task("FSD (mAP)", "multi", "mAP"),  # FSD50K eval: 200 classes
-    "audioset": Task("AudioSet (mAP)", "multi", "mAP"),  # AudioSet eval: 527 classes
+    "fsd": Task("FSD (mAP)", "multi", "mAP"),  # FSD50K eval: 200 classes, labels joined by '; '
+    "audioset": Task("AudioSet (mAP)", "multi", "mAP"),  # AudioSet eval: 527 classes, labels joined by '; '
     "audiocaps": Task("AudioCaps (SPICE)", "caption", "spice"),  # AudioCaps test; CIDEr-D and BLEU-4 too
     "clotho": Task("Clotho (SPICE)", "caption", "spice"),  # Clotho evaluation split; CIDEr-D and BLEU-4 too
     "demo": Task("Demo (Acc)", "single", "accuracy"),  # the held-out clips of `train.py --demo`
@@ -93,7 +86,7 @@ def answer_prompt(answer: str, task: str) -> str:
         text = answer.replace('"', "").split("Audio caption")[-1].lstrip(":")
     else:
         text = answer.split(":")[-1]
-    return "sound of " + text.strip().lower()
+    return "sound of " + text.strip().lower()  # LTU cuts 1 or 2 characters, assuming ': '; we strip whitespace
 
 
 def label_key(name: str) -> str:
@@ -110,12 +103,9 @@ def caption_text(text: str) -> str:
 # ---- Scoring, and the protocol end to end ------------------------------------------------------------------------
 
 def class_targets(task: str, clips: Sequence[Clip], labels: Sequence[str]) -> np.ndarray:
-    """(n, C) 0/1: the classes that each clip's reference names ('dog', 'Label: dog', 'Bark; Dog'). A ValueError
-    names the first entry that names none."""
-    keys: dict[str, int] = {}
-    for i, name in enumerate(labels):
-        if keys.setdefault(label_key(name), i) != i:
-            raise ValueError(f"labels {labels[keys[label_key(name)]]!r} and {name!r} read the same")
+    """(n, C) 0/1: the classes each clip's reference names ('dog', 'Label: dog', 'Bark; Dog'). A ValueError names
+    the first entry that names none."""
+    keys = {label_key(name): i for i, name in enumerate(labels)}
     targets = np.zeros((len(clips), len(labels)))
     for row, clip in enumerate(clips):
         for text in (clip.reference, clip.reference.split(":")[-1]):
@@ -131,14 +121,14 @@ def class_targets(task: str, clips: Sequence[Clip], labels: Sequence[str]) -> np
 
 def score_classification(task: str, clips: Sequence[Clip], predictions: dict[str, str], labels: Sequence[str],
                          encoder) -> dict:
-    """Embed answers and labels, match them by cosine similarity, and compute the task's metric (see the top)."""
+    """Embed answers and labels, match them by cosine similarity, and compute the task's metric."""
     targets = class_targets(task, clips, labels)  # (n, C)
     texts = [answer_prompt(predictions[c.key], task) for c in clips], [label_prompt(n, task) for n in labels]
     answers, names = (F.normalize(torch.as_tensor(encoder.encode(t), dtype=torch.float64), dim=-1) for t in texts)
     sims = (answers @ names.T).numpy()  # (n, C) cosine similarities
     if TASKS[task].kind == "multi":
         return {"task": task, "n": len(clips), "mAP": mean_average_precision(sims, targets)}
-    pred = sims.argmax(1)
+    pred = sims.argmax(1)  # LTU scores max(0, similarity), which picks class 0 when all are <= 0
     metrics = {"task": task, "n": len(clips), "accuracy": accuracy(pred, targets.argmax(1))}
     if task == "dcase":
         metrics["micro_f1"] = micro_f1(np.eye(len(labels))[pred], targets)
@@ -147,8 +137,7 @@ def score_classification(task: str, clips: Sequence[Clip], predictions: dict[str
 
 def score_captioning(task: str, clips: Sequence[Clip], predictions: dict[str, str],
                      spice_jar: str | None = None) -> dict:
-    """LTU's trials: trial t takes every clip's t-th answer against all of its references; metrics are averaged
-    over trials (as many as the clip with the fewest entries allows)."""
+    """LTU's trials, as many as the clip with the fewest entries allows; metrics are averaged over trials."""
     answers, references = defaultdict(list), defaultdict(list)
     for c in clips:
         answers[c.audio_id].append(caption_text(predictions[c.key]))
@@ -171,15 +160,13 @@ def evaluate(task: str, clips: Sequence[Clip], answer_fn: AnswerFn | None, outpu
              labels: Sequence[str] | None = None, encoder=None, batch_size: int = 8, limit: int | None = None,
              spice_jar: str | None = None, progress: bool = True, skip_bad: bool = False,
              checkpoint_id: str | None = None) -> dict:
-    """Answer (or resume answering) the first `limit` clips into `output` (see collect_predictions) and score them
-    as Table I does. labels: the class names; encoder: .encode(texts) -> (n, d), by default TextEncoder(). Returns
-    the metrics: fractions, Table I's number under TASKS[task].metric, the clips left out under "skipped"."""
+    """Answer (or resume answering) the first `limit` clips into `output` (see collect_predictions) and score them.
+    encoder: .encode(texts) -> (n, d), by default TextEncoder(). Returns the metrics: fractions, Table I's number
+    under TASKS[task].metric, the number of clips left out by skip_bad under "skipped"."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     clips = list(clips)[:limit]
     if TASKS[task].kind != "caption":
-        if not labels:
-            raise ValueError(f"task {task} needs its label CSV (--labels)")
         class_targets(task, clips, labels)  # every reference names a class, before any inference
     instructions = [PROMPTS[task] or c.instruction for c in clips]
     predictions, skipped = collect_predictions(clips, instructions, answer_fn, output, batch_size, progress,
@@ -218,22 +205,19 @@ class OutputBusy(ValueError):
 
 @contextmanager
 def output_lock(output: str):
-    """Hold <output>.lock (created exclusively, holding "host pid") while `output` is read and appended to. A lock
-    left by a process of this host that has ended is taken over, saying so; any other is OutputBusy."""
-    lock = Path(output + ".lock")
+    """Hold <output>.lock ("host pid", created exclusively) while `output` is read and appended to. A lock left by
+    a process of this host that has ended is taken over, saying so; any other is OutputBusy."""
+    lock, me = Path(output + ".lock"), f"{socket.gethostname()} {os.getpid()}\n"
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with open(lock, "x") as f:
+            f.write(me)
     except FileExistsError:
         holder = lock.read_text(errors="replace").split()
         if not _ended(holder):
-            raise OutputBusy(f"{output} is being written by another evaluate.py ({lock} holds "
-                             f"{' '.join(holder) or 'nothing'}); wait for it or pass another --output, or delete "
-                             f"{lock} if that run is gone") from None
+            raise OutputBusy(f"{output} is being written by another evaluate.py ({lock}: {' '.join(holder)}); wait "
+                             f"for it, pass another --output, or delete {lock} if that run is gone") from None
         print(f"note: {lock} was left by process {holder[1]}, which has ended; taking it over", file=sys.stderr)
-        lock.unlink()
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-    os.close(fd)
+        lock.write_text(me)
     try:
         yield
     finally:
@@ -252,8 +236,8 @@ def _ended(holder: list[str]) -> bool:
 
 
 def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | None = None) -> dict[str, str]:
-    """The answers already in `output`, by clip key. A torn last line (a run stopped mid-write) is cut off; answers
-    for another eval set, or (with a checkpoint_id) of another checkpoint, are refused."""
+    """The answers in `output` by clip key. A torn last line (a run stopped mid-write) is cut off; answers for
+    another eval set, or (given a checkpoint_id) of another checkpoint, are refused."""
     if not os.path.isfile(output):
         return {}
     with open(output, "rb") as f:
@@ -271,16 +255,17 @@ def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | No
             raise ValueError(f"{output} holds answers for another eval set (entry {key} is {audio_id!r} there, "
                              f"{audio_ids[key]!r} here); pass another --output")
         if checkpoint_id is not None and rec.get("checkpoint") != checkpoint_id:
-            raise ValueError(f"{output}: line {n} was answered by another checkpoint (recorded: "
-                             f"{rec.get('checkpoint')}; this one is {checkpoint_id}); pass another --output, or "
-                             "delete the file to answer again")
+            raise ValueError(f"{output}: line {n} was answered by another checkpoint ({rec.get('checkpoint')}, not "
+                             f"{checkpoint_id}); pass another --output, or delete the file to answer again")
     return done
 
 
 def unreadable(clip: Clip) -> str | None:
     """Why the model cannot hear `clip` (no file, or audio.dass_input_from_file refuses it), or None."""
+    if clip.path is None:
+        return "no audio file found"
     try:
-        audio.dass_input_from_file(clip.path or "", target_length=None)
+        audio.dass_input_from_file(clip.path, target_length=None)
     except (OSError, ValueError) as e:
         return str(e)
     return None
@@ -289,10 +274,9 @@ def unreadable(clip: Clip) -> str | None:
 def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answer_fn: AnswerFn | None,
                         output: str, batch_size: int = 8, progress: bool = True, *, skip_bad: bool = False,
                         checkpoint_id: str | None = None) -> tuple[dict[str, str], list[Clip]]:
-    """Answers for all clips: those already in `output` (JSONL) are kept, the rest are asked of answer_fn in
-    batches and appended, one flushed line per clip tagged with checkpoint_id, so that a stopped run resumes where
-    it stopped; `output_lock` keeps a second run out meanwhile. skip_bad: clips whose audio cannot be read are left
-    unanswered. Returns (answers by clip key, the clips skipped)."""
+    """Answers for all clips: those in `output` (JSONL) are kept, the rest are asked of answer_fn in batches and
+    appended, one flushed line per clip tagged with checkpoint_id, so that a stopped run resumes where it stopped.
+    skip_bad: clips whose audio cannot be read are left unanswered. Returns (answers by key, the clips skipped)."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     skipped = []
     with output_lock(output):
@@ -323,7 +307,8 @@ def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answ
                 n = min(s + batch_size, len(todo))
                 if progress and (time.time() - reported > 5 or n == len(todo)):
                     reported, rate = time.time(), n / (time.time() - start)
-                    print(f"{n}/{len(todo)} clips, {rate:.2f}/s, ETA {(len(todo) - n) / rate / 60:.1f} min", file=sys.stderr)
+                    eta = (len(todo) - n) / rate / 60
+                    print(f"{n}/{len(todo)} clips, {rate:.2f} clips/s, ETA {eta:.1f} min", file=sys.stderr)
     for c, why in skipped:
         print(f"skipped entry {c.key} ({c.audio_id}), its audio cannot be read (--skip-bad): {why}", file=sys.stderr)
     return done, [c for c, _ in skipped]
@@ -398,17 +383,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output = a.output or os.path.join(a.checkpoint, f"eval_{a.task}.jsonl")
     print(f"answers: {output}", file=sys.stderr)
     torch.manual_seed(a.seed)
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if a.device.startswith("cuda"):
-        a.dtype = a.dtype or "bf16"
-        if torch.device(a.device).index is not None:
-            torch.cuda.set_device(a.device)  # kernels, CUDA graphs and streams on the chosen GPU
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(a.dtype)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels, CUDA graphs and streams on the chosen GPU
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        a.dtype or ("bf16" if device.type == "cuda" else None))
     settings = dict(greedy=a.greedy, crop=not a.whole_clips)  # else the model's defaults: the paper's sampling
     if a.max_new_tokens:
         settings["max_new_tokens"] = a.max_new_tokens
-    model = functools.cache(lambda: checkpoint.load_checkpoint(a.checkpoint, device=a.device, dtype=dtype,
-                                                               llm_weights=a.llm_weights))  # only if asked
+    model = functools.cache(lambda: checkpoint.load_checkpoint(a.checkpoint, device=device, dtype=dtype,
+                                                               llm_weights=a.llm_weights))  # only when needed
     answer_fn = (lambda paths, questions: model().answer(paths, questions, **settings)) if a.checkpoint else None
     encoder = TextEncoder(a.text_encoder) if TASKS[a.task].kind != "caption" else None
     metrics = evaluate(a.task, clips, answer_fn, output, labels=labels, encoder=encoder, batch_size=a.batch_size,

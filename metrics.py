@@ -1,9 +1,8 @@
 """The metrics of Table I: accuracy, micro-F1 and mAP (classification), BLEU, CIDEr-D and SPICE (captioning).
 
-Hand-written, and why: accuracy, micro-F1 and average precision are a few lines of numpy each, where scikit-learn
-(a test-only oracle here, tests/test_metrics.py) would add it and scipy to the runtime dependencies; BLEU and
-CIDEr-D follow coco-caption's definitions (pycocoevalcap), which would bring a Java tokenizer along for what is 70
-lines of Python. SPICE is not reimplemented: `spice` runs coco-caption's own jar (it needs Java).
+Hand-written to save heavy dependencies: accuracy, micro-F1 and average precision are a few lines of numpy where
+scikit-learn (a test-only oracle, tests/test_metrics.py) would bring scipy along; BLEU and CIDEr-D are coco-caption's
+definitions (pycocoevalcap) without its Java tokenizer. SPICE runs coco-caption's own jar (it needs Java).
 """
 from __future__ import annotations
 
@@ -19,12 +18,9 @@ from typing import Sequence
 import numpy as np
 
 
-# ---- Classification metrics --------------------------------------------------------------------------------------
-
 def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     """Fraction of entries whose predicted class index equals the true one. pred, target: (n,) ints."""
-    pred, target = np.asarray(pred), np.asarray(target)
-    return float(np.mean(pred == target))
+    return float(np.mean(np.asarray(pred) == np.asarray(target)))
 
 
 def micro_f1(pred: np.ndarray, target: np.ndarray) -> float:
@@ -50,20 +46,16 @@ def average_precision(scores: np.ndarray, target: np.ndarray) -> float:
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Mean over classes of average_precision. scores: (n, C) floats; targets: (n, C) in {0, 1}.
-
-    Classes without a positive count as AP 0, like scikit-learn's average_precision_score(average='macro') (it
-    warns and sets their recall to 1) and LTU's stats.py, which averages sklearn's per-class APs over all classes.
-    """
+    """Mean over classes of average_precision (a class without a positive counts as 0, as in LTU's stats.py over
+    scikit-learn's per-class APs). scores: (n, C) floats; targets: (n, C) in {0, 1}."""
     scores, targets = np.asarray(scores), np.asarray(targets)
     if scores.shape != targets.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be (n, C)")
     return float(np.mean([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]))
 
 
-# ---- Captioning metrics (coco-caption's definitions; inputs are whitespace-tokenised strings) --------------------
-
 def _ngrams(words: list[str], n: int) -> Counter:
+    """Counts of the 1- to n-grams of a whitespace-tokenised caption (BLEU and CIDEr-D take such strings)."""
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
