@@ -207,13 +207,19 @@ class OutputBusy(ValueError):
 def output_lock(output: str):
     """Hold <output>.lock ("host pid", created exclusively) while `output` is read and appended to. A lock left by
     a process of this host that has ended is taken over, saying so; any other is OutputBusy."""
-    lock, me = Path(output + ".lock"), f"{socket.gethostname()} {os.getpid()}\n"
+    lock, me = Path(output + ".lock"), f"{socket.gethostname()} {os.getpid()}"
     try:
         with open(lock, "x") as f:
             f.write(me)
     except FileExistsError:
         holder = lock.read_text(errors="replace").split()
-        if not _ended(holder):
+        try:
+            if len(holder) == 2 and holder[0] == socket.gethostname() and holder[1].isdigit():
+                os.kill(int(holder[1]), 0)  # signal 0: ProcessLookupError once the holder has ended
+            ended = False
+        except OSError as e:  # PermissionError: it exists, another user's
+            ended = isinstance(e, ProcessLookupError)
+        if not ended:
             raise OutputBusy(f"{output} is being written by another evaluate.py ({lock}: {' '.join(holder)}); wait "
                              f"for it, pass another --output, or delete {lock} if that run is gone") from None
         print(f"note: {lock} was left by process {holder[1]}, which has ended; taking it over", file=sys.stderr)
@@ -222,17 +228,6 @@ def output_lock(output: str):
         yield
     finally:
         lock.unlink()
-
-
-def _ended(holder: list[str]) -> bool:
-    """Whether a lock's holder ["host", "pid"] was a process of this host that no longer exists."""
-    if len(holder) != 2 or holder[0] != socket.gethostname() or not holder[1].isdigit():
-        return False
-    try:
-        os.kill(int(holder[1]), 0)  # signal 0: only asks whether the process exists
-        return False
-    except OSError as e:  # PermissionError: it exists, another user's
-        return isinstance(e, ProcessLookupError)
 
 
 def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | None = None) -> dict[str, str]:

@@ -1,22 +1,20 @@
 """The sentence encoder that matches Table I's answers to labels (evaluate.py): BERT as sentence-transformers runs it.
 
-Hand-written (80 lines) where sentence-transformers would bring transformers, scikit-learn and scipy into the
-runtime; tests/test_textenc.py checks it against sentence-transformers and transformers. It reads a
-sentence-transformers folder (all-MiniLM-L6-v2 by default): config.json, Hugging Face BERT weights (read strictly by
-weights.load_state), WordPiece from tokenizer.json or vocab.txt (the `tokenizers` library), the pooling config.
+Written here (PyTorch's transformer layers and the `tokenizers` WordPiece) where sentence-transformers would bring
+transformers, scikit-learn and scipy into the runtime; tests/test_textenc.py checks it against both. It reads a
+sentence-transformers folder (all-MiniLM-L6-v2 by default): Hugging Face BERT's config.json and weights (strictly,
+by weights.load_state), tokenizer.json or vocab.txt, and the optional sentence_bert_config.json, 1_Pooling/config.json.
     WordPiece ids  [CLS] pieces [SEP], cut at max_seq_length                        (L,)
     BERT           embeddings + post-norm transformer encoder                       (L, d)
     pooling        mean over the tokens, L2-normalised                              (d,)
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,64 +25,53 @@ from torch import nn
 import weights
 
 
-@dataclass
-class BertConfig:
-    """Defaults are all-MiniLM-L6-v2's."""
-    vocab_size: int = 30522
-    hidden_size: int = 384
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 12
-    intermediate_size: int = 1536
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-
-
-class BertLayer(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        d, self.heads = cfg.hidden_size, cfg.num_attention_heads
-        self.q, self.k, self.v, self.attn_out = (nn.Linear(d, d) for _ in range(4))
-        self.attn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.ffn_in, self.ffn_out = nn.Linear(d, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, d)
-        self.ffn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, d); mask: (B, 1, 1, L) bool, True on real tokens. Returns (B, L, d). Post-norm block."""
-        B, L, d = x.shape
-        q, k, v = (p(x).view(B, L, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, d/H)
-        x = self.attn_norm(x + self.attn_out(a.transpose(1, 2).reshape(B, L, d)))
-        return self.ffn_norm(x + self.ffn_out(F.gelu(self.ffn_in(x))))  # exact (erf) GELU, BERT's 'gelu'
-
-
 class Bert(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    """BERT's encoder, sized by its Hugging Face config: token + position + type embeddings and a LayerNorm, then
+    post-norm layers (attention, add & norm, GELU feed-forward, add & norm: PyTorch's TransformerEncoderLayer)."""
+
+    def __init__(self, cfg: dict):
         super().__init__()
-        d = cfg.hidden_size
-        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        self.pos_emb = nn.Embedding(cfg.max_position_embeddings, d)
-        self.type_emb = nn.Embedding(cfg.type_vocab_size, d)
-        self.emb_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        d, eps = cfg["hidden_size"], cfg.get("layer_norm_eps", 1e-12)
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], d)
+        self.pos_emb = nn.Embedding(cfg["max_position_embeddings"], d)
+        self.type_emb = nn.Embedding(cfg.get("type_vocab_size", 2), d)
+        self.emb_norm = nn.LayerNorm(d, eps=eps)
+        layer = nn.TransformerEncoderLayer(d, cfg["num_attention_heads"], cfg["intermediate_size"], dropout=0.0,
+                                           activation="gelu", layer_norm_eps=eps, batch_first=True)  # exact GELU
+        self.encoder = nn.TransformerEncoder(layer, cfg["num_hidden_layers"], enable_nested_tensor=False)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids: (B, L) token ids; mask: (B, L) bool. Returns the last hidden states (B, L, d)."""
+        """ids: (B, L) token ids; mask: (B, L) bool, True on real tokens. Returns the last hidden states (B, L, d)."""
         pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.emb_norm(self.tok_emb(ids) + self.pos_emb(pos) + self.type_emb(torch.zeros_like(ids)))
-        for layer in self.layers:
-            x = layer(x, mask[:, None, None, :])
-        return x
+        return self.encoder(x, src_key_padding_mask=~mask)
 
 
 # Hugging Face BertModel's names -> ours, replaced in this order; the [CLS] pooler and position_ids are not used.
 HF_NAMES = (("embeddings.word_embeddings", "tok_emb"), ("embeddings.position_embeddings", "pos_emb"),
             ("embeddings.token_type_embeddings", "type_emb"), ("embeddings.LayerNorm", "emb_norm"),
-            ("encoder.layer", "layers"), ("attention.self.query", "q"), ("attention.self.key", "k"),
-            ("attention.self.value", "v"), ("attention.output.dense", "attn_out"),
-            ("attention.output.LayerNorm", "attn_norm"), ("intermediate.dense", "ffn_in"),
-            ("output.dense", "ffn_out"), ("output.LayerNorm", "ffn_norm"))
+            ("encoder.layer.", "encoder.layers."), ("attention.self.", "self_attn.in_proj."),
+            ("attention.output.dense", "self_attn.out_proj"), ("attention.output.LayerNorm", "norm1"),
+            ("intermediate.dense", "linear1"), ("output.dense", "linear2"), ("output.LayerNorm", "norm2"))
 HF_UNUSED = ("pooler.dense.weight", "pooler.dense.bias", "position_ids")
+
+
+def hf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(key, tensor, file) of a Hugging Face BERT folder under our names, for weights.load_state; each layer's
+    query, key and value are joined into one in_proj, as PyTorch's attention holds them."""
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t, file in weights.folder_tensors(path):
+        for hf, ours in HF_NAMES:
+            key = key.replace(hf, ours)
+        head, _, tail = key.partition(".in_proj.")  # tail: 'query.weight', 'key.bias', ... where there is one
+        part, _, kind = tail.partition(".")
+        if part in ("query", "key", "value"):
+            parts = qkv.setdefault(f"{head}.in_proj_{kind}", {})
+            parts[part] = t
+            if len(parts) == 3:  # all three read: joined in this order
+                yield f"{head}.in_proj_{kind}", torch.cat([parts["query"], parts["key"], parts["value"]]), file
+        elif not key.endswith(HF_UNUSED):
+            yield key, t, file
 
 
 def default_text_encoder_path() -> str:
@@ -100,7 +87,7 @@ class TextEncoder:
     """A BERT sentence encoder read from a sentence-transformers folder (see the module docstring)."""
 
     def __init__(self, path: str | None = None, device: str | torch.device | None = None):
-        self.path = path = path or default_text_encoder_path()
+        path = path or default_text_encoder_path()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         weights.config_file(path, "a BERT sentence-transformers folder")  # the one required file of the four
         names = ("config.json", "1_Pooling/config.json", "sentence_bert_config.json", "tokenizer_config.json")
@@ -109,13 +96,11 @@ class TextEncoder:
         if (cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("position_embedding_type", "absolute") != "absolute"
                 or any(pooling.get(f"pooling_mode_{m}") for m in ("cls_token", "max_tokens", "mean_sqrt_len_tokens"))):
             raise ValueError(f"{path}: only BERT with 'gelu', absolute positions and mean pooling is supported")
-        self.cfg = BertConfig(**{k: cfg[k] for k in BertConfig.__dataclass_fields__ if k in cfg})
         with torch.device("meta"):
-            self.model = Bert(self.cfg)
-        tensors = ((functools.reduce(lambda k, names: k.replace(*names), HF_NAMES, key), t, file)
-                   for key, t, file in weights.folder_tensors(path) if not key.endswith(HF_UNUSED))
-        weights.load_state(self.model, tensors, path)
+            self.model = Bert(cfg)
+        weights.load_state(self.model, hf_tensors(path), path)
         self.model.to(self.device).eval()
+        self.dim = cfg["hidden_size"]
 
         self.lowercase_input = st_cfg.get("do_lower_case", False)  # sentence-transformers' own lowercasing
         if Path(path, "tokenizer.json").is_file():
@@ -125,7 +110,7 @@ class TextEncoder:
                                                     lowercase=tok_cfg.get("do_lower_case", True))
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
-        self.tokenizer.enable_truncation(st_cfg.get("max_seq_length") or min(self.cfg.max_position_embeddings,
+        self.tokenizer.enable_truncation(st_cfg.get("max_seq_length") or min(cfg["max_position_embeddings"],
                                                                              tok_cfg.get("model_max_length", 512)))
         self.tokenizer.enable_padding(pad_id=0)  # a batch: padded to its longest text, attention_mask 0 there
 
@@ -136,7 +121,7 @@ class TextEncoder:
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """texts: n strings. Returns (n, d) float32 unit vectors on the CPU."""
-        out = [torch.empty(0, self.cfg.hidden_size)]
+        out = [torch.empty(0, self.dim)]
         for s in range(0, len(texts), batch_size):
             batch = self.tokenizer.encode_batch([t.lower() if self.lowercase_input else t
                                                  for t in texts[s:s + batch_size]])
