@@ -26,9 +26,8 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
 def micro_f1(pred: np.ndarray, target: np.ndarray) -> float:
     """Micro-averaged F1 over all (entry, class) cells: 2TP / (2TP + FP + FN). pred, target: (n, C) in {0, 1}."""
     pred, target = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
-    tp = np.sum(pred & target)
-    denom = 2 * tp + np.sum(pred & ~target) + np.sum(~pred & target)
-    return float(2 * tp / denom) if denom else 0.0
+    denom = pred.sum() + target.sum()  # 2TP + FP + FN
+    return float(2 * np.sum(pred & target) / denom) if denom else 0.0
 
 
 def average_precision(scores: np.ndarray, target: np.ndarray) -> float:
@@ -48,10 +47,8 @@ def average_precision(scores: np.ndarray, target: np.ndarray) -> float:
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     """Mean over classes of average_precision (a class without a positive counts as 0, as in LTU's stats.py over
     scikit-learn's per-class APs). scores: (n, C) floats; targets: (n, C) in {0, 1}."""
-    scores, targets = np.asarray(scores), np.asarray(targets)
-    if scores.shape != targets.shape or scores.ndim != 2:
-        raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be (n, C)")
-    return float(np.mean([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]))
+    per_class = zip(np.asarray(scores).T, np.asarray(targets).T, strict=True)  # (n,) scores and targets each
+    return float(np.mean([average_precision(s, t) for s, t in per_class]))
 
 
 def _ngrams(words: list[str], n: int) -> Counter:
@@ -103,10 +100,8 @@ def cider_d(hyps: Sequence[str], refs: Sequence[Sequence[str]], n: int = 4, sigm
         for g in grams:
             vr, nr, lr = vectors(g)
             for k in range(n):
-                val = sum(min(w, vr[k].get(gram, 0.0)) * vr[k].get(gram, 0.0) for gram, w in vh[k].items())
-                if nh[k] and nr[k]:
-                    val /= nh[k] * nr[k]
-                total[k] += val * math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+                dot = sum(min(w, vr[k].get(gram, 0.0)) * vr[k].get(gram, 0.0) for gram, w in vh[k].items())
+                total[k] += dot / (nh[k] * nr[k] or 1.0) * math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))  # 0 if empty
         scores.append(10.0 * total.mean() / len(grams))
     return float(np.mean(scores))
 
