@@ -26,9 +26,8 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +36,8 @@ import torch.nn.functional as F
 import audio
 import checkpoint
 import layout
-from data import CLASSIFY_PROMPT, Clip, at_least, load_esc50, load_eval_json, parse_prefixes, read_labels, unquote
+import sampling
+from data import CLASSIFY_PROMPT, Clip, at_least, load_esc50, load_eval_json, read_labels, unquote
 from metrics import accuracy, bleu, cider_d, mean_average_precision, micro_f1, spice
 from textenc import TextEncoder
 from trainer import check_model_files
@@ -48,15 +48,7 @@ PROMPTS = {
     "clotho": "Close-ended question: Create a caption for audio, in Clotho style.",
     "demo": None,  # each entry's own instruction
 }
-
-
-@dataclass(frozen=True)
-class Task:
-    column: str  # Table I's column
-    kind: str  # 'single', 'multi' or 'caption'
-    metric: str  # the key of the Table I number in the metrics dict
-
-
+Task = NamedTuple("Task", [("column", str), ("kind", str), ("metric", str)])  # kind: single, multi or caption
 TASKS = {  # --task: Table I's column, and the eval set
     "esc50": Task("ESC50 (Acc)", "single", "accuracy"),  # ESC-50: 2,000 clips, 50 classes
     "dcase": Task("DCASE (Mi-F1)", "single", "micro_f1"),  # DCASE 2017 task 4: 17 classes, one per entry
@@ -72,8 +64,6 @@ TASKS = {  # --task: Table I's column, and the eval set
 }
 AnswerFn = Callable[[list, list], list]  # (audio paths, instructions) -> answers
 
-
-# ---- LTU's text handling -----------------------------------------------------------------------------------------
 
 def label_prompt(name: str, task: str) -> str:
     """What a label is embedded as: 'sound of <label lowercased>'; '_' reads ', ' for VGGSound, ' ' elsewhere."""
@@ -100,11 +90,8 @@ def caption_text(text: str) -> str:
     return " ".join(text.split(":")[-1].translate(str.maketrans("", "", string.punctuation)).lower().split())
 
 
-# ---- Scoring, and the protocol end to end ------------------------------------------------------------------------
-
 def class_targets(task: str, clips: Sequence[Clip], labels: Sequence[str]) -> np.ndarray:
-    """(n, C) 0/1: the classes each clip's reference names ('dog', 'Label: dog', 'Bark; Dog'). A ValueError names
-    the first entry that names none."""
+    """(n, C) 0/1: the classes each reference names ('dog', 'Label: dog', 'Bark; Dog'), else a ValueError."""
     keys = {label_key(name): i for i, name in enumerate(labels)}
     targets = np.zeros((len(clips), len(labels)))
     for row, clip in enumerate(clips):
@@ -160,9 +147,8 @@ def evaluate(task: str, clips: Sequence[Clip], answer_fn: AnswerFn | None, outpu
              labels: Sequence[str] | None = None, encoder=None, batch_size: int = 8, limit: int | None = None,
              spice_jar: str | None = None, progress: bool = True, skip_bad: bool = False,
              checkpoint_id: str | None = None) -> dict:
-    """Answer (or resume answering) the first `limit` clips into `output` (see collect_predictions) and score them.
-    encoder: .encode(texts) -> (n, d), by default TextEncoder(). Returns the metrics: fractions, Table I's number
-    under TASKS[task].metric, the number of clips left out by skip_bad under "skipped"."""
+    """Answer (or resume answering) the first `limit` clips into `output` (see collect_predictions) and score them;
+    encoder.encode(texts) -> (n, d). Returns the metrics; Table I's number under TASKS[task].metric."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     clips = list(clips)[:limit]
@@ -196,8 +182,6 @@ def table_row(metrics: dict, name: str = "model") -> str:
         lines.append(metrics["spice_note"] + ".")
     return "\n".join(lines)
 
-
-# ---- Asking the model: batched, resumable (one JSONL line per answer) --------------------------------------------
 
 class OutputBusy(ValueError):
     """Another evaluate.py is answering into the same predictions file."""
@@ -246,12 +230,10 @@ def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | No
             key, audio_id, done[rec["key"]] = rec["key"], rec["audio_id"], rec["prediction"]
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{output}: line {n} is not a prediction record (key, audio_id, prediction)") from None
-        if audio_ids.get(key, audio_id) != audio_id:
-            raise ValueError(f"{output} holds answers for another eval set (entry {key} is {audio_id!r} there, "
-                             f"{audio_ids[key]!r} here); pass another --output")
-        if checkpoint_id is not None and rec.get("checkpoint") != checkpoint_id:
-            raise ValueError(f"{output}: line {n} was answered by another checkpoint ({rec.get('checkpoint')}, not "
-                             f"{checkpoint_id}); pass another --output, or delete the file to answer again")
+        if audio_ids.get(key, audio_id) != audio_id or checkpoint_id not in (None, rec.get("checkpoint")):
+            raise ValueError(f"{output}: line {n} was answered by another checkpoint or for another eval set "
+                             f"({rec.get('checkpoint')}, {audio_id!r}; here {checkpoint_id}, {audio_ids.get(key)!r}); "
+                             "pass another --output, or delete the file to answer again")
     return done
 
 
@@ -279,41 +261,37 @@ def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answ
         todo = [(c, q) for c, q in zip(clips, instructions, strict=True) if c.key not in done]
         if todo and answer_fn is None:
             raise ValueError(f"{len(todo)} clip(s) have no answer in {output}: pass --checkpoint to run the model")
-        missing = [c for c, _ in todo if c.path is None]
-        if missing and not skip_bad:
+        if progress:
+            print(f"{output}: {len(done)} of {len(clips)} clips answered, {len(todo)} to ask"
+                  + (", each read first (--skip-bad)" if skip_bad else ""), file=sys.stderr)
+        if skip_bad:
+            why = {c.key: unreadable(c) for c, _ in todo}
+            skipped = [(c, why[c.key]) for c, _ in todo if why[c.key]]
+            todo = [(c, q) for c, q in todo if not why[c.key]]
+        elif missing := [c for c, _ in todo if c.path is None]:
             raise FileNotFoundError(f"{len(missing)} audio file(s) not found, e.g. {missing[0].audio_id!r}: pass "
                                     "--audio-root DIR, the folder holding the dataset's audio files (or --skip-bad)")
-        if progress and todo:
-            print(f"{len(done)} of {len(clips)} clips answered in {output}; asking about {len(todo)}", file=sys.stderr)
-        start = reported = time.time()
+        start, reported = time.time(), 0.0
         with open(output, "a", encoding="utf-8") as f:
             for s in range(0, len(todo), batch_size):
                 batch = todo[s:s + batch_size]
-                if skip_bad:
-                    why = [unreadable(c) for c, _ in batch]
-                    skipped += [(c, w) for (c, _), w in zip(batch, why) if w]
-                    batch = [b for b, w in zip(batch, why) if not w]
-                answers = answer_fn([c.path for c, _ in batch], [q for _, q in batch]) if batch else []
+                answers = answer_fn([c.path for c, _ in batch], [q for _, q in batch])
                 for (c, q), a in zip(batch, answers, strict=True):
                     f.write(json.dumps({"key": c.key, "audio_id": c.audio_id, "instruction": q, "prediction": a,
                                         "reference": c.reference, "checkpoint": checkpoint_id}) + "\n")
                     done[c.key] = a
                 f.flush()
-                n = min(s + batch_size, len(todo))
-                if progress and (time.time() - reported > 5 or n == len(todo)):
-                    reported, rate = time.time(), n / (time.time() - start)
-                    eta = (len(todo) - n) / rate / 60
-                    print(f"{n}/{len(todo)} clips, {rate:.2f} clips/s, ETA {eta:.1f} min", file=sys.stderr)
+                n, elapsed = min(s + batch_size, len(todo)), time.time() - start
+                if progress and (elapsed > reported + 5 or n == len(todo)):
+                    reported = elapsed
+                    print(f"{n}/{len(todo)} clips, ETA {elapsed / n * (len(todo) - n) / 60:.1f} min", file=sys.stderr)
     for c, why in skipped:
         print(f"skipped entry {c.key} ({c.audio_id}), its audio cannot be read (--skip-bad): {why}", file=sys.stderr)
     return done, [c for c, _ in skipped]
 
 
-# ---- Command line ------------------------------------------------------------------------------------------------
-
 def checkpoint_identity(folder: str) -> str:
-    """sha256 of a checkpoint's config.json and model.safetensors (checked whole first), 16 hex digits: recorded
-    with every answer, so that answers of another checkpoint are never taken for this one's."""
+    """sha256 of a checkpoint's config.json and model.safetensors (checked whole first), recorded with each answer."""
     check_model_files(Path(folder))
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
@@ -331,14 +309,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="LTU eval JSON (default: layout.EVAL_SETS; demo: demo_eval.json by the checkpoint)")
     p.add_argument("--labels", help="label CSV index,mid,display_name (demo: demo_labels.csv by demo_eval.json)")
     p.add_argument("--audio-root", help="folder holding the audio files that the eval JSON names")
-    p.add_argument("--audio-prefix", action="append", default=[], metavar="OLD=NEW",
-                   help="rewrite audio_id paths starting with OLD (repeatable)")
     p.add_argument("--esc50-root", help="ESC-50 in its own layout instead of --data (default: data/ESC-50-master)")
     p.add_argument("--limit", type=at_least(1), help="only the first N entries")
     p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--skip-bad", action="store_true", help="leave out (and count) clips whose audio cannot be read")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
-    p.add_argument("--max-new-tokens", type=at_least(1), help="default: the paper's 400")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=sampling.MAX_NEW_TOKENS, help="default: LTU's 400")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda if available (in bf16), else cpu (fp32)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
@@ -352,9 +328,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--esc50-root goes with --task esc50")
     if a.task != "demo":
         layout.evaluation_defaults(a)  # the default layout's model and data, or one message naming what is missing
-    if not (a.data or a.esc50_root or a.task == "demo" and a.checkpoint):
+    elif a.checkpoint:  # train.py --demo's output folder: the checkpoint's, or up to 2 folders above it
+        here = Path(a.checkpoint).resolve()
+        run_dir = next((d for d in (here, *here.parents[:2]) if (d / "demo_eval.json").is_file()), here)
+        a.data = a.data or str(run_dir / "demo_eval.json")
+        a.labels = a.labels or str(run_dir / "demo_labels.csv")
+    if not (a.data or a.esc50_root):
         p.error("pass --data EVAL_JSON" + (" or --esc50-root DIR" if a.task == "esc50" else ""))
-    if not (a.labels or a.esc50_root or a.task == "demo" and a.checkpoint or TASKS[a.task].kind == "caption"):
+    if not (a.labels or a.esc50_root or TASKS[a.task].kind == "caption"):
         p.error(f"--task {a.task} needs --labels (a CSV index,mid,display_name)")
     if not (a.output or a.checkpoint):
         p.error("pass --output PREDICTIONS_JSONL (or --checkpoint)")
@@ -363,29 +344,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     a = parse_args(argv)
-    if a.task == "demo" and a.checkpoint:  # train.py --demo's output folder: the checkpoint or up to 2 above it
-        here = Path(a.checkpoint).resolve()
-        run_dir = next((d for d in (here, *here.parents[:2]) if (d / "demo_eval.json").is_file()), here)
-        a.data = a.data or str(run_dir / "demo_eval.json")
-        a.labels = a.labels or str(run_dir / "demo_labels.csv")
     if a.esc50_root:
         clips, labels = load_esc50(a.esc50_root)
     else:
-        clips = load_eval_json(a.data, a.audio_root, parse_prefixes(a.audio_prefix),
-                               need_instruction=PROMPTS[a.task] is None)
+        clips = load_eval_json(a.data, a.audio_root, need_instruction=PROMPTS[a.task] is None)
         labels = read_labels(a.labels) if TASKS[a.task].kind != "caption" else None
     identity = checkpoint_identity(a.checkpoint) if a.checkpoint else None  # and its files checked whole
     output = a.output or os.path.join(a.checkpoint, f"eval_{a.task}.jsonl")
-    print(f"answers: {output}", file=sys.stderr)
     torch.manual_seed(a.seed)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # kernels, CUDA graphs and streams on the chosen GPU
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         a.dtype or ("bf16" if device.type == "cuda" else None))
-    settings = dict(greedy=a.greedy, crop=not a.whole_clips)  # else the model's defaults: the paper's sampling
-    if a.max_new_tokens:
-        settings["max_new_tokens"] = a.max_new_tokens
+    settings = dict(greedy=a.greedy, crop=not a.whole_clips, max_new_tokens=a.max_new_tokens)  # else the paper's
     model = functools.cache(lambda: checkpoint.load_checkpoint(a.checkpoint, device=device, dtype=dtype,
                                                                llm_weights=a.llm_weights))  # only when needed
     answer_fn = (lambda paths, questions: model().answer(paths, questions, **settings)) if a.checkpoint else None

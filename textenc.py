@@ -1,12 +1,10 @@
 """The sentence encoder that matches Table I's answers to labels (evaluate.py): BERT as sentence-transformers runs it.
 
-Written here (PyTorch's transformer layers and the `tokenizers` WordPiece) where sentence-transformers would bring
-transformers, scikit-learn and scipy into the runtime; tests/test_textenc.py checks it against both. It reads a
-sentence-transformers folder (all-MiniLM-L6-v2 by default): Hugging Face BERT's config.json and weights (strictly,
-by weights.load_state), tokenizer.json or vocab.txt, and the optional sentence_bert_config.json, 1_Pooling/config.json.
-    WordPiece ids  [CLS] pieces [SEP], cut at max_seq_length                        (L,)
-    BERT           embeddings + post-norm transformer encoder                       (L, d)
-    pooling        mean over the tokens, L2-normalised                              (d,)
+Written here, from PyTorch's transformer layers and the `tokenizers` WordPiece, to keep sentence-transformers (with
+transformers, scikit-learn, scipy) out of the runtime; tests/test_textenc.py checks it against both. It reads a
+sentence-transformers folder (all-MiniLM-L6-v2 by default): BERT's config.json and weights in Hugging Face's layout,
+tokenizer.json or vocab.txt, and the optional sentence_bert_config.json, tokenizer_config.json, 1_Pooling/config.json.
+    WordPiece ids [CLS] pieces [SEP] (L,) -> BERT (L, d) -> mean over the tokens, L2-normalised (d,)
 """
 from __future__ import annotations
 

@@ -205,7 +205,7 @@ def test_cli_esc50_native_layout(tmp_path, monkeypatch, capsys):
     assert json.loads(out[-1])["accuracy"] == pytest.approx(7 / 8) == m["accuracy"]
     assert "| ESC50 (Acc) |" in "\n".join(out) and "| 87.5 |" in "\n".join(out)
     assert [c["n"] for c in FakeModel.calls] == [3, 3, 2]
-    assert FakeModel.calls[0] == dict(n=3, greedy=False, crop=True)  # the model's (paper's) sampling, LTU's 10.24 s
+    assert FakeModel.calls[0] == dict(n=3, greedy=False, crop=True, max_new_tokens=400)  # the paper's sampling, 10.24 s
     assert len((tmp_path / "ckpt" / "eval_esc50.jsonl").read_text().splitlines()) == 8
 
 
