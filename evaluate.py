@@ -4,14 +4,12 @@ The protocol of LTU's eval scripts (inference_batch.py, eval/eval_*.py), which t
   1. Each entry gets one fixed question (PROMPTS) and one answer sampled with the paper's settings (the model's
      defaults, sampling.PAPER_SAMPLING), its clip cut or padded to the training length, 10.24 s.
   2. Classification: the answer and each label are embedded as 'sound of <text>' by a sentence encoder and compared
-     by cosine similarity. The most similar label is the prediction -> accuracy (micro-F1 for DCASE); for the
+     by cosine similarity: the most similar label is the prediction -> accuracy (micro-F1 for DCASE); for the
      multi-label sets the similarities are the class scores -> mAP.
   3. Captioning: each clip is answered once per reference caption (one entry each). Trial t scores every clip's
      t-th answer against all of its references; the metrics are averaged over trials.
-Where this differs from LTU: a local BERT (textenc, all-MiniLM-L6-v2) stands in for OpenAI's text-embedding-ada-002,
-so the numbers are close to Table I's, not identical; captions are split on whitespace, not by coco-caption's Java
-PTB tokenizer (the same tokens on LTU's lowercased, punctuation-free text but for words like 'cannot'); SPICE runs
-only with Java (--spice-jar); the demo task asks each entry's own instruction, on which the model was trained.
+Unlike LTU: a local BERT (textenc) stands in for OpenAI's text-embedding-ada-002 (numbers close to Table I's, not
+equal); captions are split on whitespace, not by coco-caption's Java PTB tokenizer; SPICE needs Java (--spice-jar).
 """
 from __future__ import annotations
 
@@ -23,7 +21,6 @@ import os
 import socket
 import string
 import sys
-import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,10 +167,8 @@ def evaluate(task: str, clips: Sequence[Clip], answer_fn: AnswerFn | None, outpu
 def table_row(metrics: dict, name: str = "model") -> str:
     """The result as a row of Table I (markdown, percent with one decimal), notes below it."""
     task = TASKS[metrics["task"]]
-    cols, vals = [task.column], [metrics[task.metric]]
-    if task.kind == "caption":
-        cols, vals = cols + ["CIDEr-D", "BLEU-4"], vals + [metrics["cider_d"], metrics["bleu_4"]]
-    cells = ["n/c" if v is None else f"{100 * v:.1f}" for v in vals]
+    cols = {task.column: task.metric, **({"CIDEr-D": "cider_d", "BLEU-4": "bleu_4"} if task.kind == "caption" else {})}
+    cells = ["n/c" if metrics[k] is None else f"{100 * metrics[k]:.1f}" for k in cols.values()]
     lines = [f"| Model | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|", f"| {name} | {' | '.join(cells)} |",
              "", f"{metrics['n']} entries."]
     if metrics.get("skipped"):
@@ -217,12 +212,11 @@ def output_lock(output: str):
 def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | None = None) -> dict[str, str]:
     """The answers in `output` by clip key. A torn last line (a run stopped mid-write) is cut off; answers for
     another eval set, or (given a checkpoint_id) of another checkpoint, are refused."""
-    if not os.path.isfile(output):
-        return {}
-    with open(output, "rb") as f:
+    with open(output, "a+b") as f:  # created if missing
+        f.seek(0)
         lines = f.read().split(b"\n")
-    if lines[-1]:  # no newline at the end: a torn record, answered again
-        os.truncate(output, os.path.getsize(output) - len(lines[-1]))
+        if lines[-1]:  # no newline at the end: a torn record, cut off and answered again
+            f.truncate(f.tell() - len(lines[-1]))
     audio_ids, done = {c.key: c.audio_id for c in clips}, {}
     for n, line in enumerate(lines[:-1], 1):
         try:
@@ -271,7 +265,6 @@ def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answ
         elif missing := [c for c, _ in todo if c.path is None]:
             raise FileNotFoundError(f"{len(missing)} audio file(s) not found, e.g. {missing[0].audio_id!r}: pass "
                                     "--audio-root DIR, the folder holding the dataset's audio files (or --skip-bad)")
-        start, reported = time.time(), 0.0
         with open(output, "a", encoding="utf-8") as f:
             for s in range(0, len(todo), batch_size):
                 batch = todo[s:s + batch_size]
@@ -281,10 +274,8 @@ def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answ
                                         "reference": c.reference, "checkpoint": checkpoint_id}) + "\n")
                     done[c.key] = a
                 f.flush()
-                n, elapsed = min(s + batch_size, len(todo)), time.time() - start
-                if progress and (elapsed > reported + 5 or n == len(todo)):
-                    reported = elapsed
-                    print(f"{n}/{len(todo)} clips, ETA {elapsed / n * (len(todo) - n) / 60:.1f} min", file=sys.stderr)
+                if progress:
+                    print(f"{min(s + batch_size, len(todo))}/{len(todo)} clips answered", file=sys.stderr)
     for c, why in skipped:
         print(f"skipped entry {c.key} ({c.audio_id}), its audio cannot be read (--skip-bad): {why}", file=sys.stderr)
     return done, [c for c, _ in skipped]
@@ -361,9 +352,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = functools.cache(lambda: checkpoint.load_checkpoint(a.checkpoint, device=device, dtype=dtype,
                                                                llm_weights=a.llm_weights))  # only when needed
     answer_fn = (lambda paths, questions: model().answer(paths, questions, **settings)) if a.checkpoint else None
-    encoder = TextEncoder(a.text_encoder) if TASKS[a.task].kind != "caption" else None
-    metrics = evaluate(a.task, clips, answer_fn, output, labels=labels, encoder=encoder, batch_size=a.batch_size,
-                       limit=a.limit, spice_jar=a.spice_jar, skip_bad=a.skip_bad, checkpoint_id=identity)
+    metrics = evaluate(a.task, clips, answer_fn, output, labels=labels, batch_size=a.batch_size, limit=a.limit,
+                       encoder=TextEncoder(a.text_encoder) if labels else None, spice_jar=a.spice_jar,
+                       skip_bad=a.skip_bad, checkpoint_id=identity)
     print(table_row(metrics, Path(a.checkpoint).name if a.checkpoint else Path(output).stem))
     if a.json:
         print(json.dumps(metrics))

