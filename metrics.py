@@ -1,16 +1,14 @@
 """The metrics of Table I: accuracy, micro-F1 and mAP (classification), BLEU, CIDEr-D and SPICE (captioning).
 
-Hand-written, and why: accuracy, micro-F1 and average precision are a few lines of numpy each, where scikit-learn
-(a test-only oracle here, tests/test_metrics.py) would add it and scipy to the runtime dependencies; BLEU and
-CIDEr-D follow coco-caption's definitions (pycocoevalcap), which would bring a Java tokenizer along for what is 70
-lines of Python. SPICE is not reimplemented: `spice` runs coco-caption's own jar (it needs Java).
+Hand-written to save heavy dependencies: accuracy, micro-F1 and average precision are a few lines of numpy where
+scikit-learn (a test-only oracle, tests/test_metrics.py) would bring scipy along; BLEU and CIDEr-D are coco-caption's
+definitions (pycocoevalcap) without its Java tokenizer. SPICE runs coco-caption's own jar (it needs Java).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import subprocess
 import tempfile
 from collections import Counter
@@ -19,20 +17,16 @@ from typing import Sequence
 import numpy as np
 
 
-# ---- Classification metrics --------------------------------------------------------------------------------------
-
 def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
     """Fraction of entries whose predicted class index equals the true one. pred, target: (n,) ints."""
-    pred, target = np.asarray(pred), np.asarray(target)
-    return float(np.mean(pred == target))
+    return float(np.mean(np.asarray(pred) == np.asarray(target)))
 
 
 def micro_f1(pred: np.ndarray, target: np.ndarray) -> float:
     """Micro-averaged F1 over all (entry, class) cells: 2TP / (2TP + FP + FN). pred, target: (n, C) in {0, 1}."""
     pred, target = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
-    tp = np.sum(pred & target)
-    denom = 2 * tp + np.sum(pred & ~target) + np.sum(~pred & target)
-    return float(2 * tp / denom) if denom else 0.0
+    denom = pred.sum() + target.sum()  # 2TP + FP + FN
+    return float(2 * np.sum(pred & target) / denom) if denom else 0.0
 
 
 def average_precision(scores: np.ndarray, target: np.ndarray) -> float:
@@ -50,20 +44,14 @@ def average_precision(scores: np.ndarray, target: np.ndarray) -> float:
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Mean over classes of average_precision. scores: (n, C) floats; targets: (n, C) in {0, 1}.
+    """Mean over classes of average_precision (a class without a positive counts as 0, as in LTU's stats.py over
+    scikit-learn's per-class APs). scores: (n, C) floats; targets: (n, C) in {0, 1}."""
+    per_class = zip(np.asarray(scores).T, np.asarray(targets).T, strict=True)  # (n,) scores and targets each
+    return float(np.mean([average_precision(s, t) for s, t in per_class]))
 
-    Classes without a positive count as AP 0, like scikit-learn's average_precision_score(average='macro') (it
-    warns and sets their recall to 1) and LTU's stats.py, which averages sklearn's per-class APs over all classes.
-    """
-    scores, targets = np.asarray(scores), np.asarray(targets)
-    if scores.shape != targets.shape or scores.ndim != 2:
-        raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be (n, C)")
-    return float(np.mean([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])]))
-
-
-# ---- Captioning metrics (coco-caption's definitions; inputs are whitespace-tokenised strings) --------------------
 
 def _ngrams(words: list[str], n: int) -> Counter:
+    """Counts of the 1- to n-grams of a whitespace-tokenised caption (BLEU and CIDEr-D take such strings)."""
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
@@ -111,21 +99,17 @@ def cider_d(hyps: Sequence[str], refs: Sequence[Sequence[str]], n: int = 4, sigm
         for g in grams:
             vr, nr, lr = vectors(g)
             for k in range(n):
-                val = sum(min(w, vr[k].get(gram, 0.0)) * vr[k].get(gram, 0.0) for gram, w in vh[k].items())
-                if nh[k] and nr[k]:
-                    val /= nh[k] * nr[k]
-                total[k] += val * math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+                dot = sum(min(w, vr[k].get(gram, 0.0)) * vr[k].get(gram, 0.0) for gram, w in vh[k].items())
+                total[k] += dot / (nh[k] * nr[k] or 1.0) * math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))  # 0 if empty
         scores.append(10.0 * total.mean() / len(grams))
     return float(np.mean(scores))
 
 
 def spice(hyps: Sequence[str], refs: Sequence[Sequence[str]], jar: str, java: str = "java") -> list[float]:
-    """Per-clip SPICE F-scores from coco-caption's spice-1.0.jar (run as coco-caption runs it). Raises when Java or
-    the jar is missing or the jar fails; the caller then reports SPICE as not computed."""
+    """Per-clip SPICE F-scores from coco-caption's spice-1.0.jar, run as coco-caption runs it. OSError (no jar, no
+    Java) or RuntimeError (the jar failed): the caller reports SPICE as not computed."""
     if not os.path.isfile(jar):
         raise FileNotFoundError(f"SPICE jar not found: {jar}")
-    if shutil.which(java) is None:
-        raise FileNotFoundError(f"Java not found ('{java}'); SPICE needs a Java runtime")
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
         with open(inp, "w") as f:

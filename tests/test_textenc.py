@@ -63,19 +63,18 @@ def test_text_encoder_tiny_random_bert_and_loud_key_checks(tmp_path):
     torch.testing.assert_close(ours.encode(texts), torch.stack(expect), atol=1e-5, rtol=0)
 
     weights = load_file(str(folder / "model.safetensors"))
-    for change, error, message in [
-            ("drop", ValueError, r"missing keys \(1\): layers.1.ffn_out.weight"),  # HF: encoder.layer.1.output.dense
-            ("extra", ValueError, r"unexpected keys \(1\): encoder.layer.2.x.weight"),
-            ("shape", ValueError, r"tok_emb.weight: file \(41, 16\) vs model \(40, 16\)")]:
+    for drop, add, message in [
+            ("encoder.layer.1.output.dense.weight", None, r"missing keys \(1\): encoder.layers.1.linear2.weight"),
+            ("encoder.layer.0.attention.self.key.bias", None,  # query, key and value are joined into in_proj
+             r"missing keys \(1\): encoder.layers.0.self_attn.in_proj_bias"),
+            (None, ("encoder.layer.2.x.weight", torch.zeros(3)), r"unexpected keys \(1\): encoder.layers.2.x.weight"),
+            ("embeddings.word_embeddings.weight", ("embeddings.word_embeddings.weight", torch.zeros(41, 16)),
+             r"tok_emb.weight: file \(41, 16\) vs model \(40, 16\)")]:
         w = dict(weights)
-        if change == "drop":
-            del w["encoder.layer.1.output.dense.weight"]
-        elif change == "extra":
-            w["encoder.layer.2.x.weight"] = torch.zeros(3)
-        else:
-            w["embeddings.word_embeddings.weight"] = torch.zeros(41, 16)
+        w.pop(drop, None)
+        w.update([add] if add else [])
         save_file(w, str(folder / "model.safetensors"))
-        with pytest.raises(error, match=message):
+        with pytest.raises(ValueError, match=message):
             textenc.TextEncoder(str(folder), device="cpu")
 
 
