@@ -1,19 +1,10 @@
 """LoRA: low-rank adapters on the frozen LLM's linear layers (paper §III-C, "Low-rank Adapters").
 
-Glossary (code name -> LoRA paper symbol):
-    weight   W0   the frozen pretrained weight                        (out, in)
-    lora_A   A    down-projection, Kaiming-uniform at start           (r, in)
-    lora_B   B    up-projection, zero at start, so W0 + ΔW = W0       (out, r)
-    scaling  α/r  with alpha α = 16 and rank r = 8 in the paper
     y = W0 x + (α/r)·B A dropout(x);  merged: W = W0 + (α/r)·B A
-
-The paper puts adapters on LLaMA's query and key projections (4,194,304 parameters for Vicuna-7B) and on Mamba's
-input projection (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`, `PAPER_LORA`. A wrapped layer keeps its own `weight`
-(and `bias`) and gains `lora_A.weight`, `lora_B.weight`, so the model's state_dict keys are unchanged and the adapter
-keys are those of PEFT without its adapter name (adapter files and PEFT's format: checkpoint.py).
-Adapters are kept in fp32 by default, also on a bf16 model (PEFT does the same), and run in autocast's dtype.
-Written here rather than taken from PEFT: the layer is a dozen lines that show the paper's update W0 + (α/r)·B A,
-and PEFT would wrap our models in its own classes; PEFT is the oracle in the tests, and its files are read/written.
+W0 is the frozen `weight` (out, in); A is `lora_A` (r, in), Kaiming-uniform at start; B is `lora_B` (out, r), zero
+at start. The paper: r = 8, α = 16 (`PAPER_LORA`) on LLaMA's q_proj and k_proj (4,194,304 parameters for Vicuna-7B)
+and on Mamba's in_proj (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`. The state_dict keys are the model's own plus
+PEFT's adapter keys without the adapter name. Adapters stay fp32 on a bf16 model, as in PEFT (the test oracle).
 """
 from __future__ import annotations
 
@@ -56,9 +47,6 @@ class LoRALinear(nn.Linear):
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
-
 
 def is_target(name: str, targets: tuple[str, ...]) -> bool:
     """PEFT's rule for a list of target names: the module's full name is a target or ends with '.' + target."""
@@ -98,24 +86,19 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def merge_lora(model: nn.Module) -> int:
-    """W ← W + (α/r)·B A in every wrapped layer (for inference); returns how many layers were merged.
-    In bf16/fp16 weights, merge followed by unmerge does not give back W exactly (rounding)."""
-    return _set_merged(model, True)
-
-
-def unmerge_lora(model: nn.Module) -> int:
-    """Undo merge_lora: W ← W - (α/r)·B A; returns how many layers were unmerged."""
-    return _set_merged(model, False)
-
-
 @torch.no_grad()
-def _set_merged(model: nn.Module, merged: bool) -> int:
+def merge_lora(model: nn.Module, merged: bool = True) -> int:
+    """W ← W + (α/r)·B A in every wrapped layer not merged yet (merged=False: W ← W - (α/r)·B A in every merged
+    one); returns how many layers changed. In bf16/fp16 weights, merging and unmerging does not give back W exactly."""
     todo = [m for m in lora_modules(model).values() if m.merged != merged]
     for m in todo:
         m.weight.add_(m.delta_weight().to(m.weight.dtype), alpha=1 if merged else -1)
         m.merged = merged
     return len(todo)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    return merge_lora(model, merged=False)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
