@@ -6,14 +6,14 @@
                head.*) or our safetensors file (the config in its metadata)
     tokenizers GPT-NeoX's tokenizer.json (Mamba) and LLaMA's tokenizer.model, by the libraries that made them
 
-Tensors are read one at a time into a model built on the meta device, so weights are never held twice. Every
-loader ends in `load_state`, strict as in nanoGPT / llama2.c.
+Tensors are read one at a time into a model built on the meta device (never held twice), by `load_state`.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -38,14 +38,13 @@ WHERE_TO_GET = {
 
 
 # ---- Strict loading, and the Hugging Face folder layout ----------------------------------------------------------
-
 def load_state(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], source: str, *,
                names: Iterable[str] | None = None, dtype: torch.dtype | None = None, fp32: tuple[str, ...] = ()
                ) -> None:
-    """Put tensors, (key, tensor, file it came from), into the parameters of `model` named `names` (default: all),
-    each exactly once with its shape, else one ValueError listing every missing, unexpected, repeated or mis-shaped
-    key. A parameter on the meta device becomes the tensor cast to dtype (None: as stored; names ending with one of
-    `fp32`: fp32); any other parameter is copied into, keeping its dtype and device."""
+    """Put tensors (key, tensor, its file) into the parameters of `model` named `names` (default: all), each once
+    with its shape, else one ValueError listing every missing, unexpected, repeated or mis-shaped key (strict, as
+    nanoGPT / llama2.c). A meta parameter becomes the tensor cast to dtype (None: as stored; names ending with one of
+    `fp32`: fp32); any other is copied into, keeping its dtype and device."""
     params = dict(model.named_parameters())
     wanted = set(params) if names is None else set(names)
     seen: dict[str, str] = {}  # key -> the file it was read from
@@ -84,11 +83,6 @@ def config_file(path: str, what: str) -> str:
     return file
 
 
-def read_json(file: str) -> dict:
-    with open(file) as f:
-        return json.load(f)
-
-
 def refuse_unsupported(config: dict, need: dict, source: str) -> None:
     """A config field that asks for what is not built here (an absent field is taken as supported) is an error."""
     for key, want in need.items():
@@ -97,19 +91,14 @@ def refuse_unsupported(config: dict, need: dict, source: str) -> None:
 
 
 def weight_files(path: str) -> list[str]:
-    """The folder's weight files in the first of LAYOUTS found (transformers' order): one file, or the shards its
-    index.json lists."""
+    """The folder's weight files in the first of LAYOUTS found (transformers' order), shards as its index lists."""
     for name in LAYOUTS:
         file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        if not name.endswith(".index.json"):
+        if os.path.isfile(file) and name.endswith(".index.json"):
+            shards = json.loads(Path(file).read_text())["weight_map"].values()
+            return [os.path.join(path, s) for s in sorted(set(shards))]  # a missing one: FileNotFoundError on reading
+        if os.path.isfile(file):
             return [file]
-        shards = [os.path.join(path, s) for s in sorted(set(read_json(file)["weight_map"].values()))]
-        absent = [s for s in shards if not os.path.isfile(s)]
-        if absent:
-            raise FileNotFoundError(f"{file} lists shard(s) that do not exist: {absent}")
-        return shards
     raise FileNotFoundError(f"{path}: no weights (expected {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]})")
 
 
@@ -145,7 +134,6 @@ def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
 
 
 # ---- Mamba -------------------------------------------------------------------------------------------------------
-
 # transformers' MambaConfig fields -> ours; mamba_ssm's config.json uses our names (the SSM's inside ssm_cfg)
 HF_MAMBA = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
             "state_size": "d_state", "expand": "expand", "conv_kernel": "d_conv", "time_step_rank": "dt_rank",
@@ -155,7 +143,7 @@ HF_MAMBA = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_siz
 
 def mamba_config(path: str) -> MambaConfig:
     """config.json in either format: transformers' (hidden_size, ...) or mamba_ssm's (d_model, ...)."""
-    c = read_json(path)
+    c = json.loads(Path(path).read_text())
     if "hidden_size" in c:  # its vocabulary is stored padded
         fields = {ours: c[hf] for hf, ours in HF_MAMBA.items() if hf in c} | {"pad_vocab_size_multiple": 1}
         d_inner = c.get("expand", 2) * c["hidden_size"]
@@ -209,7 +197,6 @@ def save_mamba(model: MambaLM, path: str) -> None:
 
 
 # ---- LLaMA -------------------------------------------------------------------------------------------------------
-
 def llama_config(cfg: dict, source: str = "config.json") -> LlamaConfig:
     """A Hugging Face LLaMA config.json (transformers 4.x or 5.x field names)."""
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -230,7 +217,7 @@ def load_llama(path: str, dtype: torch.dtype | None = None, device=None) -> Llam
     stored dtype. Old checkpoints store RoPE's `...rotary_emb.inv_freq`, computed here from rope_theta: ignored."""
     file = config_file(path, "a LLaMA checkpoint folder")
     with torch.device("meta"):
-        model = LlamaLM(llama_config(read_json(file), file))
+        model = LlamaLM(llama_config(json.loads(Path(file).read_text()), file))
     tensors = (t for t in folder_tensors(path, device) if not t[0].endswith("rotary_emb.inv_freq"))
     load_state(model, tensors, path, dtype=dtype)
     return model.eval()
@@ -246,21 +233,19 @@ def save_llama(model: LlamaLM, path: str) -> None:
     save_weights(model.state_dict(), path, llama_hf_config(model.config))
 
 
-def llm_kind(path: str) -> str:
-    """'mamba' or 'llama': which language model a checkpoint folder holds, from its config.json."""
-    c = read_json(config_file(path, "a language model checkpoint folder"))
-    if c.get("model_type") in ("mamba", "llama"):
-        return c["model_type"]
-    if "d_model" in c:
-        return "mamba"  # mamba_ssm's config has no model_type
-    raise ValueError(f"{path}/config.json: model_type {c.get('model_type')!r} is neither 'mamba' nor 'llama'")
-
-
 LOADERS = {"mamba": load_mamba, "llama": load_llama}
 
 
-# ---- Tokenizers --------------------------------------------------------------------------------------------------
+def llm_kind(path: str) -> str:
+    """'mamba' or 'llama': which language model a checkpoint folder holds, from its config.json."""
+    c = json.loads(Path(config_file(path, "a language model checkpoint folder")).read_text())
+    kind = c.get("model_type") or ("mamba" if "d_model" in c else None)  # mamba_ssm's config has no model_type
+    if kind not in LOADERS:
+        raise ValueError(f"{path}/config.json: model_type {kind!r} is neither 'mamba' nor 'llama'")
+    return kind
 
+
+# ---- Tokenizers --------------------------------------------------------------------------------------------------
 def tokenizer_file(path: str, name: str, llm: str) -> str:
     """path itself, or path/name if path is a folder; FileNotFoundError saying where to get it if absent."""
     file = os.path.join(path, name) if os.path.isdir(path) else path
@@ -311,7 +296,6 @@ def load_tokenizer(config) -> MambaTokenizer | LlamaTokenizer:
 
 
 # ---- DASS --------------------------------------------------------------------------------------------------------
-
 # the Hugging Face port's key names -> ours (its conversion script's renames of the official module.v.*, undone)
 HF_PATCH = {"0": "0", "1": "2", "3": "5", "4": "7"}  # patch_embeddings.projection.i -> patch_embed.j
 HF_DASS = {r"^head\.": "classifier.head.", r"^dass\.norm\.": "classifier.norm.", r"^dass\.": "",
@@ -373,16 +357,13 @@ def _from_hf_key(key: str, value: Tensor) -> tuple[str, Tensor]:
 
 def _infer_dass_config(state: dict[str, Tensor], path: Path) -> DASSConfig:
     """Stage widths and depths, N, MLP ratio and class count from the tensor shapes of a state dict (our keys)."""
-    depths: dict[int, int] = {}
-    for k in state:
-        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k):
-            depths[int(m[1])] = max(depths.get(int(m[1]), 0), int(m[2]) + 1)
+    depths = Counter(int(m[1]) for k in state if (m := re.fullmatch(r"layers\.(\d+)\.blocks\.\d+\.norm\.weight", k)))
     try:
-        dims = tuple(state[f"layers.{s}.blocks.0.norm.weight"].shape[0] for s in range(len(depths)))
-        return DASSConfig(dims=dims, depths=tuple(depths[s] for s in range(len(depths))),
+        dims = [state[f"layers.{s}.blocks.0.norm.weight"].shape[0] for s in range(len(depths))]
+        return DASSConfig(dims=dims, depths=[depths[s] for s in range(len(depths))],
                           d_state=state["layers.0.blocks.0.op.A_logs"].shape[1],
                           mlp_ratio=state["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dims[0],
                           n_classes=state["classifier.head.weight"].shape[0])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, IndexError) as e:
         raise ValueError(f"DASS weights {path}: cannot infer the model size (missing or odd key {e}); "
                          "is this a DASS checkpoint?") from e
