@@ -9,15 +9,17 @@ import json
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import audio
 import checkpoint
 import data
 import sampling
 import weights
-from sslalm import SSLALMConfig, build_meta, parameter_table
+from sslalm import build_meta, parameter_table
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SAMPLING_FLAGS = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # generate's
 
 
 def use_device(name: str) -> torch.device:
@@ -39,35 +41,30 @@ def ask(args) -> None:
 
 def params(args) -> None:
     table = parameter_table(build_meta(args.size, args.llm))
+    counts = {**table["parts"], "trainable": table["trainable"], "total": table["total"]}
     if args.json:
-        print(json.dumps({"size": args.size, "llm": args.llm, **table["parts"],
-                          "trainable": table["trainable"], "total": table["total"]}))
+        print(json.dumps({"size": args.size, "llm": args.llm, **counts}))
         return
-    for part, n in table["parts"].items():
-        print(f"{part:>9}: {n:>13,}  ({n / 1e6:,.2f}M)")
-    print(f"trainable: {table['trainable']:>13,}  ({table['trainable'] / 1e6:,.1f}M)")
-    print(f"    total: {table['total']:>13,}  ({table['total'] / 1e9:,.2f}B)")
+    for name, n in counts.items():
+        print(f"{name:>9}: {n:>13,}  ({n / 1e6:,.1f}M)")
 
 
-def generate(args) -> str:
-    """Print and return the prompt and its continuation (up to EOS)."""
+def generate(args) -> None:
     device = use_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     kind = weights.llm_kind(args.model)
-    tokenizer = weights.load_tokenizer(SSLALMConfig(llm=kind, llm_weights=args.model))
+    tokenizer = weights.TOKENIZERS[kind](args.model)
     model = weights.LOADERS[kind](args.model, dtype=dtype, device=device)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt is empty")
     new = model.generate(torch.tensor([prompt], device=device), max_new_tokens=args.max_new_tokens,
-                         do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
-                         generator=torch.Generator(device).manual_seed(args.seed))[0].tolist()
+                         do_sample=not args.greedy, eos_token_id=tokenizer.eos_token_id,
+                         generator=torch.Generator(device).manual_seed(args.seed),
+                         **{name: getattr(args, name) for name in SAMPLING_FLAGS})[0].tolist()
     if tokenizer.eos_token_id in new:
         new = new[:new.index(tokenizer.eos_token_id)]
-    text = tokenizer.decode(prompt + new)  # decoded whole: LLaMA's pieces carry the space before a word
-    print(text)
-    return text
+    print(tokenizer.decode(prompt + new))  # decoded whole: LLaMA's pieces carry the space before a word
 
 
 def tag(args) -> None:
@@ -77,9 +74,8 @@ def tag(args) -> None:
     if len(labels) != model.config.n_classes:
         raise ValueError(f"label file {args.labels} has {len(labels)} labels; the model has "
                          f"{model.config.n_classes} classes")
-    wave = audio.load_audio(args.audio)
-    frames = 1 + (wave.numel() - audio.FRAME_LENGTH) // audio.FRAME_SHIFT
-    x = audio.dass_input(wave, audio.DASS_FRAMES if frames <= audio.DASS_FRAMES else None)  # pad short clips
+    x = audio.dass_input_from_file(args.audio, target_length=None)  # (T, 128), a short clip padded with silence
+    x = F.pad(x, (0, 0, 0, max(0, audio.DASS_FRAMES - len(x))), value=audio.SILENT_FRAME)
     with torch.no_grad():
         scores = torch.sigmoid(model(x[None].to(device)))[0].float().cpu()  # multi-label: independent sigmoids
     for s, i in zip(*scores.topk(min(args.top, len(labels)))):
@@ -103,9 +99,8 @@ def parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--model", required=True, help="folder with config.json, the weights and the tokenizer")
     p_gen.add_argument("--prompt", required=True)
     p_gen.add_argument("--max-new-tokens", type=int, default=100)
-    for name in ("temperature", "top_p", "repetition_penalty"):
-        p_gen.add_argument("--" + name.replace("_", "-"), type=float, default=sampling.PAPER_SAMPLING[name])
-    p_gen.add_argument("--top-k", type=int, default=sampling.PAPER_SAMPLING["top_k"])
+    for name, kind in SAMPLING_FLAGS.items():
+        p_gen.add_argument("--" + name.replace("_", "-"), type=kind, default=sampling.PAPER_SAMPLING[name])
     p_gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA")
     p_tag = sub.add_parser("tag", help="the top AudioSet labels of a clip, by DASS")
     p_tag.add_argument("audio", help="audio file (any format and sample rate soundfile reads)")

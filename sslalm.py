@@ -10,9 +10,8 @@ Fig. 1, box by box (B = batch, T = fbank frames, d = the LLM's width):
     the frozen LLM with LoRA adapters (§III-C)               llm (mamba.MambaLM or llama.LlamaLM + lora.py)
     next-token cross-entropy on the text tokens (§III-D)     SSLALM.forward
 
-Trainable (green in Fig. 1): DASS, the projector and the LoRA adapters. Table I's four variants: size in {small,
-medium} (DASS) x llm in {llama ("hybrid LALM"), mamba ("ssLALM")}. Prompt, loss and the 108-token text cutoff
-follow LTU, which the paper builds on.
+Trainable (green in Fig. 1): DASS, the projector and the LoRA adapters. Table I's variants: DASS small or medium x
+LLaMA (the "hybrid LALM") or Mamba (the "ssLALM"). Prompt, loss and text cutoff follow LTU, as the paper does.
 """
 from __future__ import annotations
 
@@ -136,13 +135,10 @@ class SSLALM(nn.Module):
         return ids, [IGNORE_INDEX] * n + ids[n:]
 
     def part_parameters(self, part: str) -> list[nn.Parameter]:
-        if part == "dass":
-            return list(self.dass.parameters())
-        if part == "projector":
-            return list(self.audio_conv.parameters()) + list(self.audio_proj.parameters())
         if part == "lora":
             return lora.lora_parameters(self.llm)
-        raise ValueError(f"unknown part {part!r}; parts are {self.PARTS}")
+        modules = {"dass": [self.dass], "projector": [self.audio_conv, self.audio_proj]}[part]
+        return [p for m in modules for p in m.parameters()]
 
     def set_trainable(self, parts) -> None:
         """Exactly the given parts (of PARTS) require gradients; the LLM never."""
@@ -165,11 +161,10 @@ class SSLALM(nn.Module):
 
     @torch.no_grad()
     def generate(self, clips: list, instructions: list[str], *, max_new_tokens: int = sampling.MAX_NEW_TOKENS,
-                 greedy: bool = False, generator: torch.Generator | None = None, crop: bool = False,
-                 **settings) -> list[list[int]]:
+                 greedy: bool = False, crop: bool = False, **settings) -> list[list[int]]:
         """The answer tokens for one instruction per clip, batched with left padding and the LLM's decode cache.
-        Sampling: sampling.PAPER_SAMPLING, but for `settings` (temperature, top_k, top_p, repetition_penalty);
-        greedy=True takes the argmax. crop: see `prepare_audio`."""
+        Sampling: sampling.PAPER_SAMPLING, but for `settings` (temperature, top_k, top_p, repetition_penalty,
+        generator); greedy=True takes the argmax. crop: see `prepare_audio`."""
         if len(clips) != len(instructions):
             raise ValueError(f"got {len(clips)} clips and {len(instructions)} instructions")
         settings = {**sampling.PAPER_SAMPLING, **settings, **({"do_sample": False} if greedy else {})}
@@ -181,8 +176,7 @@ class SSLALM(nn.Module):
             rows.append(sampling.join(self.llm, torch.tensor([prompts[-1]], device=device), audio_emb)[0])
         embeds, mask, seen = sampling.left_pad(rows, prompts)
         new = sampling.generate(self.llm, inputs_embeds=embeds, attention_mask=mask, seen_ids=seen,
-                                max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                                generator=generator, **settings)
+                                max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **settings)
         return new.tolist()
 
     def prepare_audio(self, clip, crop: bool = False) -> Tensor:
@@ -204,9 +198,7 @@ class SSLALM(nn.Module):
 
 def prompt_text(instruction: str, input: str = "") -> str:
     """The prompt before the answer; `input` (OpenAQA's field, empty for non-speech audio) adds a section."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_TEMPLATE.format(instruction=instruction)
+    return (PROMPT_WITH_INPUT if input else PROMPT_TEMPLATE).format(instruction=instruction, input=input)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, Tensor]:

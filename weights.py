@@ -144,18 +144,17 @@ HF_MAMBA = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_siz
 def mamba_config(path: str) -> MambaConfig:
     """config.json in either format: transformers' (hidden_size, ...) or mamba_ssm's (d_model, ...)."""
     c = json.loads(Path(path).read_text())
-    if "hidden_size" in c:  # its vocabulary is stored padded
-        fields = {ours: c[hf] for hf, ours in HF_MAMBA.items() if hf in c} | {"pad_vocab_size_multiple": 1}
-        d_inner = c.get("expand", 2) * c["hidden_size"]
+    if "hidden_size" in c:  # transformers' names -> ours; the vocabulary is stored padded
+        c = {HF_MAMBA.get(k, k): v for k, v in c.items()} | {"pad_vocab_size_multiple": 1}
+        d_inner = c.get("expand", 2) * c["d_model"]
         need = {"tie_word_embeddings": True, "hidden_act": "silu", "intermediate_size": d_inner}
-    elif "d_model" in c:
-        c = c | (c.get("ssm_cfg") or {})
-        fields = {k: v for k, v in c.items() if k in {*HF_MAMBA.values(), "pad_vocab_size_multiple"}}
-        fields["rms_norm_eps"] = c.get("norm_epsilon", 1e-5)
+    elif "d_model" in c:  # mamba_ssm's: the SSM's fields inside ssm_cfg
+        c = c | (c.get("ssm_cfg") or {}) | {"rms_norm_eps": c.get("norm_epsilon", 1e-5)}
         need = {"layer": "Mamba1", "rms_norm": True, "tie_embeddings": True, "d_intermediate": 0, "attn_layer_idx": []}
     else:
         raise ValueError(f"{path}: neither an HF Mamba config (hidden_size, ...) nor a mamba_ssm one (d_model, ...)")
     refuse_unsupported(c, need, path)
+    fields = {k: v for k, v in c.items() if k in {*HF_MAMBA.values(), "pad_vocab_size_multiple"}}
     if fields.get("dt_rank") == "auto":
         fields["dt_rank"] = 0  # ceil(d_model / 16)
     return MambaConfig(**fields)
@@ -197,27 +196,27 @@ def save_mamba(model: MambaLM, path: str) -> None:
 
 
 # ---- LLaMA -------------------------------------------------------------------------------------------------------
-def llama_config(cfg: dict, source: str = "config.json") -> LlamaConfig:
+def llama_config(path: str) -> LlamaConfig:
     """A Hugging Face LLaMA config.json (transformers 4.x or 5.x field names)."""
+    cfg = json.loads(Path(path).read_text())
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     need = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
             "rope type": "default"}
-    refuse_unsupported(cfg | {"rope type": rope.get("rope_type", rope.get("type", "default"))}, need, source)
+    refuse_unsupported(cfg | {"rope type": rope.get("rope_type", rope.get("type", "default"))}, need, path)
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     config = LlamaConfig(**{k: cfg[k] for k in required}, num_key_value_heads=cfg.get("num_key_value_heads"),
                          rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                          rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
                          max_position_embeddings=cfg.get("max_position_embeddings", 2048))
-    refuse_unsupported(cfg, {"head_dim": config.head_dim}, source)  # = hidden_size / num_attention_heads
+    refuse_unsupported(cfg, {"head_dim": config.head_dim}, path)  # = hidden_size / num_attention_heads
     return config
 
 
 def load_llama(path: str, dtype: torch.dtype | None = None, device=None) -> LlamaLM:
     """A Hugging Face LLaMA checkpoint folder -> LlamaLM in eval mode, parameters trainable. dtype None keeps the
     stored dtype. Old checkpoints store RoPE's `...rotary_emb.inv_freq`, computed here from rope_theta: ignored."""
-    file = config_file(path, "a LLaMA checkpoint folder")
     with torch.device("meta"):
-        model = LlamaLM(llama_config(json.loads(Path(file).read_text()), file))
+        model = LlamaLM(llama_config(config_file(path, "a LLaMA checkpoint folder")))
     tensors = (t for t in folder_tensors(path, device) if not t[0].endswith("rotary_emb.inv_freq"))
     load_state(model, tensors, path, dtype=dtype)
     return model.eval()
@@ -289,10 +288,12 @@ class LlamaTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
+TOKENIZERS = {"mamba": MambaTokenizer, "llama": LlamaTokenizer}
+
+
 def load_tokenizer(config) -> MambaTokenizer | LlamaTokenizer:
     """The tokenizer of an SSLALMConfig (.llm, .tokenizer, .llm_weights): config.tokenizer, or the LLM folder's."""
-    tokenizer = MambaTokenizer if config.llm == "mamba" else LlamaTokenizer
-    return tokenizer(config.tokenizer or config.llm_weights or ".")
+    return TOKENIZERS[config.llm](config.tokenizer or config.llm_weights or ".")
 
 
 # ---- DASS --------------------------------------------------------------------------------------------------------
@@ -343,16 +344,14 @@ def _read_dass(path: Path) -> tuple[dict[str, Tensor], Path, DASSConfig | None]:
     if state and all(k.startswith("module.v.") for k in state):  # the official DataParallel checkpoint
         state = {k.removeprefix("module.v."): v for k, v in state.items()}
     elif any(k.startswith("dass.") for k in state):  # the Hugging Face port
-        state = dict(_from_hf_key(k, v) for k, v in state.items())
+        renamed = {}
+        for key, value in state.items():
+            for pattern, ours in HF_DASS.items():
+                key = re.sub(pattern, ours, key)
+            grouped = key.endswith(("op.x_proj_weight", "op.dt_projs_weight"))  # the port's 1x1 convs (K rows, cols)
+            renamed[key] = value.reshape(4, -1, value.shape[-1]) if grouped else value  # (K, rows, cols), K = 4 scans
+        state = renamed
     return state, path, config
-
-
-def _from_hf_key(key: str, value: Tensor) -> tuple[str, Tensor]:
-    for pattern, ours in HF_DASS.items():
-        key = re.sub(pattern, ours, key)
-    if key.endswith(("op.x_proj_weight", "op.dt_projs_weight")):  # the port's grouped 1x1 convs (K rows, cols)
-        value = value.reshape(4, -1, value.shape[-1])  # (K, rows, cols), K = 4 scan directions
-    return key, value
 
 
 def _infer_dass_config(state: dict[str, Tensor], path: Path) -> DASSConfig:
