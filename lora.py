@@ -5,6 +5,7 @@ W0 is the frozen `weight` (out, in); A is `lora_A` (r, in), Kaiming-uniform at s
 at start. The paper: r = 8, α = 16 (`PAPER_LORA`) on LLaMA's q_proj and k_proj (4,194,304 parameters for Vicuna-7B)
 and on Mamba's in_proj (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`. The state_dict keys are the model's own plus
 PEFT's adapter keys without the adapter name. Adapters stay fp32 on a bf16 model, as in PEFT (the test oracle).
+Written here rather than taken from PEFT: the layer shows the paper's update, and PEFT would wrap our models.
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ PAPER_LORA = dict(r=8, alpha=16, dropout=0.05)
 class LoRALinear(nn.Linear):
     """An nn.Linear with a low-rank update; it takes over the base layer's weight and bias (no copy)."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype: torch.dtype | None = None):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        kw = dict(bias=False, device=base.weight.device, dtype=dtype)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # fp32 on a bf16 model, as PEFT
         self.lora_A = nn.Linear(self.in_features, r, **kw)
         self.lora_B = nn.Linear(r, self.out_features, **kw)
         self.lora_dropout = nn.Dropout(dropout)
@@ -44,8 +45,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (update * self.scaling).to(y.dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))  # B A dropout(x)
+        return y + (update * self.scaling).to(y.dtype)  # W0 x + (α/r)·B A dropout(x)
 
 
 def is_target(name: str, targets: tuple[str, ...]) -> bool:
@@ -57,12 +58,10 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(model: nn.Module, targets: tuple[str, ...] | str = PAPER_TARGETS["llama"], r: int = PAPER_LORA["r"],
-             alpha: float = PAPER_LORA["alpha"], dropout: float = PAPER_LORA["dropout"],
-             dtype: torch.dtype | None = torch.float32) -> list[str]:
+def add_lora(model: nn.Module, targets: tuple[str, ...] = PAPER_TARGETS["llama"], r: int = PAPER_LORA["r"],
+             alpha: float = PAPER_LORA["alpha"], dropout: float = PAPER_LORA["dropout"]) -> list[str]:
     """Wrap every nn.Linear whose name is, or ends with, one of targets; freeze every other parameter of model.
-    Returns the wrapped module names. dtype: the adapters' dtype (None: the base weight's)."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    Returns the wrapped module names."""
     found = [(name, m) for name, m in model.named_modules() if name and is_target(name, targets)]
     for name, m in found:
         if isinstance(m, LoRALinear):
@@ -73,7 +72,7 @@ def add_lora(model: nn.Module, targets: tuple[str, ...] | str = PAPER_TARGETS["l
         raise ValueError(f"no module of {type(model).__name__} is named {targets}")
     for name, m in found:
         parent, _, child = name.rpartition(".")
-        wrapped = LoRALinear(m, r, alpha, dropout, dtype or m.weight.dtype).train(m.training)  # keep eval mode
+        wrapped = LoRALinear(m, r, alpha, dropout).train(m.training)  # keep eval mode
         setattr(model.get_submodule(parent), child, wrapped)
     model.requires_grad_(False)
     for p in lora_parameters(model):

@@ -125,7 +125,6 @@ def folder_tensors(path: str, device=None) -> Iterator[tuple[str, Tensor, str]]:
 
 
 def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
-    """Write the folder `path`: config.json (the dict `config`) and model.safetensors (the tensors of `state`)."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -223,7 +222,6 @@ def load_llama(path: str, dtype: torch.dtype | None = None, device=None) -> Llam
 
 
 def llama_hf_config(c: LlamaConfig) -> dict:
-    """config.json in transformers' LlamaConfig field names."""
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", tie_word_embeddings=False,
                 bos_token_id=1, eos_token_id=2, **asdict(c))
 
@@ -283,8 +281,7 @@ class LlamaTokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_token_id] * bos + self.sp.encode(text) + [self.eos_token_id] * eos
 
-    def decode(self, ids) -> str:
-        """Token ids (a list or a 1-D tensor) -> text; <s> and </s> give no text."""
+    def decode(self, ids) -> str:  # <s> and </s> give no text
         return self.sp.decode([int(i) for i in ids])
 
 
