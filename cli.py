@@ -1,5 +1,5 @@
 """The command line of the models: `ask` a trained ssLALM about a clip, count the `params` of Fig. 1's parts,
-`generate` text with a base LLM folder (Mamba or LLaMA), `tag` a clip with DASS (README: Using it).
+`generate` text with a base LLM folder (Mamba or LLaMA), `tag` a clip with DASS.
 --device cuda:1 makes that device the current one before anything is loaded (Triton, CUDA graphs run there).
 """
 from __future__ import annotations

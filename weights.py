@@ -1,12 +1,10 @@
-"""The public checkpoint formats of the pretrained parts, read and written strictly.
-
+"""The public checkpoint formats of the pretrained parts, read and written strictly (`load_state`), each tensor read
+into a model built on the meta device (never held twice):
     Mamba      a Hugging Face folder (state-spaces/mamba-2.8b-hf) or a mamba_ssm one (state-spaces/mamba-2.8b)
     LLaMA      a Hugging Face folder (lmsys/vicuna-7b-v1.5), transformers 4.x or 5.x config names
     DASS       the official DASS_small.pth / DASS_medium.pth (keys module.v.*), the Hugging Face port (keys dass.*,
                head.*) or our safetensors file (the config in its metadata)
     tokenizers GPT-NeoX's tokenizer.json (Mamba) and LLaMA's tokenizer.model, by the libraries that made them
-
-Tensors are read one at a time into a model built on the meta device (never held twice), by `load_state`.
 """
 from __future__ import annotations
 
