@@ -1,13 +1,6 @@
-"""The command line of the models: answer a question about a clip, count parameters, generate text with a base LLM,
-tag a clip with DASS.
-
-    python cli.py ask --checkpoint CKPT clip.wav "What can you hear?"     a trained ssLALM (train.py's output)
-    python cli.py params --size small --llm mamba [--json]              Fig. 1's parts counted, as in §III-E
-    python cli.py generate --model DIR --prompt "..."                   a Mamba or LLaMA folder (type: config.json)
-    python cli.py tag --weights DASS_small.pth clip.wav [--labels CSV]  the top AudioSet labels of a clip
-
---device cuda:1 makes that device the current one before anything is loaded: Triton launches, CUDA graphs and
-timing events then run on it, not on cuda:0.
+"""The command line of the models: `ask` a trained ssLALM about a clip, count the `params` of Fig. 1's parts,
+`generate` text with a base LLM folder (Mamba or LLaMA), `tag` a clip with DASS.
+--device cuda:1 makes that device the current one before anything is loaded (Triton, CUDA graphs run there).
 """
 from __future__ import annotations
 
@@ -16,15 +9,17 @@ import json
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import audio
 import checkpoint
 import data
 import sampling
 import weights
-from sslalm import SSLALMConfig, build_meta, parameter_table
+from sslalm import build_meta, parameter_table
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SAMPLING_FLAGS = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # generate's
 
 
 def use_device(name: str) -> torch.device:
@@ -46,35 +41,30 @@ def ask(args) -> None:
 
 def params(args) -> None:
     table = parameter_table(build_meta(args.size, args.llm))
+    counts = {**table["parts"], "trainable": table["trainable"], "total": table["total"]}
     if args.json:
-        print(json.dumps({"size": args.size, "llm": args.llm, **table["parts"],
-                          "trainable": table["trainable"], "total": table["total"]}))
+        print(json.dumps({"size": args.size, "llm": args.llm, **counts}))
         return
-    for part, n in table["parts"].items():
-        print(f"{part:>9}: {n:>13,}  ({n / 1e6:,.2f}M)")
-    print(f"trainable: {table['trainable']:>13,}  ({table['trainable'] / 1e6:,.1f}M)")
-    print(f"    total: {table['total']:>13,}  ({table['total'] / 1e9:,.2f}B)")
+    for name, n in counts.items():
+        print(f"{name:>9}: {n:>13,}  ({n / 1e6:,.1f}M)")
 
 
-def generate(args) -> str:
-    """Print and return the prompt and its continuation (up to EOS)."""
+def generate(args) -> None:
     device = use_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     kind = weights.llm_kind(args.model)
-    tokenizer = weights.load_tokenizer(SSLALMConfig(llm=kind, llm_weights=args.model))
+    tokenizer = weights.TOKENIZERS[kind](args.model)
     model = weights.LOADERS[kind](args.model, dtype=dtype, device=device)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt is empty")
     new = model.generate(torch.tensor([prompt], device=device), max_new_tokens=args.max_new_tokens,
-                         do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
-                         generator=torch.Generator(device).manual_seed(args.seed))[0].tolist()
+                         do_sample=not args.greedy, eos_token_id=tokenizer.eos_token_id,
+                         generator=torch.Generator(device).manual_seed(args.seed),
+                         **{name: getattr(args, name) for name in SAMPLING_FLAGS})[0].tolist()
     if tokenizer.eos_token_id in new:
         new = new[:new.index(tokenizer.eos_token_id)]
-    text = tokenizer.decode(prompt + new)  # decoded whole: LLaMA's pieces carry the space before a word
-    print(text)
-    return text
+    print(tokenizer.decode(prompt + new))  # decoded whole: LLaMA's pieces carry the space before a word
 
 
 def tag(args) -> None:
@@ -84,9 +74,8 @@ def tag(args) -> None:
     if len(labels) != model.config.n_classes:
         raise ValueError(f"label file {args.labels} has {len(labels)} labels; the model has "
                          f"{model.config.n_classes} classes")
-    wave = audio.load_audio(args.audio)
-    frames = 1 + (wave.numel() - audio.FRAME_LENGTH) // audio.FRAME_SHIFT
-    x = audio.dass_input(wave, audio.DASS_FRAMES if frames <= audio.DASS_FRAMES else None)  # pad short clips
+    x = audio.dass_input_from_file(args.audio, target_length=None)  # (T, 128), a short clip padded with silence
+    x = F.pad(x, (0, 0, 0, max(0, audio.DASS_FRAMES - len(x))), value=audio.SILENT_FRAME)
     with torch.no_grad():
         scores = torch.sigmoid(model(x[None].to(device)))[0].float().cpu()  # multi-label: independent sigmoids
     for s, i in zip(*scores.topk(min(args.top, len(labels)))):
@@ -96,38 +85,33 @@ def tag(args) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="The ssLALM's models from the command line.")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ask", help="answer a question about a clip with a trained checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a folder written by train.py")
-    p.add_argument("clip", help="an audio file (any length; resampled to 16 kHz)")
-    p.add_argument("question", nargs="+", help="the question (e.g. 'What can you hear?')")
-    p.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
-    p.add_argument("--max-new-tokens", type=int, default=sampling.MAX_NEW_TOKENS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=DEFAULT_DEVICE)
+    p_ask = sub.add_parser("ask", help="answer a question about a clip with a trained checkpoint")
+    p_ask.add_argument("--checkpoint", required=True, help="a folder written by train.py")
+    p_ask.add_argument("clip", help="an audio file (any length; resampled to 16 kHz)")
+    p_ask.add_argument("question", nargs="+", help="the question (e.g. 'What can you hear?')")
+    p_ask.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
+    p_ask.add_argument("--max-new-tokens", type=int, default=sampling.MAX_NEW_TOKENS)
     p = sub.add_parser("params", help="trainable and total parameters per part, as in the paper (§III-E)")
     p.add_argument("--size", choices=("small", "medium"), default="small")
     p.add_argument("--llm", choices=("mamba", "llama"), default="mamba")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = sub.add_parser("generate", help="continue a text prompt with a Mamba or LLaMA checkpoint folder")
-    p.add_argument("--model", required=True, help="folder with config.json, the weights and the tokenizer")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
-    paper = sampling.PAPER_SAMPLING
-    p.add_argument("--temperature", type=float, default=paper["temperature"])
-    p.add_argument("--top-k", type=int, default=paper["top_k"])
-    p.add_argument("--top-p", type=float, default=paper["top_p"])
-    p.add_argument("--repetition-penalty", type=float, default=paper["repetition_penalty"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=DEFAULT_DEVICE)
-    p = sub.add_parser("tag", help="the top AudioSet labels of a clip, by DASS")
-    p.add_argument("audio", help="audio file (any format and sample rate soundfile reads)")
-    p.add_argument("--weights", required=True, help="DASS_small.pth / DASS_medium.pth, our .safetensors, the HF port")
-    p.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name); default: class indices")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--device", default=DEFAULT_DEVICE)
+    p_gen = sub.add_parser("generate", help="continue a text prompt with a Mamba or LLaMA checkpoint folder")
+    p_gen.add_argument("--model", required=True, help="folder with config.json, the weights and the tokenizer")
+    p_gen.add_argument("--prompt", required=True)
+    p_gen.add_argument("--max-new-tokens", type=int, default=100)
+    for name, kind in SAMPLING_FLAGS.items():
+        p_gen.add_argument("--" + name.replace("_", "-"), type=kind, default=sampling.PAPER_SAMPLING[name])
+    p_gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA")
+    p_tag = sub.add_parser("tag", help="the top AudioSet labels of a clip, by DASS")
+    p_tag.add_argument("audio", help="audio file (any format and sample rate soundfile reads)")
+    p_tag.add_argument("--weights", required=True, help="DASS_small.pth / DASS_medium.pth, ours, or the HF port")
+    p_tag.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name); default: class indices")
+    p_tag.add_argument("--top", type=int, default=5)
+    for p in (p_ask, p_gen):
+        p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
+        p.add_argument("--seed", type=int, default=0)
+    for p in (p_ask, p_gen, p_tag):
+        p.add_argument("--device", default=DEFAULT_DEVICE)
     return ap
 
 

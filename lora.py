@@ -1,19 +1,11 @@
 """LoRA: low-rank adapters on the frozen LLM's linear layers (paper §III-C, "Low-rank Adapters").
 
-Glossary (code name -> LoRA paper symbol):
-    weight   W0   the frozen pretrained weight                        (out, in)
-    lora_A   A    down-projection, Kaiming-uniform at start           (r, in)
-    lora_B   B    up-projection, zero at start, so W0 + ΔW = W0       (out, r)
-    scaling  α/r  with alpha α = 16 and rank r = 8 in the paper
     y = W0 x + (α/r)·B A dropout(x);  merged: W = W0 + (α/r)·B A
-
-The paper puts adapters on LLaMA's query and key projections (4,194,304 parameters for Vicuna-7B) and on Mamba's
-input projection (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`, `PAPER_LORA`. A wrapped layer keeps its own `weight`
-(and `bias`) and gains `lora_A.weight`, `lora_B.weight`, so the model's state_dict keys are unchanged and the adapter
-keys are those of PEFT without its adapter name (adapter files and PEFT's format: checkpoint.py).
-Adapters are kept in fp32 by default, also on a bf16 model (PEFT does the same), and run in autocast's dtype.
-Written here rather than taken from PEFT: the layer is a dozen lines that show the paper's update W0 + (α/r)·B A,
-and PEFT would wrap our models in its own classes; PEFT is the oracle in the tests, and its files are read/written.
+W0 is the frozen `weight` (out, in); A is `lora_A` (r, in), Kaiming-uniform at start; B is `lora_B` (out, r), zero
+at start. The paper: r = 8, α = 16 (`PAPER_LORA`) on LLaMA's q_proj and k_proj (4,194,304 parameters for Vicuna-7B)
+and on Mamba's in_proj (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`. The state_dict keys are the model's own plus
+PEFT's adapter keys without the adapter name. Adapters stay fp32 on a bf16 model, as in PEFT (the test oracle).
+Written here rather than taken from PEFT: the layer shows the paper's update, and PEFT would wrap our models.
 """
 from __future__ import annotations
 
@@ -31,11 +23,11 @@ PAPER_LORA = dict(r=8, alpha=16, dropout=0.05)
 class LoRALinear(nn.Linear):
     """An nn.Linear with a low-rank update; it takes over the base layer's weight and bias (no copy)."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype: torch.dtype | None = None):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        kw = dict(bias=False, device=base.weight.device, dtype=dtype)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # fp32 on a bf16 model, as PEFT
         self.lora_A = nn.Linear(self.in_features, r, **kw)
         self.lora_B = nn.Linear(r, self.out_features, **kw)
         self.lora_dropout = nn.Dropout(dropout)
@@ -53,11 +45,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (update * self.scaling).to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))  # B A dropout(x)
+        return y + (update * self.scaling).to(y.dtype)  # W0 x + (α/r)·B A dropout(x)
 
 
 def is_target(name: str, targets: tuple[str, ...]) -> bool:
@@ -69,12 +58,10 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(model: nn.Module, targets: tuple[str, ...] | str = PAPER_TARGETS["llama"], r: int = PAPER_LORA["r"],
-             alpha: float = PAPER_LORA["alpha"], dropout: float = PAPER_LORA["dropout"],
-             dtype: torch.dtype | None = torch.float32) -> list[str]:
+def add_lora(model: nn.Module, targets: tuple[str, ...] = PAPER_TARGETS["llama"], r: int = PAPER_LORA["r"],
+             alpha: float = PAPER_LORA["alpha"], dropout: float = PAPER_LORA["dropout"]) -> list[str]:
     """Wrap every nn.Linear whose name is, or ends with, one of targets; freeze every other parameter of model.
-    Returns the wrapped module names. dtype: the adapters' dtype (None: the base weight's)."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    Returns the wrapped module names."""
     found = [(name, m) for name, m in model.named_modules() if name and is_target(name, targets)]
     for name, m in found:
         if isinstance(m, LoRALinear):
@@ -85,7 +72,7 @@ def add_lora(model: nn.Module, targets: tuple[str, ...] | str = PAPER_TARGETS["l
         raise ValueError(f"no module of {type(model).__name__} is named {targets}")
     for name, m in found:
         parent, _, child = name.rpartition(".")
-        wrapped = LoRALinear(m, r, alpha, dropout, dtype or m.weight.dtype).train(m.training)  # keep eval mode
+        wrapped = LoRALinear(m, r, alpha, dropout).train(m.training)  # keep eval mode
         setattr(model.get_submodule(parent), child, wrapped)
     model.requires_grad_(False)
     for p in lora_parameters(model):
@@ -98,24 +85,19 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def merge_lora(model: nn.Module) -> int:
-    """W ← W + (α/r)·B A in every wrapped layer (for inference); returns how many layers were merged.
-    In bf16/fp16 weights, merge followed by unmerge does not give back W exactly (rounding)."""
-    return _set_merged(model, True)
-
-
-def unmerge_lora(model: nn.Module) -> int:
-    """Undo merge_lora: W ← W - (α/r)·B A; returns how many layers were unmerged."""
-    return _set_merged(model, False)
-
-
 @torch.no_grad()
-def _set_merged(model: nn.Module, merged: bool) -> int:
+def merge_lora(model: nn.Module, merged: bool = True) -> int:
+    """W ← W + (α/r)·B A in every wrapped layer not merged yet (merged=False: W ← W - (α/r)·B A in every merged
+    one); returns how many layers changed. In bf16/fp16 weights, merging and unmerging does not give back W exactly."""
     todo = [m for m in lora_modules(model).values() if m.merged != merged]
     for m in todo:
         m.weight.add_(m.delta_weight().to(m.weight.dtype), alpha=1 if merged else -1)
         m.merged = merged
     return len(todo)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    return merge_lora(model, merged=False)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -1,18 +1,10 @@
 """Choosing the next token, and the generation loop shared by the Mamba and LLaMA language models.
 
-The paper (§III-D) generates with temperature 0.1, top-k 500, top-p 0.95 and a repetition penalty of 1.1
-(`PAPER_SAMPLING`). The logit processing follows the order and the definitions of Hugging Face transformers'
-`generate`, so that greedy decoding gives the same tokens: repetition penalty, then temperature, top-k, top-p.
-Written here because transformers' `generate` drives its own model classes and caches, not ours.
-
-A model takes part by providing three methods:
-    embed(input_ids (B, L)) -> (B, L, d)
-    prefill(inputs_embeds (B, L, d), attention_mask (B, L) or None, max_length) -> (logits of the last position
-        (B, V), cache); the cache has room for max_length positions in all; the mask is checked with
-        `check_attention_mask(..., prompt=True)`
-    decode_step(token (B,), cache) -> logits (B, V), advancing the cache by one position in place
-A prompt may start with embeddings that are not tokens (the audio tokens of Fig. 1): `join` puts them before the
-text's embeddings, and `left_pad` batches prompts of different lengths.
+The paper (§III-D) samples with `PAPER_SAMPLING`. The logits are processed as transformers' `generate` does, in its
+order (repetition penalty, temperature, top-k, top-p), so greedy decoding gives the same tokens. A model takes part
+by providing embed(input_ids (B, L)) -> (B, L, d); prefill(inputs_embeds (B, L, d), attention_mask (B, L) or None,
+max_length) -> (last logits (B, V), a cache with room for max_length positions); decode_step(token (B,), cache)
+-> logits (B, V), advancing the cache in place. (transformers' `generate` drives its own classes and caches only.)
 """
 from __future__ import annotations
 
@@ -26,21 +18,17 @@ MAX_NEW_TOKENS = 400  # LTU's answer length, which the paper's evaluation follow
 def join(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
     """The sequence a language model reads: inputs_embeds (B, P, d) (the audio tokens), then the embeddings of
     input_ids (B, L) -> (B, P + L, d) in the embeddings' dtype. Either may be absent, not both."""
-    if input_ids is None and inputs_embeds is None:
-        raise ValueError("pass input_ids, inputs_embeds or both")
     if input_ids is None:
+        if inputs_embeds is None:
+            raise ValueError("pass input_ids, inputs_embeds or both")
         return inputs_embeds
     text = model.embed(input_ids)
     return text if inputs_embeds is None else torch.cat([inputs_embeds.to(text.dtype), text], dim=1)
 
 
 def left_pad(rows: list[Tensor], seen: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Prompts of different lengths as one batch, aligned on the right so that every row's last position is real.
-
-    rows[i]: (L_i, d) embeddings; seen[i]: the row's token ids (for the repetition penalty). Returns embeds
-    (B, max L_i, d) with zeros before each row, attention_mask (B, max L_i) with 0 there, and seen (B, max len)
-    with -1 (no token) before each row's ids.
-    """
+    """Prompts rows[i] (L_i, d) with token ids seen[i] as one batch, aligned on the right -> embeds (B, max L_i, d)
+    with zeros before each row, attention_mask (B, max L_i) with 0 there, seen (B, max len) with -1 (no token)."""
     width, device = max(r.shape[0] for r in rows), rows[0].device
     embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
@@ -54,22 +42,17 @@ def left_pad(rows: list[Tensor], seen: list[list[int]]) -> tuple[Tensor, Tensor,
 def check_attention_mask(attention_mask: Tensor | None, batch: int, length: int, prompt: bool = False) -> None:
     """attention_mask, 1 at real positions and 0 at padding, must be (batch, length); a prompt to generate after
     must be left-padded (its last position real in every row), or its last logits would come from padding."""
-    if attention_mask is None:
-        return
-    if tuple(attention_mask.shape) != (batch, length):
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask must be (batch, length) = {(batch, length)}; "
                          f"got {tuple(attention_mask.shape)}")
-    if prompt and length and not attention_mask[:, -1].bool().all():
+    if attention_mask is not None and prompt and length and not attention_mask[:, -1].bool().all():
         raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row")
 
 
 def process_logits(logits: Tensor, seen: Tensor | None, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, repetition_penalty: float = 1.0) -> Tensor:
-    """Turn next-token logits (B, V) into the scores that are sampled from (filtered entries are -inf).
-
-    seen: (B, T) token ids already in the sequence (prompt and generated), for the repetition penalty, or None;
-    entries < 0 are padding and count for nothing.
-    """
+    """Next-token logits (B, V) -> the scores sampled from (filtered entries -inf). seen (B, T): the token ids
+    already in the sequence, for the repetition penalty (entries < 0 are padding), or None."""
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None and seen.numel():
         hits = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), (seen >= 0).to(logits.dtype))
@@ -106,29 +89,23 @@ def next_token(logits: Tensor, seen: Tensor | None = None, do_sample: bool = Fal
 def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
              attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             eos_token_id: int | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, seen_ids: Tensor | None = None) -> Tensor:
-    """Generate up to max_new_tokens tokens after a prompt; returns the new tokens (B, T).
-
-    The prompt is inputs_embeds (B, P, d) followed by the embeddings of input_ids (B, L); either may be absent.
-    inputs_embeds is how the audio tokens arrive. Rows of different lengths are left-padded and marked with
-    attention_mask (B, P + L), 1 for real positions. The tokens that count as seen for the repetition penalty are
-    seen_ids (B, S) if given (entries < 0 are padding), else input_ids, plus every generated token. A row that has
-    produced eos_token_id is finished: it gets pad_token_id (default: the EOS) from then on, and generation stops
-    when every row has finished.
-    """
+             eos_token_id: int | None = None, generator: torch.Generator | None = None,
+             seen_ids: Tensor | None = None) -> Tensor:
+    """The prompt inputs_embeds (B, P, d) then input_ids (B, L) (either may be absent), left-padded as
+    attention_mask (B, P + L) marks -> up to max_new_tokens new tokens (B, T). Seen for the repetition penalty:
+    seen_ids (B, S) (entries < 0: padding) or input_ids, and every new token. A row that has produced eos_token_id
+    gets it again from then on; generation stops when every row has."""
     embeds = join(model, input_ids, inputs_embeds)
     batch, length = embeds.shape[:2]
     logits, cache = model.prefill(embeds, attention_mask, length + max_new_tokens)
     seen = seen_ids if seen_ids is not None else input_ids
     seen = seen if seen is not None else embeds.new_zeros(batch, 0, dtype=torch.long)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
     tokens = []
     for step in range(max_new_tokens):
         token = next_token(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
         if eos_token_id is not None:
-            token = token.masked_fill(finished, pad)
+            token = token.masked_fill(finished, eos_token_id)
             finished |= token == eos_token_id
         tokens.append(token)
         seen = torch.cat([seen, token[:, None]], dim=1)

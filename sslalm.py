@@ -10,11 +10,8 @@ Fig. 1, box by box (B = batch, T = fbank frames, d = the LLM's width):
     the frozen LLM with LoRA adapters (§III-C)               llm (mamba.MambaLM or llama.LlamaLM + lora.py)
     next-token cross-entropy on the text tokens (§III-D)     SSLALM.forward
 
-Trainable (green in Fig. 1): DASS, the conv + linear projector and the LoRA adapters; the LLM is frozen.
-The four variants of Table I: size in {small, medium} (DASS) x llm in {llama ("hybrid LALM"), mamba ("ssLALM")}.
-The prompt and the loss follow LTU, which the paper builds on: "### Instruction:\\n{question}\\n\\n### Response:\\n"
-then the answer and EOS (LLaMA puts BOS first); the loss covers every text token (instruction and response), or
-only the response with `response_only_loss`; the text is cut at 108 tokens; audio positions have no labels.
+Trainable (green in Fig. 1): DASS, the projector and the LoRA adapters. Table I's variants: DASS small or medium x
+LLaMA (the "hybrid LALM") or Mamba (the "ssLALM"). Prompt, loss and text cutoff follow LTU, as the paper does.
 """
 from __future__ import annotations
 
@@ -24,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 import audio
 import lora
@@ -60,41 +58,38 @@ class SSLALMConfig:
     def __post_init__(self):
         if self.llm not in LLMS:
             raise ValueError(f"unknown LLM {self.llm!r}: use 'mamba' (the ssLALM) or 'llama' (the hybrid LALM)")
+        if self.size not in ("small", "medium") and not self.dass:
+            raise ValueError(f"unknown DASS size {self.size!r}: the paper has 'small' and 'medium' (or give `dass`)")
+        self.lora_targets = tuple(self.lora_targets)
 
     @classmethod
-    def paper(cls, size: str = "small", llm: str = "mamba", **kw) -> "SSLALMConfig":
-        if size not in ("small", "medium"):
-            raise ValueError(f"unknown DASS size {size!r}: the paper has 'small' and 'medium'")
+    def paper(cls, size: str = "small", llm: str = "mamba", **kw) -> SSLALMConfig:
         return cls(size=size, llm=llm, **kw)
 
-    def dass_config(self) -> DASSConfig:
-        if self.dass:
-            return DASSConfig(**self.dass)
-        if self.size not in ("small", "medium"):
-            raise ValueError(f"DASS size {self.size!r} needs explicit `dass` fields")
-        return getattr(DASSConfig, self.size)()
-
-    def targets(self) -> tuple[str, ...]:
-        return tuple(self.lora_targets) or lora.PAPER_TARGETS[self.llm]
-
     @classmethod
-    def from_dict(cls, d: dict) -> "SSLALMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+    def from_dict(cls, d: dict) -> SSLALMConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown SSLALM config fields {sorted(unknown)}")
-        return cls(**{**d, "lora_targets": tuple(d.get("lora_targets", ()))})
+        return cls(**d)
+
+    def dass_config(self) -> DASSConfig:
+        return DASSConfig(**self.dass) if self.dass else getattr(DASSConfig, self.size)()
+
+    def targets(self) -> tuple[str, ...]:
+        return self.lora_targets or lora.PAPER_TARGETS[self.llm]
 
 
 class SSLALM(nn.Module):
-    """Fig. 1: DASS -> conv + linear projector -> audio tokens prefixed to the prompt -> the LLM with LoRA.
-    Building from pretrained parts and checkpoints: checkpoint.py."""
+    """Fig. 1: DASS -> conv + linear projector -> audio tokens prefixed to the prompt -> the LLM with LoRA. Parts
+    left out are built with random weights (pretrained parts and checkpoints: checkpoint.py)."""
+
+    PARTS = ("dass", "projector", "lora")  # what training may update; the LLM stays frozen
 
     def __init__(self, config: SSLALMConfig, dass: DASS | None = None, llm: nn.Module | None = None,
                  tokenizer=None):
-        """Assemble the model of Fig. 1 from its parts; parts left out are built with random weights."""
         super().__init__()
-        self.config = config
+        self.config, self.tokenizer = config, tokenizer
         LM, LMConfig = LLMS[config.llm]
         self.dass = dass if dass is not None else DASS(config.dass_config())
         if "head" in self.dass.classifier:  # the LALM uses DASS "with the classification layer removed" (§III-B)
@@ -103,13 +98,9 @@ class SSLALM(nn.Module):
         width = self.dass.config.dims[-1]  # 768 for DASS small and medium
         self.audio_conv = nn.Conv2d(width, width, kernel_size=3, stride=2, padding=1)
         self.audio_proj = nn.Linear(width, self.llm.hidden_size)
-        for p in self.llm.parameters():
-            p.requires_grad_(False)
         lora.add_lora(self.llm, targets=config.targets(), r=config.lora_r, alpha=config.lora_alpha,
-                      dropout=config.lora_dropout)
-        self.tokenizer = tokenizer
+                      dropout=config.lora_dropout)  # and freezes the LLM
 
-    # ---- Fig. 1 --------------------------------------------------------------------------------------------
     def audio_tokens(self, fbank: Tensor) -> Tensor:
         """fbank (B, T, 128) DASS input -> audio tokens (B, 2 ceil(T/64), d): 32 tokens for T = 1024."""
         feats = self.dass.features(fbank)                     # (B, 768, 4, ceil(T/32))  channels, freq, time
@@ -119,54 +110,39 @@ class SSLALM(nn.Module):
 
     def forward(self, fbank: Tensor, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None
                 ) -> Tensor:
-        """Mean next-token cross-entropy over the labelled text tokens, given the audio (§III-D).
-
-        fbank (B, T, 128); input_ids, labels (B, L) right-padded (labels IGNORE_INDEX where there is no loss);
-        attention_mask is accepted for symmetry with the data: right padding needs no mask in a causal model.
-        """
+        """fbank (B, T, 128); input_ids, labels (B, L) right-padded (labels IGNORE_INDEX where there is no loss)
+        -> the mean next-token cross-entropy of the labelled text tokens (§III-D). attention_mask is accepted for
+        symmetry with the data: right padding needs no mask in a causal model."""
         audio_emb = self.audio_tokens(fbank)                            # (B, n, d)
         embeds = sampling.join(self.llm, input_ids, audio_emb)          # audio prefix, then the prompt (B, n + L, d)
         logits = self.llm(inputs_embeds=embeds)                         # (B, n + L, V)
-        # Only text positions make predictions (as in LTU): text position i predicts text token i + 1, so the audio
-        # positions have neither logits nor labels, and the first text token is given, not predicted.
+        # text position i predicts text token i + 1 (as in LTU): audio positions have no loss, the first token is given
         pred = logits[:, audio_emb.shape[1]:-1]                          # (B, L - 1, V)
         return F.cross_entropy(pred.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
-    # ---- text ----------------------------------------------------------------------------------------------
     def encode_prompt(self, instruction: str, input: str = "") -> list[int]:
-        """The prompt for answering, whole: text_cutoff applies to training text only (as in LTU), and cutting
-        here would drop the template's '### Response:' from a long instruction."""
+        """The prompt for answering, whole: text_cutoff applies to training text only (as in LTU)."""
         return self.tokenizer.encode(prompt_text(instruction, input))
 
     def encode_example(self, instruction: str, output: str, input: str = "") -> tuple[list[int], list[int]]:
-        """LTU's training text: prompt + answer + EOS, cut at text_cutoff tokens; labels IGNORE_INDEX where no loss
-        (the prompt, with response_only_loss). EOS is appended only when the text fits, as LTU does."""
-        prompt = self.tokenizer.encode(prompt_text(instruction, input))
-        full = self.tokenizer.encode(prompt_text(instruction, input) + output)
-        ids = full[:self.config.text_cutoff]
+        """LTU's training text: prompt + answer + EOS (if it fits), cut at text_cutoff tokens -> (ids, labels);
+        labels are IGNORE_INDEX where there is no loss (the prompt, with response_only_loss)."""
+        prompt = self.encode_prompt(instruction, input)
+        ids = self.tokenizer.encode(prompt_text(instruction, input) + output)[:self.config.text_cutoff]
         if len(ids) < self.config.text_cutoff:
             ids = ids + [self.tokenizer.eos_token_id]
-        labels = list(ids)
-        if self.config.response_only_loss:
-            labels[:min(len(prompt), len(labels))] = [IGNORE_INDEX] * min(len(prompt), len(labels))
-        return ids, labels
-
-    # ---- training parts ------------------------------------------------------------------------------------
-    PARTS = ("dass", "projector", "lora")
+        n = min(len(prompt), len(ids)) if self.config.response_only_loss else 0
+        return ids, [IGNORE_INDEX] * n + ids[n:]
 
     def part_parameters(self, part: str) -> list[nn.Parameter]:
-        if part == "dass":
-            return list(self.dass.parameters())
-        if part == "projector":
-            return list(self.audio_conv.parameters()) + list(self.audio_proj.parameters())
         if part == "lora":
             return lora.lora_parameters(self.llm)
-        raise ValueError(f"unknown part {part!r}; parts are {self.PARTS}")
+        modules = {"dass": [self.dass], "projector": [self.audio_conv, self.audio_proj]}[part]
+        return [p for m in modules for p in m.parameters()]
 
     def set_trainable(self, parts) -> None:
-        """Exactly the given parts (subset of "dass", "projector", "lora") require gradients; the LLM never."""
-        for p in self.parameters():
-            p.requires_grad_(False)
+        """Exactly the given parts (of PARTS) require gradients; the LLM never."""
+        self.requires_grad_(False)
         for part in parts:
             for p in self.part_parameters(part):
                 p.requires_grad_(True)
@@ -176,24 +152,19 @@ class SSLALM(nn.Module):
         keep = {id(p) for part in self.PARTS for p in self.part_parameters(part)}
         return {n: p.detach() for n, p in self.named_parameters() if id(p) in keep}
 
-    # ---- answering -----------------------------------------------------------------------------------------
     def answer(self, clips: list, instructions: list[str], **kw) -> list[str]:
-        """Answer one instruction per clip (a file path, a 16 kHz waveform, or a (T, 128) DASS input) in one
-        batch; keyword arguments as `generate` (the paper's sampling by default, greedy=True for the argmax)."""
+        """Answer one instruction per clip (a file path, a 16 kHz waveform or a (T, 128) DASS input) in one batch;
+        keyword arguments as `generate`."""
         eos = self.tokenizer.eos_token_id
         return [self.tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids).strip()
                 for ids in self.generate(clips, instructions, **kw)]
 
     @torch.no_grad()
     def generate(self, clips: list, instructions: list[str], *, max_new_tokens: int = sampling.MAX_NEW_TOKENS,
-                 greedy: bool = False, generator: torch.Generator | None = None, crop: bool = False,
-                 **settings) -> list[list[int]]:
+                 greedy: bool = False, crop: bool = False, **settings) -> list[list[int]]:
         """The answer tokens for one instruction per clip, batched with left padding and the LLM's decode cache.
-
-        Sampling follows sampling.PAPER_SAMPLING (§III-D) unless `settings` (temperature, top_k, top_p,
-        repetition_penalty) override it; greedy=True takes the argmax instead. crop: see `prepare_audio` (LTU's
-        evaluation crops).
-        """
+        Sampling: sampling.PAPER_SAMPLING, but for `settings` (temperature, top_k, top_p, repetition_penalty,
+        generator); greedy=True takes the argmax. crop: see `prepare_audio`."""
         if len(clips) != len(instructions):
             raise ValueError(f"got {len(clips)} clips and {len(instructions)} instructions")
         settings = {**sampling.PAPER_SAMPLING, **settings, **({"do_sample": False} if greedy else {})}
@@ -205,17 +176,13 @@ class SSLALM(nn.Module):
             rows.append(sampling.join(self.llm, torch.tensor([prompts[-1]], device=device), audio_emb)[0])
         embeds, mask, seen = sampling.left_pad(rows, prompts)
         new = sampling.generate(self.llm, inputs_embeds=embeds, attention_mask=mask, seen_ids=seen,
-                                max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                                generator=generator, **settings)
+                                max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, **settings)
         return new.tolist()
 
     def prepare_audio(self, clip, crop: bool = False) -> Tensor:
-        """A path, a waveform (S,) at 16 kHz or a DASS input (T, 128) -> the DASS input (T', 128).
-
-        T' = audio_frames (the training length) for shorter clips, which are padded with silence as in training;
-        longer clips keep all their frames (T' = T: audio tokens in proportion to the duration), or their first
-        audio_frames frames with crop=True.
-        """
+        """A path, a waveform (S,) at 16 kHz or a DASS input (T, 128) -> the DASS input (T', 128). Shorter clips
+        are padded with silence to audio_frames, as in training; longer ones keep all their frames (audio tokens
+        in proportion to the duration), or their first audio_frames with crop=True (LTU's evaluation)."""
         if isinstance(clip, (str, os.PathLike)):
             clip = audio.dass_input_from_file(clip, target_length=None)  # errors name the file
         if clip.dim() == 1:
@@ -231,46 +198,28 @@ class SSLALM(nn.Module):
 
 def prompt_text(instruction: str, input: str = "") -> str:
     """The prompt before the answer; `input` (OpenAQA's field, empty for non-speech audio) adds a section."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_TEMPLATE.format(instruction=instruction)
+    return (PROMPT_WITH_INPUT if input else PROMPT_TEMPLATE).format(instruction=instruction, input=input)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, Tensor]:
-    """Batch examples {"fbank": (T, 128), "input_ids": list, "labels": list}: fbanks padded at the end to the
-    longest T with the value a silent (zero) frame takes after normalisation, text right-padded with pad_id, labels
-    with IGNORE_INDEX. Returns fbank (B, T, 128), input_ids, labels, attention_mask (B, L)."""
-    frames = max(e["fbank"].shape[0] for e in examples)
-    length = max(len(e["input_ids"]) for e in examples)
-    batch = {
-        "fbank": torch.full((len(examples), frames, audio.N_MELS), audio.SILENT_FRAME),
-        "input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
-        "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
-        "attention_mask": torch.zeros(len(examples), length, dtype=torch.long),
-    }
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        batch["fbank"][i, :e["fbank"].shape[0]] = e["fbank"]
-        batch["input_ids"][i, :n] = torch.tensor(e["input_ids"])
-        batch["labels"][i, :n] = torch.tensor(e["labels"])
-        batch["attention_mask"][i, :n] = 1
-    return batch
+    """Examples {"fbank": (T, 128), "input_ids": list, "labels": list} -> fbank (B, T, 128) padded at the end with
+    silent frames; input_ids (B, L) right-padded with pad_id, labels with IGNORE_INDEX; attention_mask (B, L)."""
+    def pad(rows: list, value: float, dtype: torch.dtype = torch.long) -> Tensor:
+        return pad_sequence([torch.as_tensor(r, dtype=dtype) for r in rows], batch_first=True, padding_value=value)
+
+    ids = [e["input_ids"] for e in examples]
+    return {"fbank": pad([e["fbank"] for e in examples], audio.SILENT_FRAME, torch.float32),
+            "input_ids": pad(ids, pad_id), "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
+            "attention_mask": pad([[1] * len(i) for i in ids], 0)}
 
 
-# ---- parameter counts ---------------------------------------------------------------------------------------
 def parameter_table(model: SSLALM) -> dict[str, dict[str, int]]:
     """Trainable and total parameters per part of Fig. 1 (trainable as in training stages 2-4)."""
-    count = lambda ps: sum(p.numel() for p in ps)
-    lora_params = model.part_parameters("lora")
-    lora_ids = {id(p) for p in lora_params}
-    rows = {
-        "DASS": count(model.dass.parameters()),
-        "conv": count(model.audio_conv.parameters()),
-        "linear": count(model.audio_proj.parameters()),
-        "LoRA": count(lora_params),
-        "LLM": count(p for p in model.llm.parameters() if id(p) not in lora_ids),
-    }
-    trainable = rows["DASS"] + rows["conv"] + rows["linear"] + rows["LoRA"]
+    parts = {"DASS": model.dass.parameters(), "conv": model.audio_conv.parameters(),
+             "linear": model.audio_proj.parameters(), "LoRA": model.part_parameters("lora")}
+    rows = {name: sum(p.numel() for p in ps) for name, ps in parts.items()}
+    trainable = sum(rows.values())
+    rows["LLM"] = sum(p.numel() for p in model.llm.parameters()) - rows["LoRA"]
     return {"parts": rows, "trainable": trainable, "total": trainable + rows["LLM"]}
 
 

@@ -1,26 +1,17 @@
-"""The published weights of the pretrained parts, read and written in their own formats.
-
-    Mamba      a Hugging Face folder (state-spaces/mamba-2.8b-hf) or a mamba_ssm one (state-spaces/mamba-2.8b):
-               config.json in either field naming, the embedding named backbone.embeddings or backbone.embedding
-    LLaMA      a Hugging Face folder (lmsys/vicuna-7b-v1.5): config.json, transformers 4.x or 5.x field names
-    DASS       the official DASS_small.pth / DASS_medium.pth (a DataParallel state dict, keys module.v.*), our
-               safetensors file (the config in its metadata), or the Hugging Face port (keys dass.*, head.*)
-    tokenizers Mamba's tokenizer.json (GPT-NeoX's BPE) and LLaMA's tokenizer.model, by the libraries that made them
-
-Our models are not transformers' classes, so their folders are read here rather than by from_pretrained
-(transformers is the oracle in the tests). A Hugging Face folder holds its weights in one of the LAYOUTS, tried in
-transformers' order (an index.json names the shard of every key). Tensors are read one at a time into a model built
-on the meta device, so the weights are never held twice.
-
-Every loader here, and those of checkpoint.py, ends in `load_state`: strict, as in nanoGPT / llama2.c. Every
-parameter must be read exactly once with the right shape; each missing, unexpected, repeated or mis-shaped key is
-listed in one ValueError that names the file.
+"""The public checkpoint formats of the pretrained parts, read and written strictly (`load_state`), each tensor read
+into a model built on the meta device (never held twice):
+    Mamba      a Hugging Face folder (state-spaces/mamba-2.8b-hf) or a mamba_ssm one (state-spaces/mamba-2.8b)
+    LLaMA      a Hugging Face folder (lmsys/vicuna-7b-v1.5), transformers 4.x or 5.x config names
+    DASS       the official DASS_small.pth / DASS_medium.pth (keys module.v.*), the Hugging Face port (keys dass.*,
+               head.*) or our safetensors file (the config in its metadata)
+    tokenizers GPT-NeoX's tokenizer.json (Mamba) and LLaMA's tokenizer.model, by the libraries that made them
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -38,25 +29,20 @@ from mamba import MambaConfig, MambaLM
 
 LAYOUTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 WHERE_TO_GET = {
-    "mamba": "the Mamba-2.8B checkpoint: download the Hugging Face repository state-spaces/mamba-2.8b-hf "
-             "(or state-spaces/mamba-2.8b) into a folder, e.g. `huggingface-cli download state-spaces/mamba-2.8b-hf "
-             "--local-dir weights/mamba-2.8b-hf`, and pass that folder",
-    "llama": "the Vicuna-7B checkpoint: download the Hugging Face repository lmsys/vicuna-7b-v1.5 into a folder, "
-             "e.g. `huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir weights/vicuna-7b-v1.5`, and pass "
-             "that folder",
-    "dass": "a DASS checkpoint: download DASS_small.pth or DASS_medium.pth (AudioSet-2M) from the DASS "
-            "repository's releases (github.com/Saurabhbhati/DASS) and pass the file",
+    "mamba": "the Mamba-2.8B folder: `huggingface-cli download state-spaces/mamba-2.8b-hf --local-dir DIR`",
+    "llama": "the Vicuna-7B folder: `huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir DIR`",
+    "dass": "a DASS checkpoint: DASS_small.pth or DASS_medium.pth from github.com/Saurabhbhati/DASS's releases",
 }
 
 
 # ---- Strict loading, and the Hugging Face folder layout ----------------------------------------------------------
-
 def load_state(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], source: str, *,
                names: Iterable[str] | None = None, dtype: torch.dtype | None = None, fp32: tuple[str, ...] = ()
                ) -> None:
-    """Put tensors, (key, tensor, file it came from), into the parameters of `model` named `names` (default: all).
-    A parameter on the meta device is replaced by the tensor, cast to dtype (None: the stored dtype; names ending
-    with one of `fp32` become fp32); any other parameter is copied into, keeping its dtype and device."""
+    """Put tensors (key, tensor, its file) into the parameters of `model` named `names` (default: all), each once
+    with its shape, else one ValueError listing every missing, unexpected, repeated or mis-shaped key (strict, as
+    nanoGPT / llama2.c). A meta parameter becomes the tensor cast to dtype (None: as stored; names ending with one of
+    `fp32`: fp32); any other is copied into, keeping its dtype and device."""
     params = dict(model.named_parameters())
     wanted = set(params) if names is None else set(names)
     seen: dict[str, str] = {}  # key -> the file it was read from
@@ -95,20 +81,22 @@ def config_file(path: str, what: str) -> str:
     return file
 
 
+def refuse_unsupported(config: dict, need: dict, source: str) -> None:
+    """A config field that asks for what is not built here (an absent field is taken as supported) is an error."""
+    for key, want in need.items():
+        if config.get(key, want) != want:
+            raise ValueError(f"{source}: {key} = {config[key]!r} is not supported (only {want!r})")
+
+
 def weight_files(path: str) -> list[str]:
-    """The folder's weight files in the first layout found: a single file, or the shards its index lists."""
+    """The folder's weight files in the first of LAYOUTS found (transformers' order), shards as its index lists."""
     for name in LAYOUTS:
         file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            continue
-        if not name.endswith(".index.json"):
+        if os.path.isfile(file) and name.endswith(".index.json"):
+            shards = json.loads(Path(file).read_text())["weight_map"].values()
+            return [os.path.join(path, s) for s in sorted(set(shards))]  # a missing one: FileNotFoundError on reading
+        if os.path.isfile(file):
             return [file]
-        with open(file) as f:
-            shards = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-        absent = [s for s in shards if not os.path.isfile(s)]
-        if absent:
-            raise FileNotFoundError(f"{file} lists shard(s) that do not exist: {absent}")
-        return shards
     raise FileNotFoundError(f"{path}: no weights (expected {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]})")
 
 
@@ -135,7 +123,6 @@ def folder_tensors(path: str, device=None) -> Iterator[tuple[str, Tensor, str]]:
 
 
 def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
-    """Write the folder `path`: config.json (the dict `config`) and model.safetensors (the tensors of `state`)."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -144,47 +131,36 @@ def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
 
 
 # ---- Mamba -------------------------------------------------------------------------------------------------------
-
-# transformers' MambaConfig fields -> ours; mamba_ssm's config uses our names (its SSM ones inside ssm_cfg)
+# transformers' MambaConfig fields -> ours; mamba_ssm's config.json uses our names (the SSM's inside ssm_cfg)
 HF_MAMBA = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
             "state_size": "d_state", "expand": "expand", "conv_kernel": "d_conv", "time_step_rank": "dt_rank",
             "layer_norm_epsilon": "rms_norm_eps", "use_conv_bias": "conv_bias", "use_bias": "bias",
             "time_step_min": "dt_min", "time_step_max": "dt_max", "time_step_floor": "dt_init_floor"}
-SSM_CFG = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "dt_min", "dt_max", "dt_init_floor"}
 
 
 def mamba_config(path: str) -> MambaConfig:
-    """Read config.json in either format: HF (hidden_size, num_hidden_layers, ...) or mamba_ssm (d_model, ...)."""
-    with open(path) as f:
-        c = json.load(f)
-    if "hidden_size" in c:  # transformers' MambaConfig; its vocabulary is stored padded
-        checks = {"tie_word_embeddings": True, "hidden_act": "silu",
-                  "intermediate_size": c.get("expand", 2) * c["hidden_size"]}
-        fields = {ours: c[hf] for hf, ours in HF_MAMBA.items() if hf in c} | {"pad_vocab_size_multiple": 1}
-    elif "d_model" in c:  # mamba_ssm's MambaConfig
-        checks = {"rms_norm": True, "tie_embeddings": True, "d_intermediate": 0, "attn_layer_idx": []}
-        ssm = dict(c.get("ssm_cfg") or {})
-        if ssm.pop("layer", "Mamba1") != "Mamba1":
-            raise ValueError(f"{path}: only Mamba-1 layers are supported; ssm_cfg is {c['ssm_cfg']}")
-        unknown = set(ssm) - SSM_CFG - {"dt_init", "dt_scale", "use_fast_path"}  # these: initialisation, kernels
-        if unknown:
-            raise ValueError(f"{path}: unsupported ssm_cfg entries {sorted(unknown)}")
-        fields = {k: c[k] for k in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple") if k in c}
-        fields |= {k: v for k, v in ssm.items() if k in SSM_CFG} | {"rms_norm_eps": c.get("norm_epsilon", 1e-5)}
+    """config.json in either format: transformers' (hidden_size, ...) or mamba_ssm's (d_model, ...)."""
+    c = json.loads(Path(path).read_text())
+    if "hidden_size" in c:  # transformers' names -> ours; the vocabulary is stored padded
+        c = {HF_MAMBA.get(k, k): v for k, v in c.items()} | {"pad_vocab_size_multiple": 1}
+        d_inner = c.get("expand", 2) * c["d_model"]
+        need = {"tie_word_embeddings": True, "hidden_act": "silu", "intermediate_size": d_inner}
+    elif "d_model" in c:  # mamba_ssm's: the SSM's fields inside ssm_cfg
+        c = c | (c.get("ssm_cfg") or {}) | {"rms_norm_eps": c.get("norm_epsilon", 1e-5)}
+        need = {"layer": "Mamba1", "rms_norm": True, "tie_embeddings": True, "d_intermediate": 0, "attn_layer_idx": []}
     else:
         raise ValueError(f"{path}: neither an HF Mamba config (hidden_size, ...) nor a mamba_ssm one (d_model, ...)")
-    for key, want in checks.items():
-        if c.get(key) not in (None, want):
-            raise ValueError(f"{path}: {key} = {c[key]!r} is not supported (need {want!r})")
+    refuse_unsupported(c, need, path)
+    fields = {k: v for k, v in c.items() if k in {*HF_MAMBA.values(), "pad_vocab_size_multiple"}}
     if fields.get("dt_rank") == "auto":
         fields["dt_rank"] = 0  # ceil(d_model / 16)
     return MambaConfig(**fields)
 
 
 def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> MambaLM:
-    """A Mamba checkpoint folder (HF or mamba_ssm format) -> MambaLM in eval mode, parameters trainable.
-    dtype: None keeps the stored dtype, otherwise every tensor is cast to it except A_log and D, which stay fp32 (as
-    mamba_ssm keeps them). lm_head.weight may be stored; it must then equal the embedding (the head is tied)."""
+    """A Mamba checkpoint folder (either format) -> MambaLM in eval mode, parameters trainable. dtype None keeps the
+    stored dtype; A_log and D stay fp32 (as mamba_ssm keeps them). A stored lm_head.weight must equal the
+    embedding (the head is tied)."""
     with torch.device("meta"):
         model = MambaLM(mamba_config(config_file(path, "a Mamba checkpoint folder")))
     heads = []
@@ -212,86 +188,74 @@ def mamba_hf_config(c: MambaConfig) -> dict:
 
 
 def save_mamba(model: MambaLM, path: str) -> None:
-    """Write the HF format: config.json (`mamba_hf_config`) and model.safetensors."""
     dtype = str(model.backbone.embeddings.weight.dtype).removeprefix("torch.")
     save_weights(model.state_dict(), path, mamba_hf_config(model.config) | {"dtype": dtype})
 
 
 # ---- LLaMA -------------------------------------------------------------------------------------------------------
-
-def llama_config(cfg: dict, source: str = "config.json") -> LlamaConfig:
-    """A Hugging Face LLaMA config.json (transformers 4.x or 5.x field names); refuse what is not built here."""
+def llama_config(path: str) -> LlamaConfig:
+    """A Hugging Face LLaMA config.json (transformers 4.x or 5.x field names)."""
+    cfg = json.loads(Path(path).read_text())
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    unsupported = {
-        "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (cfg.get("attention_bias", False), False),
-        "mlp_bias": (cfg.get("mlp_bias", False), False),
-        "tie_word_embeddings": (cfg.get("tie_word_embeddings", False), False),
-        "rope type": (rope.get("rope_type", rope.get("type", "default")), "default"),
-    }
-    for name, (got, want) in unsupported.items():
-        if got != want:
-            raise ValueError(f"{source}: {name} = {got!r} is not supported (only {want!r})")
+    need = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            "rope type": "default"}
+    refuse_unsupported(cfg | {"rope type": rope.get("rope_type", rope.get("type", "default"))}, need, path)
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     config = LlamaConfig(**{k: cfg[k] for k in required}, num_key_value_heads=cfg.get("num_key_value_heads"),
                          rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                          rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
                          max_position_embeddings=cfg.get("max_position_embeddings", 2048))
-    if cfg.get("head_dim") not in (None, config.head_dim):
-        raise ValueError(f"{source}: head_dim = {cfg['head_dim']} != hidden_size / num_attention_heads "
-                         f"= {config.head_dim} is not supported")
+    refuse_unsupported(cfg, {"head_dim": config.head_dim}, path)  # = hidden_size / num_attention_heads
     return config
 
 
 def load_llama(path: str, dtype: torch.dtype | None = None, device=None) -> LlamaLM:
     """A Hugging Face LLaMA checkpoint folder -> LlamaLM in eval mode, parameters trainable. dtype None keeps the
     stored dtype. Old checkpoints store RoPE's `...rotary_emb.inv_freq`, computed here from rope_theta: ignored."""
-    file = config_file(path, "a LLaMA checkpoint folder")
-    with open(file) as f:
-        config = llama_config(json.load(f), file)
     with torch.device("meta"):
-        model = LlamaLM(config)
+        model = LlamaLM(llama_config(config_file(path, "a LLaMA checkpoint folder")))
     tensors = (t for t in folder_tensors(path, device) if not t[0].endswith("rotary_emb.inv_freq"))
     load_state(model, tensors, path, dtype=dtype)
     return model.eval()
 
 
 def llama_hf_config(c: LlamaConfig) -> dict:
-    """config.json in transformers' LlamaConfig field names."""
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", tie_word_embeddings=False,
                 bos_token_id=1, eos_token_id=2, **asdict(c))
 
 
 def save_llama(model: LlamaLM, path: str) -> None:
-    """Write config.json and model.safetensors in the Hugging Face format (transformers can load them)."""
     save_weights(model.state_dict(), path, llama_hf_config(model.config))
-
-
-def llm_kind(path: str) -> str:
-    """'mamba' or 'llama': which language model a checkpoint folder holds, from its config.json."""
-    with open(config_file(path, "a language model checkpoint folder")) as f:
-        c = json.load(f)
-    if c.get("model_type") in ("mamba", "llama"):
-        return c["model_type"]
-    if "d_model" in c:
-        return "mamba"  # mamba_ssm's config has no model_type
-    raise ValueError(f"{path}/config.json: model_type {c.get('model_type')!r} is neither 'mamba' nor 'llama'")
 
 
 LOADERS = {"mamba": load_mamba, "llama": load_llama}
 
 
+def llm_kind(path: str) -> str:
+    """'mamba' or 'llama': which language model a checkpoint folder holds, from its config.json."""
+    c = json.loads(Path(config_file(path, "a language model checkpoint folder")).read_text())
+    kind = c.get("model_type") or ("mamba" if "d_model" in c else None)  # mamba_ssm's config has no model_type
+    if kind not in LOADERS:
+        raise ValueError(f"{path}/config.json: model_type {kind!r} is neither 'mamba' nor 'llama'")
+    return kind
+
+
 # ---- Tokenizers --------------------------------------------------------------------------------------------------
+def tokenizer_file(path: str, name: str, llm: str) -> str:
+    """path itself, or path/name if path is a folder; FileNotFoundError saying where to get it if absent."""
+    file = os.path.join(path, name) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"tokenizer {file} not found: the LLM folder should hold {name} "
+                                f"({WHERE_TO_GET[llm]}), or pass its path")
+    return file
+
 
 class MambaTokenizer:
-    """GPT-NeoX's byte-level BPE, read from the tokenizer.json that ships with the Mamba checkpoints.
-    encode adds no BOS (Mamba was trained without one); <|endoftext|> (id 0) is the end-of-sequence token."""
+    """GPT-NeoX's byte-level BPE (tokenizer.json, shipped with the Mamba checkpoints). No BOS (Mamba was trained
+    without one); <|endoftext|> (id 0) ends a sequence."""
 
     def __init__(self, path: str):
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no tokenizer.json (the GPT-NeoX-20B tokenizer that ships with "
-                                    f"state-spaces/mamba-*-hf; copy it next to the weights)")
+        file = tokenizer_file(path, "tokenizer.json", "mamba")
         self.tokenizer = Tokenizer.from_file(file)
         self.eos_token_id = self.tokenizer.token_to_id("<|endoftext|>")
         if self.eos_token_id is None:
@@ -305,42 +269,40 @@ class MambaTokenizer:
 
 
 class LlamaTokenizer:
-    """The LLaMA sentencepiece tokenizer (`tokenizer.model`): unk 0, <s> 1, </s> 2; BOS is prepended by default."""
+    """LLaMA's sentencepiece tokenizer (tokenizer.model): unk 0, <s> 1, </s> 2; BOS is prepended by default."""
 
     def __init__(self, path: str):
-        file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no sentencepiece tokenizer at {file}")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=file)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_file(path, "tokenizer.model", "llama"))
         self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.vocab_size()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_token_id] * bos + self.sp.encode(text) + [self.eos_token_id] * eos
 
-    def decode(self, ids) -> str:
-        """Token ids (a list or a 1-D tensor) -> text; <s> and </s> give no text."""
+    def decode(self, ids) -> str:  # <s> and </s> give no text
         return self.sp.decode([int(i) for i in ids])
 
 
+TOKENIZERS = {"mamba": MambaTokenizer, "llama": LlamaTokenizer}
+
+
 def load_tokenizer(config) -> MambaTokenizer | LlamaTokenizer:
-    """The tokenizer of an SSLALMConfig (anything with .llm, .tokenizer, .llm_weights): GPT-NeoX's tokenizer.json
-    for Mamba, sentencepiece's tokenizer.model for LLaMA; config.tokenizer, or found in the LLM's folder."""
-    name = "tokenizer.json" if config.llm == "mamba" else "tokenizer.model"
-    path = Path(config.tokenizer) if config.tokenizer else Path(config.llm_weights or ".") / name
-    if path.is_dir():
-        path = path / name
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found: the LLM folder should hold {name} "
-                                f"({WHERE_TO_GET[config.llm]}), or pass its path")
-    return MambaTokenizer(str(path)) if config.llm == "mamba" else LlamaTokenizer(str(path))
+    """The tokenizer of an SSLALMConfig (.llm, .tokenizer, .llm_weights): config.tokenizer, or the LLM folder's."""
+    return TOKENIZERS[config.llm](config.tokenizer or config.llm_weights or ".")
 
 
 # ---- DASS --------------------------------------------------------------------------------------------------------
+# the Hugging Face port's key names -> ours (its conversion script's renames of the official module.v.*, undone)
+HF_PATCH = {"0": "0", "1": "2", "3": "5", "4": "7"}  # patch_embeddings.projection.i -> patch_embed.j
+HF_DASS = {r"^head\.": "classifier.head.", r"^dass\.norm\.": "classifier.norm.", r"^dass\.": "",
+           r"^patch_embeddings\.projection\.(\d)\.": lambda m: f"patch_embed.{HF_PATCH[m[1]]}.",
+           r"downsample\.down\.": "downsample.1.", r"downsample\.norm\.": "downsample.3.",
+           r"op\.x_proj\.weight$": "op.x_proj_weight", r"op\.dt_projs\.weight$": "op.dt_projs_weight"}
+
 
 def load_dass(path: str | Path, config: DASSConfig | None = None) -> DASS:
-    """DASS weights in any of the three formats (module docstring) -> DASS in fp32, train mode. The config is the
-    file's (ours), or inferred from the tensor shapes, unless given."""
+    """DASS weights in any of the three formats (a file, or the HF port's folder) -> DASS in fp32, train mode. The
+    config is `config`, else the file's (ours), else inferred from the tensor shapes."""
     state, file, file_config = _read_dass(Path(path))
     with torch.device("meta"):
         model = DASS(config or file_config or _infer_dass_config(state, file))
@@ -356,13 +318,9 @@ def save_dass(model: DASS, path: str | Path) -> None:
 
 
 def _read_dass(path: Path) -> tuple[dict[str, Tensor], Path, DASSConfig | None]:
-    """Any supported file (or a folder holding the HF port's) -> (state dict in our key layout, the file, the config
-    if the file carries one)."""
+    """-> (state dict in our key layout, the file read, the config if the file carries one)."""
     if path.is_dir():
-        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"DASS weights: directory {path} has no model.safetensors or pytorch_model.bin")
-        path = found[0]
+        path = Path(weight_files(str(path))[0])  # the HF port's folder
     if not path.is_file():
         raise FileNotFoundError(f"DASS weights {path}: no such file ({WHERE_TO_GET['dass']})")
     config = None
@@ -378,52 +336,28 @@ def _read_dass(path: Path) -> tuple[dict[str, Tensor], Path, DASSConfig | None]:
             raise ValueError(f"DASS weights {path}: not a readable PyTorch checkpoint ({e})") from e
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"DASS weights {path}: expected a flat state_dict of tensors, got {type(state).__name__}")
-    if state and all(k.startswith("module.v.") for k in state):        # official DataParallel checkpoint
-        state = {k[len("module.v."):]: v for k, v in state.items()}
-    elif any(k.startswith("dass.") for k in state):                    # Hugging Face port
-        state = _from_hf_keys(state)
+    if state and all(k.startswith("module.v.") for k in state):  # the official DataParallel checkpoint
+        state = {k.removeprefix("module.v."): v for k, v in state.items()}
+    elif any(k.startswith("dass.") for k in state):  # the Hugging Face port
+        renamed = {}
+        for key, value in state.items():
+            for pattern, ours in HF_DASS.items():
+                key = re.sub(pattern, ours, key)
+            grouped = key.endswith(("op.x_proj_weight", "op.dt_projs_weight"))  # the port's 1x1 convs (K rows, cols)
+            renamed[key] = value.reshape(4, -1, value.shape[-1]) if grouped else value  # (K, rows, cols), K = 4 scans
+        state = renamed
     return state, path, config
-
-
-_HF_PATCH = {"0": "0", "1": "2", "3": "5", "4": "7"}  # HF patch_embeddings.projection.i -> official patch_embed.j
-
-
-def _from_hf_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The HF port's names (Saurabhbhati/transformers-DASS, modeling_dass.py) -> ours.
-
-    Its conversion script renames module.v.X -> dass.X with: patch_embed.{0,2,5,7} -> patch_embeddings.projection.
-    {0,1,3,4}, downsample.{1,3} -> downsample.{down,norm}, classifier.norm -> norm, classifier.head -> head (no
-    prefix); x_proj_weight (K, R+2N, d) and dt_projs_weight (K, d, R) become grouped 1x1 convs x_proj.weight
-    (K(R+2N), d) and dt_projs.weight (K d, R). dt_projs_bias, A_logs, Ds keep their names and shapes.
-    """
-    out = {}
-    for k, v in state.items():
-        k = re.sub(r"^head\.", "classifier.head.", k)
-        k = re.sub(r"^dass\.norm\.", "classifier.norm.", k)
-        k = re.sub(r"^dass\.", "", k)
-        k = re.sub(r"^patch_embeddings\.projection\.(\d)\.", lambda m: f"patch_embed.{_HF_PATCH.get(m[1], m[1])}.", k)
-        k = k.replace("downsample.down.", "downsample.1.").replace("downsample.norm.", "downsample.3.")
-        if k.endswith("op.x_proj.weight"):
-            k, v = k.replace("x_proj.weight", "x_proj_weight"), v.reshape(4, -1, v.shape[-1])
-        elif k.endswith("op.dt_projs.weight"):
-            k, v = k.replace("dt_projs.weight", "dt_projs_weight"), v.reshape(4, -1, v.shape[-1])
-        out[k] = v
-    return out
 
 
 def _infer_dass_config(state: dict[str, Tensor], path: Path) -> DASSConfig:
     """Stage widths and depths, N, MLP ratio and class count from the tensor shapes of a state dict (our keys)."""
-    blocks: dict[int, int] = {}
-    for k in state:
-        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k)
-        if m:
-            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    depths = Counter(int(m[1]) for k in state if (m := re.fullmatch(r"layers\.(\d+)\.blocks\.\d+\.norm\.weight", k)))
     try:
-        dims = tuple(state[f"layers.{s}.blocks.0.norm.weight"].shape[0] for s in range(len(blocks)))
-        return DASSConfig(dims=dims, depths=tuple(blocks[s] for s in range(len(blocks))),
+        dims = [state[f"layers.{s}.blocks.0.norm.weight"].shape[0] for s in range(len(depths))]
+        return DASSConfig(dims=dims, depths=[depths[s] for s in range(len(depths))],
                           d_state=state["layers.0.blocks.0.op.A_logs"].shape[1],
                           mlp_ratio=state["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dims[0],
                           n_classes=state["classifier.head.weight"].shape[0])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, IndexError) as e:
         raise ValueError(f"DASS weights {path}: cannot infer the model size (missing or odd key {e}); "
                          "is this a DASS checkpoint?") from e
