@@ -114,14 +114,12 @@ def byte_encode(instruction, output, input=""):
     return ids, ids
 
 
-def write_clips(tmp_path, n):
+def write_clips(folder, n):
+    """n clips of noise, clip{i}.wav at 16 kHz; returns their names."""
     rng = np.random.default_rng(0)
-    files = []
     for i in range(n):
-        f = tmp_path / f"clip{i}.wav"
-        sf.write(str(f), (0.1 * rng.standard_normal(3200)).astype(np.float32), 16000)
-        files.append(f.name)
-    return files
+        sf.write(str(folder / f"clip{i}.wav"), (0.1 * rng.standard_normal(3200)).astype(np.float32), 16000)
+    return [f"clip{i}.wav" for i in range(n)]
 
 
 def test_unreadable_audio_fails_naming_entry_or_is_skipped_and_reported(tmp_path, capsys):
