@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
-from checkpoint import CorruptCheckpoint, read_plain
+from checkpoint import CorruptCheckpoint, check_model_files, read_plain
 from data import BadEntry, DataError, collate_checked
 
 # stage -> (trainable parts, learning rate, epochs): LTU's recipe, paper §III-E
@@ -430,7 +430,7 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
             if not isinstance(st, dict) or not TRAINER_KEYS <= set(st):
                 raise CorruptCheckpoint(f"{ckpt / 'trainer.pt'}: not the trainer state trainer.py writes")
             rng = [read_plain(ckpt / f"rng-rank{r}.pt") for r in range(st["world"])]
-            checkpoint.check_model_files(ckpt)
+            check_model_files(ckpt)
             break
         except CorruptCheckpoint as e:
             if not latest:
