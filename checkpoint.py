@@ -1,13 +1,9 @@
-"""Our checkpoints: building the ssLALM from pretrained parts, saving and loading what training produced, reading
-a checkpoint's files safely, and LoRA adapter files (ours, and PEFT's format).
+"""Our checkpoints: building the ssLALM from pretrained parts; saving, checking and loading what training produced;
+LoRA adapter files (ours, and PEFT's adapter folder).
 
-A checkpoint folder holds
-    config.json          {"sslalm": the SSLALMConfig fields, "llm_fingerprint": samples of the base LLM's weights}
-    model.safetensors    the trainable weights only: DASS, the projector and the LoRA adapters
-The frozen base LLM is read again from the folder the config names (absolute, or relative to the checkpoint folder
-when it lies inside it), and the fingerprint refuses another base model. Reading is strict: weights.load_state.
-trainer.py adds trainer.pt and rng-rank{r}.pt, plain data read with `read_plain` (torch.load(weights_only=True)).
-PEFT's adapter folder: adapter_config.json + adapter_model.safetensors, keys base_model.model.<module>.lora_A.weight.
+A checkpoint folder holds config.json ({"sslalm": the SSLALMConfig fields, "llm_fingerprint": samples of the base
+LLM's weights}) and model.safetensors (the trainable weights only: DASS, the projector and the LoRA adapters). The
+frozen base LLM is read again from the folder the config names, and the fingerprint refuses another base model.
 """
 from __future__ import annotations
 
@@ -253,13 +249,9 @@ def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str |
     if covered != names:
         raise ValueError(f"adapters sit on a subset of the layers named {targets}; PEFT's target_modules list "
                          f"would put them on all {len(covered)}")
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-    }
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
+              "target_modules": targets, "bias": "none", "inference_mode": True}  # PEFT's defaults for the rest
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)

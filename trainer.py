@@ -6,19 +6,10 @@
     3      all closed-ended questions    DASS, projector, LoRA        1e-4   1
     4      all of OpenAQA (open+closed)  DASS, projector, LoRA        1e-4   1
 Global batch 256, AdamW without weight decay, 100 warm-up steps then a linear decay, gradient clipping at 1.0, bf16
-autocast on GPU (following LTU).
-
-A step (one optimizer update) takes a global batch of `batch_size` entries from the epoch's seeded order, cut into
-micro-batches of `micro_batch` that are dealt to the ranks round-robin; a rank short of micro-batches makes zero
-passes (no data, zero gradients) to join DistributedDataParallel's all-reduce. The step's loss is the mean of its
-micro-batch losses, as with Hugging Face's Trainer that LTU used, so 1 or N processes train the same model up to
-float summation order.
-
-Checkpoints: <output_dir>/checkpoints/step-NNNNNNN/ holds the model's files (checkpoint.save_checkpoint), trainer.pt
-(optimizer, step, the epoch's order, the data's fingerprint) and rng-rank{r}.pt, plain data read with
-checkpoint.read_plain. Each is written into a temporary folder renamed when complete; the newest `keep` are kept.
-A resume is exact (on CPU the losses are bit-identical to an uninterrupted run's; log.jsonl keeps one line per step),
-and "latest" passes over a checkpoint that cannot be read. A new run refuses a folder holding another (OutputInUse).
+autocast on GPU (following LTU). A step's global batch is cut into micro-batches dealt to the ranks round-robin; its
+loss is the mean of their losses (as Hugging Face's Trainer, which LTU used), so 1 or N processes train alike.
+Checkpoints, checkpoints/step-NNNNNNN/: the model's files, trainer.pt and rng-rank{r}.pt (plain data), written into
+a temporary folder renamed when complete. A resume is exact (bit-identical losses on CPU).
 """
 from __future__ import annotations
 
@@ -125,11 +116,13 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def micro_batches(order: Tensor, step: int, batch_size: int, micro_batch: int, world: int,
-                  rank: int) -> list[list[int]]:
-    """The micro-batches `rank` runs for step `step` (0-based, within the epoch): the global batch
-    order[step*B : (step+1)*B] cut into consecutive micro-batches, micro-batch j going to rank j % world."""
+                  rank: int) -> list[list[int] | None]:
+    """The passes `rank` makes in step `step` (0-based, within the epoch): the global batch order[step*B : (step+1)*B]
+    is cut into consecutive micro-batches, micro-batch j going to rank j % world; a rank with fewer than rank 0 makes
+    zero passes (None: no data, zero gradients) to join the all-reduce."""
     chunk = order[step * batch_size:(step + 1) * batch_size].tolist()
-    return [chunk[j:j + micro_batch] for j in range(0, len(chunk), micro_batch)][rank::world]
+    mbs = [chunk[j:j + micro_batch] for j in range(0, len(chunk), micro_batch)]
+    return mbs[rank::world] + [None] * (len(mbs[0::world]) - len(mbs[rank::world]))
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
@@ -191,8 +184,6 @@ class LossOf(nn.Module):
         return self.model(**batch)
 
 
-# ---- Random states and checkpoints -------------------------------------------------------------------------------
-
 def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + 7919 * rank)  # the CPU and every CUDA device
     np.random.seed(seed + rank)
@@ -201,9 +192,8 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def rng_state(device: torch.device) -> dict:
     """This process's random states, CUDA only for its own device (not every visible GPU: a resume may see fewer)."""
-    np_state = np.random.get_state(legacy=False)
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
-         "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}}}
+    kind, key, *rest = np.random.get_state()
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": (kind, key.tolist(), *rest)}
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
@@ -212,8 +202,8 @@ def rng_state(device: torch.device) -> dict:
 def set_rng_state(s: dict, device: torch.device) -> None:
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
-    key = np.array(s["numpy"]["state"]["key"], dtype=np.uint32)
-    np.random.set_state({**s["numpy"], "state": {"key": key, "pos": s["numpy"]["state"]["pos"]}})
+    kind, key, *rest = s["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), *rest))
     if "cuda" in s and device.type == "cuda":
         torch.cuda.set_rng_state(s["cuda"], device)
 
@@ -253,10 +243,8 @@ def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Pat
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.fsync(fd)
+    os.close(fd)
 
 
 def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist) -> None:
@@ -282,8 +270,6 @@ def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist)
                     path.unlink()
         d.barrier()
 
-
-# ---- Progress ----------------------------------------------------------------------------------------------------
 
 def _logged_step(line: str) -> float:
     try:
@@ -326,21 +312,16 @@ class Progress:
             self.log.close()
 
 
-# ---- The training loop -------------------------------------------------------------------------------------------
-
 def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable[[list[dict], int], dict],
           pad_id: int, cfg: TrainConfig, output_dir: str | Path, *, resume: str | Path | None = None,
           overwrite: bool = False, d: Dist | None = None, device: torch.device | str = "cpu",
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train `model`'s parameters that require grad on `dataset`; checkpoints and log.jsonl go to `output_dir`.
+    """Train `model`'s parameters that require grad (model(**batch) -> a micro-batch's mean loss) on `dataset`.
 
-    model(**batch) returns a micro-batch's scalar loss; checkpoint.save_checkpoint / load_trainable save and restore
-    its trained weights. resume: a checkpoint folder, or "latest" (the newest readable one in output_dir); without
-    it output_dir must hold no other run (OutputInUse) unless overwrite. A dataset with .fingerprint() (and
-    .source) is checked against the checkpoint's. on_step(step, loss) runs after every step (tests crash there).
-    Raises NonFiniteLoss at the first NaN/inf loss or gradient norm (nothing of that step is saved) and DataError at
-    the first bad entry unless cfg.skip_bad.
-    """
+    resume: a checkpoint folder, or "latest" (the newest readable one in output_dir); without it output_dir must
+    hold no other run (OutputInUse) unless overwrite. A dataset's .fingerprint() is checked on resume. on_step(step,
+    loss) runs after every step. Raises NonFiniteLoss at a NaN/inf loss or gradient norm (that step unsaved), and
+    DataError at a bad entry unless cfg.skip_bad."""
     d, device, out = d or Dist(), torch.device(device), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     claim_output(out, resume, overwrite, d)
@@ -380,7 +361,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
             if order_epoch != epoch:
                 order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
             first = step - epoch * per_epoch
-            plan = [_passes(order, s, cfg, d) for s in range(first, min(per_epoch, first + total - step))]
+            plan = [micro_batches(order, s, cfg.batch_size, cfg.micro_batch, d.world, d.rank)
+                    for s in range(first, min(per_epoch, first + total - step))]
             batches = iter(torch.utils.data.DataLoader(  # this epoch's micro-batches; zero passes read nothing
                 dataset, batch_sampler=[mb for passes in plan for mb in passes if mb is not None],
                 num_workers=cfg.num_workers, collate_fn=partial(collate_checked, collate=collate, pad_id=pad_id),
@@ -469,13 +451,6 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
     if d.main:
         print(f"resumed from {ckpt} at step {st['step']}", file=sys.stderr)
     return st["step"], st["order_epoch"], st["order"], [BadEntry(**b) for b in st["bad"]]
-
-
-def _passes(order: Tensor, step: int, cfg: TrainConfig, d: Dist) -> list[list[int] | None]:
-    """This rank's micro-batches of `step`, padded with None (zero passes) to rank 0's number of micro-batches."""
-    mine = micro_batches(order, step, cfg.batch_size, cfg.micro_batch, d.world, d.rank)
-    most = len(micro_batches(order, step, cfg.batch_size, cfg.micro_batch, d.world, 0))
-    return mine + [None] * (most - len(mine))
 
 
 def _accumulate(net: nn.Module, batches, passes: list, cfg: TrainConfig, device: torch.device,
