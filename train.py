@@ -1,19 +1,14 @@
 """Train LTU's four-stage recipe (paper §III-E, trainer.STAGES) on OpenAQA-format data; data-parallel and resumable.
 
     python train.py --size small --llm mamba        # the four stages in turn, on the default layout (layout.py)
-    python train.py --size small --llm mamba --stage 1 --data stage1.json --audio-root /data \\
-        --dass-weights DASS_small.pth --llm-weights mamba-2.8b-hf --output-dir runs/stage1
     python train.py ... --stage 2 --data stage2.json --init-from runs/stage1 --output-dir runs/stage2
     torchrun --nproc_per_node 8 train.py ...        # the same training, data-parallel over 8 GPUs
     python train.py ... --resume                    # continue the run in --output-dir exactly where it stopped
-    python train.py ... --overwrite                 # start afresh in --output-dir (deletes its run's files)
     python train.py --demo --output-dir demo        # CPU, minutes: synthetic sounds -> a tiny ssLALM (demo.py)
 
-`--stage` picks what trains, the learning rate and the epochs; it selects nothing from the data (LTU published a
-JSON file per stage). Unlike LTU, a missing or unreadable audio file, or an entry without a labelled token, stops the
-run naming the entry (all are looked for before training); `--skip-bad` skips and reports them. --output-dir
-receives config.json + model.safetensors (the trained DASS, projector and LoRA weights, which evaluate.py and
-`cli.py ask` read), log.jsonl (one line per step) and checkpoints/ (trainer.py). A NaN loss stops the run, unsaved.
+Unlike LTU, an unreadable audio file or an entry without a labelled token stops the run naming the entry (all are
+looked for before training); `--skip-bad` skips and reports them. --output-dir receives config.json +
+model.safetensors (the trained DASS, projector and LoRA weights), log.jsonl and checkpoints/ (trainer.py).
 """
 from __future__ import annotations
 
@@ -78,8 +73,8 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     dropped = ds.check_files(args.skip_bad)
     if model.config.response_only_loss:  # otherwise the prompt's own tokens are labelled: no entry lacks labels
         dropped += ds.check_labels(args.skip_bad)
-    res = train(model, ds, sslalm.collate, model.tokenizer.eos_token_id, cfg, out, resume=args.resume, overwrite=args.overwrite, d=d,
-                device=device)
+    res = train(model, ds, sslalm.collate, model.tokenizer.eos_token_id, cfg, out, resume=args.resume,  # EOS pads
+                overwrite=args.overwrite, d=d, device=device)
     res.bad = dropped + res.bad
     if d.main:
         checkpoint.save_checkpoint(model, out)
@@ -108,8 +103,7 @@ def curriculum_stage(args: argparse.Namespace, stage: int, out: Path, init_from:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="The recipe: trainer.py's docstring.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demo", action="store_true", help="synthetic sounds -> a tiny ssLALM on CPU in minutes")
     p.add_argument("--output-dir", help="default: runs/SIZE-LLM/stageN (without --stage: the run folder runs/SIZE-LLM)")
     p.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -27,7 +26,6 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -44,7 +42,7 @@ STAGES = {
     3: (("dass", "projector", "lora"), 1e-4, 1),
     4: (("dass", "projector", "lora"), 1e-4, 1),
 }
-RUN_FILES = ("checkpoints", "log.jsonl", "loss.png", "config.json", "model.safetensors")  # what a run leaves
+RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "model.safetensors")  # what a run leaves
 TRAINER_KEYS = {"step", "order_epoch", "order", "optimizer", "n_entries", "world", "config", "bad"}  # in trainer.pt
 
 
@@ -184,16 +182,10 @@ class LossOf(nn.Module):
         return self.model(**batch)
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    torch.manual_seed(seed + 7919 * rank)  # the CPU and every CUDA device
-    np.random.seed(seed + rank)
-    random.seed(seed + rank)
-
-
 def rng_state(device: torch.device) -> dict:
-    """This process's random states, CUDA only for its own device (not every visible GPU: a resume may see fewer)."""
-    kind, key, *rest = np.random.get_state()
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": (kind, key.tolist(), *rest)}
+    """This process's random states (torch's are the only ones training draws from: dropout, the data order), CUDA
+    only for its own device (not every visible GPU: a resume may see fewer)."""
+    s = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
@@ -201,9 +193,6 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(s: dict, device: torch.device) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    kind, key, *rest = s["numpy"]
-    np.random.set_state((kind, np.array(key, dtype=np.uint32), *rest))
     if "cuda" in s and device.type == "cuda":
         torch.cuda.set_rng_state(s["cuda"], device)
 
@@ -339,7 +328,7 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                "file": getattr(dataset, "source", None)}
     if resume is None:
         step, order_epoch, order = 0, 0, epoch_order(n, cfg.seed, 0)
-        seed_everything(cfg.seed, d.rank)
+        torch.manual_seed(cfg.seed + 7919 * d.rank)  # the CPU and every CUDA device
     else:
         step, order_epoch, order, result.bad = _resume(resume, out, model, opt, cfg, n, data_id, d, device)
     net: nn.Module = LossOf(model)
@@ -368,7 +357,6 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                 num_workers=cfg.num_workers, collate_fn=partial(collate_checked, collate=collate, pad_id=pad_id),
                 generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda"))
             for passes in plan:
-                t0 = time.time()
                 sums = _accumulate(net, batches, passes, cfg, device, result.bad)
                 loss, gnorm, samples = _reduce_and_clip(params, sums, d, cfg, step + 1, out)
                 lr = lr_at(step + 1, cfg.lr, cfg.warmup_steps, total)
@@ -379,7 +367,7 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                 step += 1
                 result.losses.append(loss)
                 prog.step({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                           "samples": samples, "time": round(time.time() - t0, 4)})
+                           "samples": samples})
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     result.checkpoint = save_checkpoint(model, state(), out, step, d, cfg.keep, device)
                 if on_step is not None:
@@ -444,10 +432,8 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
     opt.load_state_dict(st["optimizer"])
     if st["world"] == d.world:
         set_rng_state(rng[d.rank], device)
-    else:
-        print(f"note: {ckpt} was written by {st['world']} processes, resuming with {d.world}; the data order "
-              "and weights continue exactly, random states (dropout) start afresh", file=sys.stderr)
-        seed_everything(cfg.seed + st["step"], d.rank)
+    else:  # the data order and the weights continue exactly; dropout's random states start afresh
+        torch.manual_seed(cfg.seed + st["step"] + 7919 * d.rank)
     if d.main:
         print(f"resumed from {ckpt} at step {st['step']}", file=sys.stderr)
     return st["step"], st["order_epoch"], st["order"], [BadEntry(**b) for b in st["bad"]]
