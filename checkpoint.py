@@ -38,17 +38,12 @@ def build(config: SSLALMConfig, device=None, dtype: torch.dtype | None = None, l
     """The model of Fig. 1 from pretrained parts: DASS from config.dass_weights (unless load_dass is False; without
     config.dass its shapes are the file's, see `dass_fields`), the LLM (in `dtype`) and its tokenizer from
     config.llm_weights. A missing path says what to download."""
-    where = weights.WHERE_TO_GET
-    if not config.llm_weights:
-        raise FileNotFoundError(f"no LLM weights given: pass --llm-weights, {where[config.llm]}")
-    if not Path(config.llm_weights).is_dir():
-        raise FileNotFoundError(f"LLM weights folder {config.llm_weights} not found: {where[config.llm]}")
+    needed = [("--llm-weights", config.llm_weights, config.llm), ("--dass-weights", config.dass_weights, "dass")]
+    for flag, path, kind in needed[:1 + load_dass]:
+        if not path or not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path or '(not given)'}: not found; {weights.WHERE_TO_GET[kind]}")
     dass = None
     if load_dass:
-        if not config.dass_weights:
-            raise FileNotFoundError(f"no DASS weights given: pass --dass-weights, {where['dass']}")
-        if not Path(config.dass_weights).exists():
-            raise FileNotFoundError(f"DASS weights {config.dass_weights} not found: {where['dass']}")
         dass = weights.load_dass(config.dass_weights, config=DASSConfig(**config.dass) if config.dass else None)
         config.dass = config.dass or dass_fields(dass.config, config.size, config.dass_weights)
     llm = weights.LOADERS[config.llm](config.llm_weights, dtype=dtype, device=device)
@@ -71,13 +66,12 @@ def dass_fields(found: DASSConfig, size: str, path: str) -> dict:
     return asdict(found)
 
 
-def save_checkpoint(model: SSLALM, path: str | os.PathLike, home: str | os.PathLike | None = None) -> None:
+def save_checkpoint(model: SSLALM, path: str | os.PathLike) -> None:
     """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is. The config
-    names the base weights by absolute path, or relative to the checkpoint's folder when they lie inside it (then the
-    folder can be moved as a whole). That folder is `path`, or `home` if the files are written elsewhere first and
-    moved there."""
+    names the base weights by absolute path, or relative to `path` when they lie inside it (so that the folder can
+    be moved as a whole)."""
     path = Path(path)
-    home = Path(home or path).resolve()
+    home = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "model.safetensors.tmp"
     save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(tmp))

@@ -1,11 +1,6 @@
-"""The default layout of weights, data and runs, shared by train.py and evaluate.py (drawn in the README).
-
-With the downloads in place (relative to the current directory), `python train.py --size small --llm mamba` and
-`python evaluate.py --task esc50` need no other flag: DASS and the LLM under weights/, the curriculum's OpenAQA files
-in data/openaqa/ (STAGE_SOURCES), the Table I sets under data/ (ESC50, EVAL_SETS), and stage N of a run in
-runs/<size>-<llm>/stageN/ (config.json and model.safetensors once finished, checkpoints/ meanwhile). Every path
-stays overridable with the commands' flags. A default path not found raises MissingFiles, whose message lists every
-one, with what to download and where it goes.
+"""The default layout of weights, data and runs (relative to the current directory; drawn in the README), with which
+`python train.py --size small --llm mamba` and `python evaluate.py --task esc50` need no other flag. Every path stays
+overridable with the commands' flags; default paths not found raise MissingFiles, listing what to download.
 """
 from __future__ import annotations
 
@@ -100,10 +95,9 @@ def _say(line: str) -> None:
 def training_defaults(args: argparse.Namespace) -> None:
     """Fill train.py's unset paths from the layout; raise MissingFiles naming every default path not found.
 
-    Without --stage (the curriculum): --output-dir is the run folder runs/<size>-<llm>; only the stages not finished
-    yet need their data, and only stage 1 builds from DASS and the LLM. With --stage N: --output-dir is
-    runs/<size>-<llm>/stageN, --data <data-dir>/stageN.json, and --init-from stage N-1's folder when it is finished.
-    With --data given, weights not found are left to the model's loader to report, after the data is checked.
+    Without --stage: --output-dir is the run folder runs/<size>-<llm>; only unfinished stages need their data, only
+    stage 1 DASS and the LLM. With --stage N: runs/<size>-<llm>/stageN, <data-dir>/stageN.json, and --init-from stage
+    N-1's folder if finished. With --data given, missing weights are left to the loader, after the data is checked.
     """
     from_layout = args.stage is None or args.data is None  # the data too comes from the layout
     run = Path(args.output_dir) if args.stage is None and args.output_dir else RUNS / f"{args.size}-{args.llm}"
@@ -158,11 +152,8 @@ def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: s
 
 
 def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = _say) -> None:
-    """Fill evaluate.py's unset paths from the layout; raise MissingFiles naming every default path not found.
-
-    The model: the newest finished one under runs/ (said which), unless --checkpoint or --output is given. The
-    data: data/ESC-50-master for esc50, data/<folder>/ of EVAL_SETS (JSON, label CSV, audio/) for the others.
-    """
+    """Fill evaluate.py's unset paths from the layout (the newest finished model under runs/ unless --checkpoint or
+    --output; ESC50 or EVAL_SETS' folder); raise MissingFiles naming every default path not found."""
     missing = []
     if args.checkpoint is None and args.output is None:
         newest = newest_model()
