@@ -43,15 +43,6 @@ EVAL_SETS = {
 }
 
 
-def dass_path(size: str) -> Path:
-    return WEIGHTS / f"DASS_{size}.pth"
-
-
-def llm_paths(llm: str) -> list[Path]:
-    """The folders looked for, in order: Mamba in the Hugging Face format, then in the original one."""
-    return [WEIGHTS / "mamba-2.8b-hf", WEIGHTS / "mamba-2.8b"] if llm == "mamba" else [WEIGHTS / "vicuna-7b-v1.5"]
-
-
 def stage_dir(run: str | Path, stage: int) -> Path:
     return Path(run) / f"stage{stage}"
 
@@ -112,17 +103,18 @@ def training_defaults(args: argparse.Namespace) -> None:
             args.init_from = str(stage_dir(run, args.stage - 1))
         builds = args.init_from is None
         args.data = args.data or str(stage_file(args.data_dir, args.stage))
-    missing = []
+    missing, dass = [], WEIGHTS / f"DASS_{args.size}.pth"
     if builds and args.dass_weights is None:
-        if dass_path(args.size).is_file():
-            args.dass_weights = str(dass_path(args.size))
+        if dass.is_file():
+            args.dass_weights = str(dass)
         elif from_layout:
-            missing.append((_shown(dass_path(args.size)), weights.WHERE_TO_GET["dass"]))
-    found = [p for p in llm_paths(args.llm) if p.is_dir()]
+            missing.append((_shown(dass), weights.WHERE_TO_GET["dass"]))
+    llms = [WEIGHTS / "mamba-2.8b-hf", WEIGHTS / "mamba-2.8b"] if args.llm == "mamba" else [WEIGHTS / "vicuna-7b-v1.5"]
+    found = [p for p in llms if p.is_dir()]  # Mamba in the Hugging Face format first, then in the original one
     if args.llm_weights is None and found:
         args.llm_weights = str(found[0])
     elif args.llm_weights is None and builds and from_layout:
-        missing.append((" or ".join(_shown(p, True) for p in llm_paths(args.llm)), weights.WHERE_TO_GET[args.llm]))
+        missing.append((" or ".join(_shown(p, True) for p in llms), weights.WHERE_TO_GET[args.llm]))
     missing += [(_shown(stage_file(args.data_dir, s)), f"LTU's OpenAQA {STAGE_SOURCES[s]} ({LTU_DATA}), with its "
                  "audio (16 kHz)") for s in stages if not stage_file(args.data_dir, s).is_file()]
     if missing:

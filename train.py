@@ -146,10 +146,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     again.add_argument("--overwrite", action="store_true", help="start one stage afresh in an --output-dir that "
                        "holds another run (deletes its checkpoints, log and model)")
     c.add_argument("--log-every", type=at_least(1), default=10, help="steps between progress lines")
-    e = p.add_argument_group("demo")
-    e.add_argument("--demo-clips", type=at_least(1), help="training clips per class")
-    e.add_argument("--demo-lm-steps", type=at_least(1), help="pretraining steps of the tiny LM")
-    e.add_argument("--demo-epochs", type=at_least(0), help="epochs of demo stage 2")
     args = p.parse_args(argv)
     if args.demo and not args.output_dir:
         p.error("--demo needs --output-dir")
@@ -165,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.demo:
-            kw = dict(clips_per_class=args.demo_clips, lm_steps=args.demo_lm_steps, stage2_epochs=args.demo_epochs)
-            demo.run_demo(args.output_dir, demo.DemoConfig(**{k: v for k, v in kw.items() if v is not None}),
-                          args.seed)
+            demo.run_demo(args.output_dir, seed=args.seed)  # its sizes: demo.DemoConfig
         else:
             layout.training_defaults(args)
             if args.stage is not None:

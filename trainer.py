@@ -207,7 +207,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Path, step: int, d: Dist,
                     keep: int, device: torch.device = torch.device("cpu")) -> Path:
     """Write checkpoint `step` into a temporary folder that is renamed when complete (a crash mid-write leaves no
-    checkpoint that looks whole); keep the newest `keep`."""
+    checkpoint that looks whole; one cut short by a power loss is passed over by resume "latest"); keep the newest
+    `keep`."""
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     if d.main:
@@ -219,21 +220,12 @@ def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Pat
     if d.main:
         checkpoint.save_checkpoint(model, tmp)
         torch.save(trainer_state, tmp / "trainer.pt")
-        for path in [*tmp.iterdir(), tmp]:  # on disk before the rename
-            _fsync(path)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync(root)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     d.barrier()
     return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
 
 
 def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist) -> None:
@@ -357,8 +349,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                 num_workers=cfg.num_workers, collate_fn=partial(collate_checked, collate=collate, pad_id=pad_id),
                 generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda"))
             for passes in plan:
-                sums = _accumulate(net, batches, passes, cfg, device, result.bad)
-                loss, gnorm, samples = _reduce_and_clip(params, sums, d, cfg, step + 1, out)
+                loss, gnorm, samples = _gradient(net, params, batches, passes, cfg, d, device, result.bad, step + 1,
+                                                 out)
                 lr = lr_at(step + 1, cfg.lr, cfg.warmup_steps, total)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -439,12 +431,13 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
     return st["step"], st["order_epoch"], st["order"], [BadEntry(**b) for b in st["bad"]]
 
 
-def _accumulate(net: nn.Module, batches, passes: list, cfg: TrainConfig, device: torch.device,
-                bad: list[BadEntry]) -> Tensor:
-    """Forward and backward of one step's passes, gradients summed in .grad; a micro-batch whose every entry is bad
-    becomes a zero pass. Returns this rank's [sum of micro-batch losses, micro-batches, entries] (float64)."""
+def _gradient(net: nn.Module, params: list[nn.Parameter], batches, passes: list, cfg: TrainConfig, d: Dist,
+              device: torch.device, bad: list[BadEntry], step: int, out: Path) -> tuple[float, float, int]:
+    """Forward and backward of this rank's passes of step `step` (a micro-batch whose every entry is bad becomes a
+    zero pass), leaving the gradient of the step's loss in .grad, clipped. Returns the step's loss, gradient norm
+    (before clipping) and entries over all ranks; raises NonFiniteLoss if the loss or the norm is NaN or infinite."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # sum of micro-batch losses, micro-batches, entries
     for j, mb in enumerate(passes):
         batch = None
         if mb is not None:
@@ -463,13 +456,6 @@ def _accumulate(net: nn.Module, batches, passes: list, cfg: TrainConfig, device:
             loss.backward()
         if batch is not None:
             sums[0] += loss.detach().double().cpu()
-    return sums
-
-
-def _reduce_and_clip(params: list[nn.Parameter], sums: Tensor, d: Dist, cfg: TrainConfig, step: int,
-                     out: Path) -> tuple[float, float, int]:
-    """The step's loss, gradient norm (before clipping) and entries over all ranks, with the gradient of the step's
-    loss in .grad, clipped. Raises NonFiniteLoss (nothing updated) on a NaN or infinite loss or gradient norm."""
     if d.world > 1:
         sums = sums.to(params[0].device)
         dist.all_reduce(sums)
