@@ -1,10 +1,5 @@
-"""The training loop of LTU's four-stage recipe (paper §III-E): data-parallel, resumable, failing loudly.
+"""The training loop of LTU's four-stage recipe (paper §III-E, STAGES): data-parallel, resumable, failing loudly.
 
-    stage  data                          trains                       lr     epochs
-    1      classification                projector                    1e-3   2
-    2      classification                DASS, projector, LoRA        1e-4   2
-    3      all closed-ended questions    DASS, projector, LoRA        1e-4   1
-    4      all of OpenAQA (open+closed)  DASS, projector, LoRA        1e-4   1
 Global batch 256, AdamW without weight decay, 100 warm-up steps then a linear decay, gradient clipping at 1.0, bf16
 autocast on GPU (following LTU). A step's global batch is cut into micro-batches dealt to the ranks round-robin; its
 loss is the mean of their losses (as Hugging Face's Trainer, which LTU used), so 1 or N processes train alike.
@@ -35,12 +30,11 @@ import checkpoint
 from checkpoint import CorruptCheckpoint, check_model_files, read_plain
 from data import BadEntry, DataError, collate_checked
 
-# stage -> (trainable parts, learning rate, epochs): LTU's recipe, paper §III-E
-STAGES = {
-    1: (("projector",), 1e-3, 2),
-    2: (("dass", "projector", "lora"), 1e-4, 2),
-    3: (("dass", "projector", "lora"), 1e-4, 1),
-    4: (("dass", "projector", "lora"), 1e-4, 1),
+STAGES = {  # stage -> (trainable parts, learning rate, epochs): LTU's recipe, paper §III-E
+    1: (("projector",), 1e-3, 2),                 # on classification
+    2: (("dass", "projector", "lora"), 1e-4, 2),  # on classification
+    3: (("dass", "projector", "lora"), 1e-4, 1),  # on all closed-ended questions
+    4: (("dass", "projector", "lora"), 1e-4, 1),  # on all of OpenAQA, open- and closed-ended
 }
 RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "model.safetensors")  # what a run leaves
 TRAINER_KEYS = {"step", "order_epoch", "order", "optimizer", "n_entries", "world", "config", "bad"}  # in trainer.pt
