@@ -158,12 +158,9 @@ def read_plain(file: Path):
 # ---- the base LLM's fingerprint ----------------------------------------------------------------------------------
 
 def llm_fingerprint(llm: nn.Module) -> dict[str, list[float]]:
-    """Samples of the base LLM's weights, so that a checkpoint refuses another base model: the token
-    embedding, every tensor of the last block, and what follows it (the final norm; LLaMA's untied head).
-
-    Values are rounded to bf16 first, so that the same weights give the same numbers whether the base is loaded in
-    fp32 or bf16 (in fp16, up to one rounding step: see `fingerprint_mismatch`). Empty on the meta device.
-    """
+    """Samples of the base LLM's weights (the token embedding, every tensor of the last block and what follows it),
+    rounded to bf16 so that they are the same whether the base is loaded in fp32 or bf16 (in fp16, up to one rounding
+    step: see `fingerprint_mismatch`). Empty on the meta device."""
     adapters = {id(p) for p in lora.lora_parameters(llm)}
     params = [(n, p) for n, p in llm.named_parameters() if id(p) not in adapters]
     if not params or params[0][1].is_meta:

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -246,45 +246,17 @@ def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist)
         d.barrier()
 
 
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf  # a line torn by a stop mid-write
-
-
-class Progress:
-    """A progress line on stderr every `every` steps and a JSON line per step in <output_dir>/log.jsonl, first cut
-    back to the steps up to `start` (a resumed run logs the later steps again). Silent on ranks other than 0."""
-
-    def __init__(self, out: Path, name: str, total: int, start: int, every: int, enabled: bool):
-        self.name, self.total, self.start, self.every = name, total, start, every
-        self.t0, self.samples, self.log = time.time(), 0, None
-        if enabled:
-            log = out / "log.jsonl"
-            lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
-            log.with_suffix(".tmp").write_text("".join(x + "\n" for x in lines if _logged_step(x) <= start))
-            os.replace(log.with_suffix(".tmp"), log)
-            self.log = open(log, "a", encoding="utf-8")
-
-    def step(self, rec: dict) -> None:
-        if self.log is None:
-            return
-        self.samples += rec["samples"]
-        dt = time.time() - self.t0
-        rec["samples_per_s"] = round(self.samples / max(dt, 1e-9), 2)
-        self.log.write(json.dumps(rec) + "\n")
-        self.log.flush()
-        s = rec["step"]
-        if s % self.every == 0 or s == self.total or s == self.start + 1:
-            eta = int(dt / (s - self.start) * (self.total - s))
-            print(f"{self.name} | step {s}/{self.total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                  f"{rec['samples_per_s']:.1f} samples/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
+def _open_log(out: Path, start: int):
+    """<out>/log.jsonl cut back to the steps up to `start` (a resumed run logs the later steps again; a line torn by
+    a stop mid-write goes too), opened for appending."""
+    log, kept = out / "log.jsonl", []
+    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
+        with suppress(json.JSONDecodeError, KeyError, TypeError):
+            if json.loads(line)["step"] <= start:
+                kept.append(line)
+    log.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(log.with_suffix(".tmp"), log)
+    return open(log, "a", encoding="utf-8")
 
 
 def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable[[list[dict], int], dict],
@@ -328,9 +300,9 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                 "data": data_id, "world": d.world, "total_steps": total, "config": dataclasses.asdict(cfg),
                 "bad": [dataclasses.asdict(b) for b in result.bad]}
 
-    prog = Progress(out, cfg.name, total, step, cfg.log_every, d.main)
     model.train()
-    try:
+    start, t0, seen = step, time.time(), 0
+    with (_open_log(out, step) if d.main else nullcontext()) as log:  # log.jsonl on rank 0
         while step < total:
             epoch = step // per_epoch
             if order_epoch != epoch:
@@ -352,16 +324,20 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 result.losses.append(loss)
-                prog.step({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                           "samples": samples})
+                seen, dt = seen + samples, max(time.time() - t0, 1e-9)
+                if log is not None:
+                    print(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                                      "samples": samples, "samples_per_s": round(seen / dt, 2)}), file=log, flush=True)
+                if log is not None and (step % cfg.log_every == 0 or step in (start + 1, total)):
+                    eta = int(dt / (step - start) * (total - step))
+                    print(f"{cfg.name} | step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {seen / dt:.1f} "
+                          f"samples/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", file=sys.stderr)
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     result.checkpoint = save_checkpoint(model, state(), out, step, d, cfg.keep, device)
                 if on_step is not None:
                     on_step(step, loss)
             del batches  # the loader's worker processes end with the epoch
         result.checkpoint = save_checkpoint(model, state(), out, step, d, cfg.keep, device)
-    finally:
-        prog.close()
     result.steps = step
     if d.world > 1:  # the bad entries met by every rank
         parts = [None] * d.world
