@@ -1,32 +1,28 @@
-"""Our checkpoints: building the ssLALM from pretrained parts, saving and loading what training produced, and LoRA
-adapter files (ours, and PEFT's format).
+"""Our checkpoints: building the ssLALM from pretrained parts; saving, checking and loading what training produced;
+LoRA adapter files (ours, and PEFT's adapter folder).
 
-A checkpoint folder holds
-    config.json          {"sslalm": the SSLALMConfig fields, "llm_fingerprint": samples of the base LLM's weights}
-    model.safetensors    the trainable weights only: DASS, the projector and the LoRA adapters
-The frozen base LLM is read again from the folder the config names (absolute, or relative to the checkpoint folder
-when it lies inside it), and the fingerprint refuses another base model. Reading is strict: weights.load_state.
-
-LoRA adapters alone: `save_lora` / `load_lora` (one safetensors file, r/alpha/dropout in its metadata) and PEFT's
-adapter folder, `export_peft` / `import_peft` (adapter_config.json + adapter_model.safetensors, keys
-base_model.model.<module>.lora_A.weight; our module names are the Hugging Face ones).
+A checkpoint folder holds config.json ({"sslalm": the SSLALMConfig fields, "llm_fingerprint": samples of the base
+LLM's weights}) and model.safetensors (the trainable weights only: DASS, the projector and the LoRA adapters). The
+frozen base LLM is read again from the folder the config names, and the fingerprint refuses another base model.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import lora
 import weights
+from dass import DASSConfig
 from sslalm import SSLALM, SSLALMConfig
 
 FINGERPRINT_SAMPLES = 32  # values per fingerprinted tensor, at positions i · SPREAD mod size (i < 32): a prime step
@@ -34,33 +30,48 @@ SPREAD = 2654435761       # (Knuth's multiplicative hash) lands on every column 
 PEFT_PREFIX = "base_model.model."
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that is truncated or corrupt, or holds objects this code never writes (refused unread)."""
+
+
 def build(config: SSLALMConfig, device=None, dtype: torch.dtype | None = None, load_dass: bool = True) -> SSLALM:
-    """The model of Fig. 1 from pretrained parts: DASS from config.dass_weights (unless load_dass is False), the
-    LLM (in `dtype`) and its tokenizer from config.llm_weights. A missing path says what to download."""
-    where = weights.WHERE_TO_GET
-    if not config.llm_weights:
-        raise FileNotFoundError(f"no LLM weights given: pass --llm-weights, {where[config.llm]}")
-    if not Path(config.llm_weights).is_dir():
-        raise FileNotFoundError(f"LLM weights folder {config.llm_weights} not found: {where[config.llm]}")
+    """The model of Fig. 1 from pretrained parts: DASS from config.dass_weights (unless load_dass is False; without
+    config.dass its shapes are the file's, see `dass_fields`), the LLM (in `dtype`) and its tokenizer from
+    config.llm_weights. A missing path says what to download."""
+    needed = [("--llm-weights", config.llm_weights, config.llm), ("--dass-weights", config.dass_weights, "dass")]
+    for flag, path, kind in needed[:1 + load_dass]:
+        if not path or not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path or '(not given)'}: not found; {weights.WHERE_TO_GET[kind]}")
     dass = None
     if load_dass:
-        if not config.dass_weights:
-            raise FileNotFoundError(f"no DASS weights given: pass --dass-weights, {where['dass']}")
-        if not Path(config.dass_weights).exists():
-            raise FileNotFoundError(f"DASS weights {config.dass_weights} not found: {where['dass']}")
-        dass = weights.load_dass(config.dass_weights, config=config.dass_config())
+        dass = weights.load_dass(config.dass_weights, config=DASSConfig(**config.dass) if config.dass else None)
+        config.dass = config.dass or dass_fields(dass.config, config.size, config.dass_weights)
     llm = weights.LOADERS[config.llm](config.llm_weights, dtype=dtype, device=device)
     model = SSLALM(config, dass=dass, llm=llm, tokenizer=weights.load_tokenizer(config))
     return model.to(device) if device is not None else model
 
 
-def save_checkpoint(model: SSLALM, path: str | os.PathLike, home: str | os.PathLike | None = None) -> None:
+def dass_fields(found: DASSConfig, size: str, path: str) -> dict:
+    """The config's `dass` fields for a DASS file of shapes `found`: {} for DASS `size` (the official DASS_small.pth /
+    DASS_medium.pth), its own shapes, with a warning, for a DASS of no paper size. The other paper size is an error."""
+    paper = {name: getattr(DASSConfig, name)() for name in ("small", "medium")}
+    if found == paper.get(size):
+        return {}
+    other = [name for name, c in paper.items() if c == found]
+    if other:
+        raise ValueError(f"{path} holds DASS {other[0]}, not DASS {size}: pass --size {other[0]}, or the "
+                         f"DASS_{size}.pth checkpoint")
+    warnings.warn(f"{path} is no DASS of the paper (dims {found.dims}, depths {found.depths}); the model takes its "
+                  "shapes", stacklevel=2)
+    return asdict(found)
+
+
+def save_checkpoint(model: SSLALM, path: str | os.PathLike) -> None:
     """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is. The config
-    names the base weights by absolute path, or relative to the checkpoint's folder when they lie inside it (then the
-    folder can be moved as a whole). That folder is `path`, or `home` if the files are written elsewhere first and
-    moved there."""
+    names the base weights by absolute path, or relative to `path` when they lie inside it (so that the folder can
+    be moved as a whole)."""
     path = Path(path)
-    home = Path(home or path).resolve()
+    home = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "model.safetensors.tmp"
     save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(tmp))
@@ -81,9 +92,7 @@ def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     weights have moved; they must be the same weights, in any dtype), then the checkpoint's DASS, projector and
     LoRA weights on top. The result is the trained model exactly, in eval mode."""
     path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an ssLALM checkpoint: {name} is missing")
+    check_model_files(path)
     meta = json.loads((path / "config.json").read_text())
     if "sslalm" not in meta:
         raise ValueError(f"{path / 'config.json'} is not an ssLALM checkpoint config (no 'sslalm' entry)")
@@ -115,15 +124,43 @@ def _resolve(path: str | None, base: Path) -> str | None:
     return str(base / path) if (base / path).exists() or not Path(path).exists() else path
 
 
+def check_model_files(folder: Path) -> None:
+    """config.json and model.safetensors are there and whole (JSON; a safetensors header that covers the file), or
+    FileNotFoundError / CorruptCheckpoint names the file."""
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not an ssLALM checkpoint: {name} is missing")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        with safe_open(str(folder / "model.safetensors"), framework="pt"):
+            pass
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"{folder / 'config.json'}: truncated or corrupt ({e})") from None
+    except SafetensorError as e:
+        raise CorruptCheckpoint(f"{folder / 'model.safetensors'}: truncated or corrupt ({e})") from None
+
+
+def read_plain(file: Path):
+    """trainer.pt or rng-rank{r}.pt: tensors and plain containers only (weights_only=True), so nothing in the file
+    can run code. A file that is truncated or holds anything else is a CorruptCheckpoint."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file; a checkpoint folder is checkpoints/step-N of a run")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = "".join(f" ({line.strip()})" for line in str(e).splitlines() if "GLOBAL" in line)
+        raise CorruptCheckpoint(f"{file}: refused unread: it holds objects other than tensors and plain containers"
+                                f"{detail}, which trainer.py never writes; the file is corrupt or not ours") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({(str(e) or 'empty').splitlines()[0]})") from None
+
+
 # ---- the base LLM's fingerprint ----------------------------------------------------------------------------------
 
 def llm_fingerprint(llm: nn.Module) -> dict[str, list[float]]:
-    """Samples of the base LLM's weights, so that a checkpoint refuses another base model: the token
-    embedding, every tensor of the last block, and what follows it (the final norm; LLaMA's untied head).
-
-    Values are rounded to bf16 first, so that the same weights give the same numbers whether the base is loaded in
-    fp32 or bf16 (in fp16, up to one rounding step: see `fingerprint_mismatch`). Empty on the meta device.
-    """
+    """Samples of the base LLM's weights (the token embedding, every tensor of the last block and what follows it),
+    rounded to bf16 so that they are the same whether the base is loaded in fp32 or bf16 (in fp16, up to one rounding
+    step: see `fingerprint_mismatch`). Empty on the meta device."""
     adapters = {id(p) for p in lora.lora_parameters(llm)}
     params = [(n, p) for n, p in llm.named_parameters() if id(p) not in adapters]
     if not params or params[0][1].is_meta:
@@ -203,13 +240,9 @@ def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str |
     if covered != names:
         raise ValueError(f"adapters sit on a subset of the layers named {targets}; PEFT's target_modules list "
                          f"would put them on all {len(covered)}")
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-    }
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
+              "target_modules": targets, "bias": "none", "inference_mode": True}  # PEFT's defaults for the rest
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)

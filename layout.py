@@ -1,30 +1,20 @@
-"""The default layout of weights, data and runs, shared by train.py and evaluate.py (drawn in the README).
-
-With the downloads in place (relative to the current directory), `python train.py --size small --llm mamba` and
-`python evaluate.py --task esc50` need no other flag: DASS and the LLM under weights/ (`dass_path`, `llm_paths`),
-the curriculum's OpenAQA files in data/openaqa/ (STAGE_SOURCES), the Table I sets under data/ (ESC50, EVAL_SETS),
-and stage N of a run written to runs/<size>-<llm>/stageN/ (config.json and model.safetensors once finished,
-checkpoints/ meanwhile). Every path stays overridable with the commands' flags. A command missing a default path
-raises MissingFiles, whose message lists every default path looked for and not found, with what to download and
-where it goes.
+"""The default layout of weights, data and runs (relative to the current directory; drawn in the README), with which
+`python train.py --size small --llm mamba` and `python evaluate.py --task esc50` need no other flag. Every path stays
+overridable with the commands' flags; default paths not found raise MissingFiles, listing what to download.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch.distributed as dist
 
 import weights
-from dass import DASSConfig
 
-WEIGHTS = Path("weights")
-DATA = Path("data")
-RUNS = Path("runs")
+WEIGHTS, DATA, RUNS = Path("weights"), Path("data"), Path("runs")
 OPENAQA = DATA / "openaqa"
 ESC50 = DATA / "ESC-50-master"
 STAGE_NUMBERS = (1, 2, 3, 4)
@@ -53,21 +43,6 @@ EVAL_SETS = {
 }
 
 
-# ---- Default paths -----------------------------------------------------------------------------------------------
-
-def dass_path(size: str) -> Path:
-    return WEIGHTS / f"DASS_{size}.pth"
-
-
-def llm_paths(llm: str) -> list[Path]:
-    """The folders looked for, in order: Mamba in the Hugging Face format, then in the original one."""
-    return [WEIGHTS / "mamba-2.8b-hf", WEIGHTS / "mamba-2.8b"] if llm == "mamba" else [WEIGHTS / "vicuna-7b-v1.5"]
-
-
-def run_dir(size: str, llm: str) -> Path:
-    return RUNS / f"{size}-{llm}"
-
-
 def stage_dir(run: str | Path, stage: int) -> Path:
     return Path(run) / f"stage{stage}"
 
@@ -83,18 +58,8 @@ def finished(folder: str | Path) -> bool:
 
 def newest_model(root: str | Path = RUNS) -> Path | None:
     """The most recently finished model in root/<run>/ or root/<run>/<stage>/, or None."""
-    root = Path(root)
-    found = [d for d in (*root.glob("*"), *root.glob("*/*")) if d.is_dir() and finished(d)]
+    found = [d for d in (*Path(root).glob("*"), *Path(root).glob("*/*")) if d.is_dir() and finished(d)]
     return max(found, key=lambda d: (d / "config.json").stat().st_mtime_ns, default=None)
-
-
-# ---- What is missing, and where to get it ------------------------------------------------------------------------
-
-GET_LLM = {  # what to download, for a MissingFiles message
-    "mamba": "huggingface-cli download state-spaces/mamba-2.8b-hf --local-dir weights/mamba-2.8b-hf "
-             "(or state-spaces/mamba-2.8b into weights/mamba-2.8b)",
-    "llama": "huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir weights/vicuna-7b-v1.5",
-}
 
 
 class MissingFiles(FileNotFoundError):
@@ -113,19 +78,20 @@ def _shown(path: Path, folder: bool = False) -> str:
     return path.as_posix() + ("/" if folder else "")
 
 
-# ---- train.py ----------------------------------------------------------------------------------------------------
+def _say(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
 
 def training_defaults(args: argparse.Namespace) -> None:
     """Fill train.py's unset paths from the layout; raise MissingFiles naming every default path not found.
 
-    Without --stage (the curriculum): --output-dir is the run folder runs/<size>-<llm> and --data-dir holds the
-    stage files; only the stages not finished yet need their data, and only stage 1 builds from DASS and the LLM.
-    With --stage N: --output-dir is runs/<size>-<llm>/stageN, --data <data-dir>/stageN.json, and --init-from
-    stage N-1's folder when that stage is finished. With --data given, weights not found are left to the model's
-    loader to report, after the data is checked (a malformed file fails before any model is built).
+    Without --stage: --output-dir is the run folder runs/<size>-<llm>; only unfinished stages need their data, only
+    stage 1 DASS and the LLM. With --stage N: runs/<size>-<llm>/stageN, <data-dir>/stageN.json, and --init-from stage
+    N-1's folder if finished. With --data given, missing weights are left to the loader, after the data is checked.
     """
     from_layout = args.stage is None or args.data is None  # the data too comes from the layout
-    run = Path(args.output_dir) if args.stage is None and args.output_dir else run_dir(args.size, args.llm)
+    run = Path(args.output_dir) if args.stage is None and args.output_dir else RUNS / f"{args.size}-{args.llm}"
     if args.stage is None:
         args.output_dir = str(run)
         stages = [s for s in STAGE_NUMBERS if not finished(stage_dir(run, s))]
@@ -133,62 +99,26 @@ def training_defaults(args: argparse.Namespace) -> None:
     else:
         stages = [args.stage] if from_layout else []
         args.output_dir = args.output_dir or str(stage_dir(run, args.stage))
-        previous = stage_dir(run, args.stage - 1)
-        if args.init_from is None and args.stage > 1 and finished(previous):
-            args.init_from = str(previous)
+        if args.init_from is None and args.stage > 1 and finished(stage_dir(run, args.stage - 1)):
+            args.init_from = str(stage_dir(run, args.stage - 1))
         builds = args.init_from is None
         args.data = args.data or str(stage_file(args.data_dir, args.stage))
-    missing = []
+    missing, dass = [], WEIGHTS / f"DASS_{args.size}.pth"
     if builds and args.dass_weights is None:
-        if dass_path(args.size).is_file():
-            args.dass_weights = str(dass_path(args.size))
+        if dass.is_file():
+            args.dass_weights = str(dass)
         elif from_layout:
-            missing.append((_shown(dass_path(args.size)),
-                            f"DASS_{args.size}.pth from the DASS releases (github.com/Saurabhbhati/DASS)"))
-    if args.llm_weights is None:
-        found = [p for p in llm_paths(args.llm) if p.is_dir()]
-        if found:
-            args.llm_weights = str(found[0])
-        elif builds and from_layout:
-            missing.append((" or ".join(_shown(p, True) for p in llm_paths(args.llm)), GET_LLM[args.llm]))
-    for s in stages:
-        if not stage_file(args.data_dir, s).is_file():
-            missing.append((_shown(stage_file(args.data_dir, s)),
-                            f"LTU's OpenAQA {STAGE_SOURCES[s]} ({LTU_DATA}), with its audio (16 kHz)"))
+            missing.append((_shown(dass), weights.WHERE_TO_GET["dass"]))
+    llms = [WEIGHTS / "mamba-2.8b-hf", WEIGHTS / "mamba-2.8b"] if args.llm == "mamba" else [WEIGHTS / "vicuna-7b-v1.5"]
+    found = [p for p in llms if p.is_dir()]  # Mamba in the Hugging Face format first, then in the original one
+    if args.llm_weights is None and found:
+        args.llm_weights = str(found[0])
+    elif args.llm_weights is None and builds and from_layout:
+        missing.append((" or ".join(_shown(p, True) for p in llms), weights.WHERE_TO_GET[args.llm]))
+    missing += [(_shown(stage_file(args.data_dir, s)), f"LTU's OpenAQA {STAGE_SOURCES[s]} ({LTU_DATA}), with its "
+                 "audio (16 kHz)") for s in stages if not stage_file(args.data_dir, s).is_file()]
     if missing:
         raise MissingFiles(missing, "--dass-weights, --llm-weights, --data-dir (or --stage N --data FILE)")
-
-
-def dass_shape(path: str | None, size: str, say: Callable[[str], None]) -> dict | None:
-    """The DASS config fields to build for the checkpoint at `path`: {} when it has the shapes of DASS `size` (as
-    the official DASS_small.pth / DASS_medium.pth have), the checkpoint's own shapes, with a note, when it is no
-    DASS of the paper. A checkpoint of the other paper size is an error. None without a path."""
-    if path is None or not Path(path).exists():
-        return None
-    config = weights.load_dass(path).config
-    paper = {name: getattr(DASSConfig, name)() for name in ("small", "medium")}
-    if config == paper.get(size):
-        return {}
-    other = [name for name, c in paper.items() if c == config]
-    if other:
-        raise ValueError(f"{path} holds DASS {other[0]}, not DASS {size}: pass --size {other[0]}, or the "
-                         f"DASS_{size}.pth checkpoint")
-    say(f"note: {path} is no DASS of the paper (dims {config.dims}, depths {config.depths}); the model takes its "
-        "shapes")
-    return asdict(config)
-
-
-def stage_args(args: argparse.Namespace, stage: int, output_dir: Path, init_from: Path | None,
-               resume: str | None) -> argparse.Namespace:
-    """train.py's arguments for one stage of the curriculum."""
-    return argparse.Namespace(**{**vars(args), "stage": stage, "output_dir": str(output_dir),
-                                 "data": str(stage_file(args.data_dir, stage)),
-                                 "init_from": str(init_from) if init_from else None, "resume": resume})
-
-
-def _say(line: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(line, file=sys.stderr, flush=True)
 
 
 def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: str | Path,
@@ -213,14 +143,9 @@ def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: s
     return previous
 
 
-# ---- evaluate.py -------------------------------------------------------------------------------------------------
-
 def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = _say) -> None:
-    """Fill evaluate.py's unset paths from the layout; raise MissingFiles naming every default path not found.
-
-    The model: the newest finished one under runs/ (said which), unless --checkpoint or --output is given. The
-    data: data/ESC-50-master for esc50, data/<folder>/ of EVAL_SETS (JSON, label CSV, audio/) for the others.
-    """
+    """Fill evaluate.py's unset paths from the layout (the newest finished model under runs/ unless --checkpoint or
+    --output; ESC50 or EVAL_SETS' folder); raise MissingFiles naming every default path not found."""
     missing = []
     if args.checkpoint is None and args.output is None:
         newest = newest_model()
@@ -230,24 +155,23 @@ def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = _
         else:
             args.checkpoint = str(newest)
             say(f"model: {newest} (the newest finished model under {_shown(RUNS, True)}; --checkpoint picks another)")
+    wanted = []  # (path, is a folder, what it is)
     if args.task == "esc50" and not (args.esc50_root or args.data):
         args.esc50_root = str(ESC50)
-        for path, folder in ((ESC50 / "meta" / "esc50.csv", False), (ESC50 / "audio", True)):
-            if not (path.is_dir() if folder else path.is_file()):
-                missing.append((_shown(path, folder), "ESC-50 (github.com/karolpiczak/ESC-50) unpacked as "
-                                "data/ESC-50-master"))
+        what = "ESC-50 (github.com/karolpiczak/ESC-50) unpacked as data/ESC-50-master"
+        wanted = [(ESC50 / "meta" / "esc50.csv", False, what), (ESC50 / "audio", True, what)]
     elif args.task in EVAL_SETS and not args.data:
         name, data_json, labels = EVAL_SETS[args.task]
         folder = DATA / name
         args.data = str(folder / data_json)
-        wanted = [(folder / data_json, f"LTU's eval data {data_json} ({LTU_DATA}, 'LTU Evaluation Data')")]
+        wanted = [(folder / data_json, False, f"LTU's eval data {data_json} ({LTU_DATA}, 'LTU Evaluation Data')")]
         if labels and not args.labels:
             args.labels = str(folder / labels)
-            wanted.append((folder / labels, f"LTU's src/ltu/eval/labels/{labels} ({LTU_DATA})"))
-        missing += [(_shown(p), what) for p, what in wanted if not p.is_file()]
+            wanted.append((folder / labels, False, f"LTU's src/ltu/eval/labels/{labels} ({LTU_DATA})"))
         if not args.audio_root:
             args.audio_root = str(folder / "audio")
-            if not (folder / "audio").is_dir():
-                missing.append((_shown(folder / "audio", True), "the clips at 16 kHz, named as the JSON's audio_id"))
+            wanted.append((folder / "audio", True, "the clips at 16 kHz, named as the JSON's audio_id"))
+    missing += [(_shown(p, folder), what) for p, folder, what in wanted
+                if not (p.is_dir() if folder else p.is_file())]
     if missing:
         raise MissingFiles(missing, "--checkpoint, --esc50-root, --data, --labels, --audio-root")

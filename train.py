@@ -1,33 +1,18 @@
-"""Train one stage of LTU's four-stage recipe (paper §III-E) on OpenAQA-format data; data-parallel and resumable.
+"""Train LTU's four-stage recipe (paper §III-E, trainer.STAGES) on OpenAQA-format data; data-parallel and resumable.
 
     python train.py --size small --llm mamba        # the four stages in turn, on the default layout (layout.py)
-    python train.py --size small --llm mamba --stage 1 --data stage1.json --audio-root /data \\
-        --dass-weights DASS_small.pth --llm-weights mamba-2.8b-hf --output-dir runs/stage1
     python train.py ... --stage 2 --data stage2.json --init-from runs/stage1 --output-dir runs/stage2
     torchrun --nproc_per_node 8 train.py ...        # the same training, data-parallel over 8 GPUs
     python train.py ... --resume                    # continue the run in --output-dir exactly where it stopped
-    python train.py ... --overwrite                 # start afresh in --output-dir (deletes its run's files)
     python train.py --demo --output-dir demo        # CPU, minutes: synthetic sounds -> a tiny ssLALM (demo.py)
 
-`--stage` picks what trains, the learning rate and the epochs (trainer.STAGES); it selects nothing from the data.
-LTU published a separate JSON file for each stage: pass the stage's file with --data, and the previous stage's
-output directory with --init-from.
-
-Unlike LTU, a missing or unreadable audio file stops the run, naming the entry and the file (LTU replaced the
-features with constants), and so does an entry without a labelled token (with response_only_loss, an instruction
-longer than the text cutoff; all are found before training); `--skip-bad` skips such entries, counts them and
-reports them at the end. A folder holding another run is refused unless --resume or --overwrite.
-
-What --output-dir receives: config.json + model.safetensors, the trained DASS, projector and LoRA weights (what
-`checkpoint.load_checkpoint`, `evaluate.py` and `cli.py ask` read; the config names the base weights); log.jsonl,
-one line per step; loss.png if matplotlib is installed; checkpoints/step-NNNNNNN/ every --save-every steps and at
-the end (trainer.py: atomic, the newest --keep kept, --resume continues exactly). A NaN or infinite loss stops the
-run at that step, unsaved.
+Unlike LTU, an unreadable audio file or an entry without a labelled token stops the run naming the entry (all are
+looked for before training); `--skip-bad` skips and reports them. --output-dir receives config.json +
+model.safetensors (the trained DASS, projector and LoRA weights), log.jsonl and checkpoints/ (trainer.py).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from functools import partial
@@ -40,38 +25,27 @@ import demo
 import layout
 import sslalm
 from data import BadEntry, DataError, OpenAQADataset, at_least, load_openaqa, parse_prefixes
-from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, check_model_files, claim_output,
-                     count_parameters, init_distributed, list_checkpoints, train)
-
-try:  # optional: loss.png
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
+from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, claim_output, count_parameters,
+                     init_distributed, list_checkpoints, train)
 
 
 def build_model(args: argparse.Namespace, device: torch.device, say) -> sslalm.SSLALM:
     """The model a stage starts from: the previous stage's output (--init-from), or the pretrained parts."""
     dtype = torch.bfloat16 if device.type == "cuda" else None  # the frozen LLM in bf16 on GPU; trained parts fp32
     if args.init_from:
-        say(f"stage {args.stage}: starting from {args.init_from} (its config names the base weights; "
-            "--llm-weights overrides it)")
-        check_model_files(Path(args.init_from))
+        say(f"stage {args.stage}: starting from {args.init_from} (its config names the base weights)")
         return checkpoint.load_checkpoint(args.init_from, device=device, dtype=dtype, llm_weights=args.llm_weights,
-                                      tokenizer=args.tokenizer)
+                                          tokenizer=args.tokenizer)
     if args.stage > 1:
         say(f"note: stage {args.stage} without --init-from starts from a new projector and new LoRA adapters")
-    overrides = {k: v for k, v in dict(tokenizer=args.tokenizer, audio_frames=args.audio_frames,
-                                       dass=layout.dass_shape(args.dass_weights, args.size, say)).items()
-                 if v is not None}
+    extra = {"audio_frames": args.audio_frames} if args.audio_frames else {}
     config = sslalm.SSLALMConfig.paper(args.size, args.llm, dass_weights=args.dass_weights,
-                                       llm_weights=args.llm_weights, **overrides)
+                                       llm_weights=args.llm_weights, tokenizer=args.tokenizer, **extra)
     return checkpoint.build(config, device=device, dtype=dtype)
 
 
 def run_stage(args: argparse.Namespace) -> TrainResult:
-    """One stage of the recipe on the real model; the final checkpoint in --output-dir."""
+    """One stage of the recipe on the real model; the final model in --output-dir."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's worker processes tokenize
     d = init_distributed()
     device = torch.device(args.device or (f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -82,83 +56,56 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     out = Path(args.output_dir)
     claim_output(out, args.resume, args.overwrite, d)           # and a folder holding another run, too
     model = build_model(args, device, say)
-    cfg = TrainConfig.for_stage(
-        args.stage, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.micro_batch,
-        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-        max_steps=args.max_steps, seed=args.seed, save_every=args.save_every, keep=args.keep,
-        num_workers=args.num_workers, skip_bad=args.skip_bad, log_every=args.log_every,
-        trainable=tuple(args.trainable.split(",")) if args.trainable else None)
+    names = ("lr", "epochs", "batch_size", "micro_batch", "warmup_steps", "grad_clip", "weight_decay", "max_steps",
+             "seed", "save_every", "keep", "num_workers", "skip_bad", "log_every")
+    cfg = TrainConfig.for_stage(args.stage, **{k: getattr(args, k) for k in names},
+                                trainable=tuple(args.trainable.split(",")) if args.trainable else None)
     model.set_trainable(cfg.trainable)
-    if args.grad_checkpointing:
-        model.llm.gradient_checkpointing = True
-    table = sslalm.parameter_table(model)
-    say(f"stage {args.stage}: trains {' + '.join(cfg.trainable)} "
-        f"({count_parameters(p for p in model.parameters() if p.requires_grad):,} of {table['total']:,} parameters), "
-        f"lr {cfg.lr:g}, {cfg.epochs} epoch(s), batch {cfg.batch_size} = {d.world} process(es) x micro-batch "
-        f"{cfg.micro_batch} x accumulation, {len(entries):,} entries from {args.data}")
+    model.llm.gradient_checkpointing = args.grad_checkpointing
+    trained = count_parameters(p for p in model.parameters() if p.requires_grad)
+    say(f"stage {args.stage}: trains {' + '.join(cfg.trainable)} ({trained:,} of "
+        f"{sslalm.parameter_table(model)['total']:,} parameters), lr {cfg.lr:g}, {cfg.epochs} epoch(s), batch "
+        f"{cfg.batch_size} = {d.world} process(es) x micro-batch {cfg.micro_batch} x accumulation, "
+        f"{len(entries):,} entries from {args.data}")
     roots = [r for r in (args.audio_root, Path(args.data).resolve().parent) if r]
     ds = OpenAQADataset(entries, model.encode_example, roots, parse_prefixes(args.audio_prefix),
                         model.config.audio_frames, source=args.data)
     dropped = ds.check_files(args.skip_bad)
     if model.config.response_only_loss:  # otherwise the prompt's own tokens are labelled: no entry lacks labels
         dropped += ds.check_labels(args.skip_bad)
-    pad_id = getattr(model.tokenizer, "pad_token_id", None)
-    pad_id = model.tokenizer.eos_token_id if pad_id is None else pad_id
-    res = train(model, ds, sslalm.collate, pad_id, cfg, out, resume=args.resume, overwrite=args.overwrite, d=d,
-                device=device)
+    res = train(model, ds, sslalm.collate, model.tokenizer.eos_token_id, cfg, out, resume=args.resume,  # EOS pads
+                overwrite=args.overwrite, d=d, device=device)
     res.bad = dropped + res.bad
     if d.main:
         checkpoint.save_checkpoint(model, out)
         report_bad(res.bad)
-        plot_losses(out)
         say(f"done: {res.steps} steps; the model is in {out} (config.json + model.safetensors)")
     return res
 
 
-def report_bad(bad: list[BadEntry], file=None, limit: int = 20) -> None:
+def report_bad(bad: list[BadEntry], limit: int = 20) -> None:
     """The end-of-run report of --skip-bad: how many entries were skipped, and which."""
-    if not bad:
-        return
-    file = file or sys.stderr
-    print(f"skipped {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} (--skip-bad):", file=file)
+    if bad:
+        print(f"skipped {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} (--skip-bad):", file=sys.stderr)
     for b in sorted(bad, key=lambda b: b.index)[:limit]:
-        print(f"  {b}", file=file)
+        print(f"  {b}", file=sys.stderr)
     if len(bad) > limit:
-        print(f"  ... and {len(bad) - limit} more", file=file)
+        print(f"  ... and {len(bad) - limit} more", file=sys.stderr)
 
 
 def curriculum_stage(args: argparse.Namespace, stage: int, out: Path, init_from: Path | None) -> TrainResult:
     """One unfinished stage of the curriculum (layout.run_curriculum): resumed from its newest readable checkpoint
     if it has one, else started afresh (what a run stopped before its first checkpoint left there is deleted)."""
     resume = "latest" if list_checkpoints(out) else None
-    stage_args = layout.stage_args(args, stage, out, init_from, resume)
-    stage_args.overwrite = resume is None
-    return run_stage(stage_args)
-
-
-def plot_losses(output_dir: str | Path) -> Path | None:
-    """loss.png from log.jsonl, if matplotlib is installed (it is not a dependency)."""
-    log = Path(output_dir) / "log.jsonl"
-    recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
-    if plt is None or not recs:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    path = Path(output_dir) / "loss.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return run_stage(argparse.Namespace(**{
+        **vars(args), "stage": stage, "output_dir": str(out), "data": str(layout.stage_file(args.data_dir, stage)),
+        "init_from": str(init_from) if init_from else None, "resume": resume, "overwrite": resume is None}))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="The recipe: trainer.py's docstring.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demo", action="store_true", help="synthetic sounds -> a tiny ssLALM on CPU in minutes")
-    p.add_argument("--output-dir", help="checkpoints, log.jsonl and the final model go here (default: "
-                   "runs/SIZE-LLM/stageN; without --stage the run folder runs/SIZE-LLM, one stageN folder per stage)")
+    p.add_argument("--output-dir", help="default: runs/SIZE-LLM/stageN (without --stage: the run folder runs/SIZE-LLM)")
     p.add_argument("--seed", type=int, default=0)
     m = p.add_argument_group("model")
     m.add_argument("--size", choices=("small", "medium"), default="small", help="DASS size")
@@ -171,23 +118,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM blocks in backward")
     d = p.add_argument_group("data")
     d.add_argument("--data", help="the stage's OpenAQA JSON file (default: DATA_DIR/stageN.json)")
-    d.add_argument("--data-dir", default=str(layout.OPENAQA), help="the curriculum's OpenAQA files stage1.json ... "
-                   "stage4.json (default: %(default)s)")
-    d.add_argument("--audio-root", help="folder of the audio files (default and fallback: the JSON's folder); "
-                   "relative audio_ids are looked up under it, absolute ones by file name")
+    d.add_argument("--data-dir", default=str(layout.OPENAQA), help="stage1.json ... stage4.json (default: %(default)s)")
+    d.add_argument("--audio-root", help="folder of the audio files (default and fallback: the JSON's folder)")
     d.add_argument("--audio-prefix", action="append", default=[], metavar="OLD=NEW",
                    help="rewrite audio_id paths starting with OLD (repeatable)")
     d.add_argument("--skip-bad", action="store_true", help="skip (and report) entries whose audio is missing/bad")
     d.add_argument("--num-workers", type=at_least(0), default=4, help="data loader processes")
     t = p.add_argument_group("recipe (defaults: the --stage's, paper §III-E)")
     t.add_argument("--stage", type=int, choices=sorted(STAGES), help="train this stage only (default: 1 with --data, "
-                   "--init-from or --resume; without them the four stages in turn, each from the previous one's "
-                   "model, skipping finished ones and resuming a stopped one)")
+                   "--init-from or --resume; else the four stages in turn, skipping finished ones)")
     t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
     t.add_argument("--lr", type=at_least(0, float, strict=True))
     t.add_argument("--epochs", type=at_least(1))
-    t.add_argument("--max-steps", type=at_least(1), help="train exactly this many steps, overriding --epochs as "
-                   "Hugging Face's Trainer does (the lr schedule ends there)")
+    t.add_argument("--max-steps", type=at_least(1), help="train exactly this many steps, overriding --epochs")
     t.add_argument("--batch-size", type=at_least(1), help="global batch (default 256)")
     t.add_argument("--micro-batch", type=at_least(1), help="entries per forward pass per process (default 4)")
     t.add_argument("--warmup-steps", type=at_least(0))
@@ -195,20 +138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--weight-decay", type=at_least(0, float))
     t.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
     c = p.add_argument_group("checkpoints and logs")
-    c.add_argument("--save-every", type=at_least(0), help="steps between checkpoints (default 1000; 0: only at the "
-                   "end)")
+    c.add_argument("--save-every", type=at_least(0), help="steps between checkpoints (default 1000; 0: at the end)")
     c.add_argument("--keep", type=at_least(1), help="checkpoints kept (default 2)")
     again = c.add_mutually_exclusive_group()
     again.add_argument("--resume", nargs="?", const="latest", help="continue from the newest readable checkpoint "
                        "in --output-dir (or the one given)")
-    again.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds another "
-                       "run: its checkpoints, log.jsonl and final model are deleted (one stage; without --stage the "
-                       "stages resume on their own)")
-    c.add_argument("--log-every", type=at_least(1), default=10, help="progress lines when stderr is not a terminal")
-    e = p.add_argument_group("demo")
-    e.add_argument("--demo-clips", type=at_least(1), help="training clips per class")
-    e.add_argument("--demo-lm-steps", type=at_least(1), help="pretraining steps of the tiny LM")
-    e.add_argument("--demo-epochs", type=at_least(0), help="epochs of demo stage 2")
+    again.add_argument("--overwrite", action="store_true", help="start one stage afresh in an --output-dir that "
+                       "holds another run (deletes its checkpoints, log and model)")
+    c.add_argument("--log-every", type=at_least(1), default=10, help="steps between progress lines")
     args = p.parse_args(argv)
     if args.demo and not args.output_dir:
         p.error("--demo needs --output-dir")
@@ -224,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.demo:
-            kw = dict(clips_per_class=args.demo_clips, lm_steps=args.demo_lm_steps, stage2_epochs=args.demo_epochs)
-            demo.run_demo(args.output_dir, demo.DemoConfig(**{k: v for k, v in kw.items() if v is not None}),
-                          args.seed)
+            demo.run_demo(args.output_dir, seed=args.seed)  # its sizes: demo.DemoConfig
         else:
             layout.training_defaults(args)
             if args.stage is not None:

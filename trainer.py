@@ -1,35 +1,10 @@
-"""The training loop of LTU's four-stage recipe (paper §III-E): data-parallel, resumable, failing loudly.
+"""The training loop of LTU's four-stage recipe (paper §III-E, STAGES): data-parallel, resumable, failing loudly.
 
-The recipe (following LTU; global batch 256, AdamW without weight decay, 100 warm-up steps then a linear decay,
-gradient clipping at 1.0, bf16 autocast on GPU):
-    stage  data                          trains                       lr     epochs
-    1      classification                projector                    1e-3   2
-    2      classification                DASS, projector, LoRA        1e-4   2
-    3      all closed-ended questions    DASS, projector, LoRA        1e-4   1
-    4      all of OpenAQA (open+closed)  DASS, projector, LoRA        1e-4   1
-
-Glossary (code name -> meaning):
-    order          the shuffled entry indices of one epoch (a seeded permutation, stored in every checkpoint)
-    step           one optimizer update on `batch_size` (256) entries: the global batch
-    micro-batch    the entries one process puts through the model at once (`micro_batch`); the global batch's
-                   micro-batches are dealt to the ranks round-robin and their gradients summed (accumulation)
-    pass           one forward and backward; every rank makes as many passes per step as rank 0 has micro-batches,
-                   a rank short of micro-batches making zero passes (no data, zero gradients) to join the all-reduce
-    rank, world    this process's index among `world` data-parallel processes (torchrun)
-
-Loss of a step = the mean over its micro-batches of the model's loss (mean cross-entropy over a micro-batch's
-labelled tokens), as with Hugging Face's Trainer that LTU used. Micro-batches are cut from the global order the
-same way whatever the number of processes, so 1 or N GPUs with the same batch size and micro-batch size train the
-same model up to float summation order (and dropout masks, which are per process).
-
-Checkpoints: <output_dir>/checkpoints/step-NNNNNNN/ holds the model's files (checkpoint.save_checkpoint), trainer.pt
-(optimizer, step, the epoch's order, the data's fingerprint) and rng-rank{r}.pt (each process's torch, CUDA-device,
-numpy and python random states). Both hold tensors and plain containers only and are read with
-torch.load(weights_only=True): a file holding anything else is refused unread. Each checkpoint is written into a
-temporary folder that is renamed when complete; the newest `keep` are kept. A resume continues exactly: on CPU the
-losses after a resume are bit-identical to those of an uninterrupted run, and log.jsonl keeps one line per step.
-Resuming from "latest" passes over a checkpoint that cannot be read (saying so) for the one before it. A new run
-does not start in a folder holding another run (OutputInUse) unless told to overwrite it.
+Global batch 256, AdamW without weight decay, 100 warm-up steps then a linear decay, gradient clipping at 1.0, bf16
+autocast on GPU (following LTU). A step's global batch is cut into micro-batches dealt to the ranks round-robin; its
+loss is the mean of their losses (as Hugging Face's Trainer, which LTU used), so 1 or N processes train alike.
+Checkpoints, checkpoints/step-NNNNNNN/: the model's files, trainer.pt and rng-rank{r}.pt (plain data), written into
+a temporary folder renamed when complete. A resume is exact (bit-identical losses on CPU).
 """
 from __future__ import annotations
 
@@ -37,47 +12,36 @@ import dataclasses
 import json
 import math
 import os
-import pickle
-import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from safetensors import SafetensorError, safe_open
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
+from checkpoint import CorruptCheckpoint, check_model_files, read_plain
 from data import BadEntry, DataError, collate_checked
 
-# stage -> (trainable parts, learning rate, epochs): LTU's recipe, paper §III-E
-STAGES = {
-    1: (("projector",), 1e-3, 2),
-    2: (("dass", "projector", "lora"), 1e-4, 2),
-    3: (("dass", "projector", "lora"), 1e-4, 1),
-    4: (("dass", "projector", "lora"), 1e-4, 1),
+STAGES = {  # stage -> (trainable parts, learning rate, epochs): LTU's recipe, paper §III-E
+    1: (("projector",), 1e-3, 2),                 # on classification
+    2: (("dass", "projector", "lora"), 1e-4, 2),  # on classification
+    3: (("dass", "projector", "lora"), 1e-4, 1),  # on all closed-ended questions
+    4: (("dass", "projector", "lora"), 1e-4, 1),  # on all of OpenAQA, open- and closed-ended
 }
-
-
-# what a run leaves in its output folder: a new run there is refused unless overwrite (which deletes them)
-RUN_FILES = ("checkpoints", "log.jsonl", "loss.png", "config.json", "model.safetensors")
+RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "model.safetensors")  # what a run leaves
 TRAINER_KEYS = {"step", "order_epoch", "order", "optimizer", "n_entries", "world", "config", "bad"}  # in trainer.pt
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss or the gradient norm of a step became NaN or infinite."""
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint file that is truncated or corrupt, or holds objects this code never writes (refused unread)."""
 
 
 class OutputInUse(ValueError):
@@ -102,7 +66,7 @@ class TrainConfig:
     keep: int = 2                  # checkpoints kept
     num_workers: int = 4
     skip_bad: bool = False
-    log_every: int = 10            # progress lines when stderr is not a terminal
+    log_every: int = 10            # steps between progress lines
     name: str = "train"            # shown in the progress line ("stage 1")
 
     def __post_init__(self):
@@ -110,12 +74,12 @@ class TrainConfig:
                     "save_every": 0, "keep": 1, "num_workers": 0, "log_every": 1}
         for key, low in at_least.items():
             value = getattr(self, key)
-            if not (value is None and key == "max_steps" or isinstance(value, int) and value >= low):
+            if not (isinstance(value, int) and value >= low or key == "max_steps" and value is None):
                 raise ValueError(f"{key} must be an integer >= {low}; got {value!r}")
-        for key, positive in (("lr", True), ("grad_clip", True), ("weight_decay", False)):
+        for key, low in (("lr", ">"), ("grad_clip", ">"), ("weight_decay", ">=")):
             value = getattr(self, key)
-            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
-                raise ValueError(f"{key} must be a finite number {'>' if positive else '>='} 0; got {value!r}")
+            if not (math.isfinite(value) and (value > 0 if low == ">" else value >= 0)):
+                raise ValueError(f"{key} must be a finite number {low} 0; got {value!r}")
 
     @classmethod
     def for_stage(cls, stage: int, **overrides) -> "TrainConfig":
@@ -123,8 +87,7 @@ class TrainConfig:
             raise ValueError(f"--stage must be one of {sorted(STAGES)}; got {stage}")
         trainable, lr, epochs = STAGES[stage]
         kw = dict(lr=lr, epochs=epochs, trainable=trainable, name=f"stage {stage}")
-        kw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kw)
+        return cls(**{**kw, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass
@@ -135,14 +98,9 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data order and the learning-rate schedule
-# ----------------------------------------------------------------------------------------------------------------
-
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     """The shuffled order of epoch `epoch`: a permutation of range(n) that depends on (seed, epoch) only."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -150,16 +108,13 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def micro_batches(order: Tensor, step: int, batch_size: int, micro_batch: int, world: int,
-                  rank: int) -> list[list[int]]:
-    """The micro-batches that `rank` runs for step `step` (0-based, within the epoch).
-
-    The step's global batch order[step*B : (step+1)*B] is cut into consecutive micro-batches of `micro_batch`
-    entries; micro-batch j goes to rank j % world. With world = 1 a process runs them all, so 1 and N processes
-    see the same micro-batches.
-    """
+                  rank: int) -> list[list[int] | None]:
+    """The passes `rank` makes in step `step` (0-based, within the epoch): the global batch order[step*B : (step+1)*B]
+    is cut into consecutive micro-batches, micro-batch j going to rank j % world; a rank with fewer than rank 0 makes
+    zero passes (None: no data, zero gradients) to join the all-reduce."""
     chunk = order[step * batch_size:(step + 1) * batch_size].tolist()
     mbs = [chunk[j:j + micro_batch] for j in range(0, len(chunk), micro_batch)]
-    return mbs[rank::world]
+    return mbs[rank::world] + [None] * (len(mbs[0::world]) - len(mbs[rank::world]))
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
@@ -170,9 +125,9 @@ def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
     return lr * (total - step + 1) / max(1, total - warmup)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Processes
-# ----------------------------------------------------------------------------------------------------------------
+def count_parameters(params) -> int:
+    return sum(p.numel() for p in params)
+
 
 @dataclass
 class Dist:
@@ -189,15 +144,10 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
-    def all_sum(self, t: Tensor) -> Tensor:
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
 
 def init_distributed() -> Dist:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise.
-    NCCL on GPUs, gloo on CPU."""
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK; NCCL on GPUs, gloo on CPU), or a
+    single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
@@ -226,21 +176,10 @@ class LossOf(nn.Module):
         return self.model(**batch)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Random states and checkpoints: <output_dir>/checkpoints/step-0000123/{model files, trainer.pt, rng-rank0.pt}
-# ----------------------------------------------------------------------------------------------------------------
-
-def seed_everything(seed: int, rank: int) -> None:
-    torch.manual_seed(seed + 7919 * rank)  # the CPU and every CUDA device
-    np.random.seed(seed + rank)
-    random.seed(seed + rank)
-
-
 def rng_state(device: torch.device) -> dict:
-    """This process's random states, CUDA only for its own device (not every visible GPU: a resume may see fewer)."""
-    np_state = np.random.get_state(legacy=False)
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
-         "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}}}
+    """This process's random states (torch's are the only ones training draws from: dropout, the data order), CUDA
+    only for its own device (not every visible GPU: a resume may see fewer)."""
+    s = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
@@ -248,92 +187,39 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(s: dict, device: torch.device) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    key = np.array(s["numpy"]["state"]["key"], dtype=np.uint32)
-    np.random.set_state({**s["numpy"], "state": {"key": key, "pos": s["numpy"]["state"]["pos"]}})
     if "cuda" in s and device.type == "cuda":
         torch.cuda.set_rng_state(s["cuda"], device)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first (temporary directories of unfinished writes excluded)."""
+    """The complete checkpoints of a run, oldest first (temporary folders of unfinished writes excluded)."""
     root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step-") and (p / "trainer.pt").is_file())
+    found = root.iterdir() if root.is_dir() else []
+    return sorted(p for p in found if p.name.startswith("step-") and (p / "trainer.pt").is_file())
 
 
 def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Path, step: int, d: Dist,
                     keep: int, device: torch.device = torch.device("cpu")) -> Path:
-    """Write checkpoint `step` atomically: everything goes into a temporary directory that is renamed when
-    complete, so a crash mid-write leaves no checkpoint that looks whole. Keeps the newest `keep` checkpoints."""
+    """Write checkpoint `step` into a temporary folder that is renamed when complete (a crash mid-write leaves no
+    checkpoint that looks whole; one cut short by a power loss is passed over by resume "latest"); keep the newest
+    `keep`."""
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     if d.main:
-        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
     d.barrier()
     torch.save(rng_state(device), tmp / f"rng-rank{d.rank}.pt")
     d.barrier()
     if d.main:
         checkpoint.save_checkpoint(model, tmp)
         torch.save(trainer_state, tmp / "trainer.pt")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     d.barrier()
     return final
-
-
-def _fsync_dir(p: Path) -> None:
-    for f in p.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_plain(file: Path):
-    """trainer.pt or rng-rank{r}.pt, read with torch.load(weights_only=True): tensors and plain containers only, so
-    nothing in the file can run code. A file that is truncated or holds anything else is a CorruptCheckpoint."""
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file; a checkpoint folder is checkpoints/step-N of a run")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = "".join(f" ({line.strip()})" for line in str(e).splitlines() if "GLOBAL" in line)
-        raise CorruptCheckpoint(f"{file}: refused unread: it holds objects other than tensors and plain containers"
-                                f"{detail}, which trainer.py never writes; the file is corrupt or not ours") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CorruptCheckpoint(f"{file}: truncated or corrupt ({(str(e) or 'empty').splitlines()[0]})") from None
-    return state
-
-
-def check_model_files(folder: Path) -> None:
-    """The model files of a checkpoint folder (checkpoint.save_checkpoint's) are there and whole: config.json is
-    JSON and model.safetensors' header covers the file; CorruptCheckpoint names the file otherwise."""
-    for name in ("config.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not an ssLALM checkpoint: {name} is missing")
-    try:
-        json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpoint(f"{folder / 'config.json'}: truncated or corrupt ({e})") from None
-    try:
-        with safe_open(str(folder / "model.safetensors"), framework="pt"):
-            pass
-    except SafetensorError as e:
-        raise CorruptCheckpoint(f"{folder / 'model.safetensors'}: truncated or corrupt ({e})") from None
 
 
 def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist) -> None:
@@ -345,107 +231,44 @@ def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist)
         return
     held = [name for name in RUN_FILES if (out / name).exists()
             and not (name == "log.jsonl" and (out / name).stat().st_size == 0)]
-    if not held:
-        return
-    if not overwrite:
+    if held and not overwrite:
         raise OutputInUse(f"{out} holds another run ({', '.join(held)}): pass --resume to continue it, --overwrite "
                           "to start afresh (deletes them), or another --output-dir")
-    d.barrier()  # every rank has looked before rank 0 deletes
-    if d.main:
-        print(f"--overwrite: deleting {', '.join(held)} in {out}", file=sys.stderr)
-        for name in held:
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink()
-    d.barrier()
+    if held:
+        d.barrier()  # every rank has looked before rank 0 deletes
+        if d.main:
+            print(f"--overwrite: deleting {', '.join(held)} in {out}", file=sys.stderr)
+            for path in (out / name for name in held):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        d.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Progress
-# ----------------------------------------------------------------------------------------------------------------
-
-class Progress:
-    """A live line on stderr (rewritten in place on a terminal) and a JSON line per step in <output_dir>/log.jsonl.
-    The log is first cut to the steps up to `start`: a resumed run logs the steps after its checkpoint again."""
-
-    def __init__(self, output_dir: Path, name: str, total: int, start: int, every: int, enabled: bool):
-        self.name, self.total, self.start, self.every, self.enabled = name, total, start, every, enabled
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.time()
-        self.samples = 0
-        if enabled:
-            _cut_log(output_dir / "log.jsonl", start)
-        self.log = open(output_dir / "log.jsonl", "a", encoding="utf-8") if enabled else None
-
-    def step(self, rec: dict) -> None:
-        if not self.enabled:
-            return
-        self.samples += rec["samples"]
-        dt = time.time() - self.t0
-        rec["samples_per_s"] = round(self.samples / max(dt, 1e-9), 2)
-        self.log.write(json.dumps(rec) + "\n")
-        self.log.flush()
-        s = rec["step"]
-        eta = int(dt / max(1, s - self.start) * (self.total - s))
-        line = (f"{self.name} | step {s}/{self.total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                f"{rec['samples_per_s']:.1f} samples/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-        if self.tty:
-            print("\r" + line, end="\n" if s == self.total else "", file=sys.stderr, flush=True)
-        elif s % self.every == 0 or s == self.total or s == self.start + 1:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.log:
-            self.log.close()
-            if self.tty:
-                print(file=sys.stderr)
-
-
-def _cut_log(log: Path, step: int) -> None:
-    """Keep the lines of log.jsonl up to `step` (a resumed run logs the later steps again); a torn line goes too."""
-    kept = []
+def _open_log(out: Path, start: int):
+    """<out>/log.jsonl cut back to the steps up to `start` (a resumed run logs the later steps again; a line torn by
+    a stop mid-write goes too), opened for appending."""
+    log, kept = out / "log.jsonl", []
     for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
-        try:
-            if json.loads(line)["step"] <= step:
+        with suppress(json.JSONDecodeError, KeyError, TypeError):
+            if json.loads(line)["step"] <= start:
                 kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # torn by a stop mid-write
     log.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(log.with_suffix(".tmp"), log)
-
-
-def count_parameters(params) -> int:
-    return sum(p.numel() for p in params)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The training loop
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Position:
-    """Where a run is: optimizer steps done, and the shuffled order of epoch `order_epoch`."""
-    step: int
-    order_epoch: int
-    order: Tensor
+    return open(log, "a", encoding="utf-8")
 
 
 def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable[[list[dict], int], dict],
           pad_id: int, cfg: TrainConfig, output_dir: str | Path, *, resume: str | Path | None = None,
           overwrite: bool = False, d: Dist | None = None, device: torch.device | str = "cpu",
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train `model`'s parameters that require grad on `dataset`; checkpoints and logs go to `output_dir`.
+    """Train `model`'s parameters that require grad (model(**batch) -> a micro-batch's mean loss) on `dataset`.
 
-    model(**batch) must return the scalar loss of a micro-batch; checkpoint.save_checkpoint and
-    checkpoint.load_trainable save and restore its trained weights (model.trainable_state_dict()).
-    resume: a checkpoint directory (or "latest": the newest readable one in output_dir/checkpoints) to continue
-    from exactly; without it, output_dir must hold no other run (OutputInUse) unless overwrite, which deletes it.
-    A dataset with .fingerprint() (and .source, its file) is checked against the checkpoint's on resume.
-    on_step(step, loss) is called after every optimizer step (tests use it to simulate a crash).
-    Raises NonFiniteLoss at the first step whose loss or gradient norm is NaN/inf (nothing of it is saved) and
-    DataError at the first bad entry unless cfg.skip_bad.
-    """
+    resume: a checkpoint folder, or "latest" (the newest readable one in output_dir); without it output_dir must
+    hold no other run (OutputInUse) unless overwrite. A dataset's .fingerprint() is checked on resume. on_step(step,
+    loss) runs after every step. Raises NonFiniteLoss at a NaN/inf loss or gradient norm (that step unsaved), and
+    DataError at a bad entry unless cfg.skip_bad."""
     d, device, out = d or Dist(), torch.device(device), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     claim_output(out, resume, overwrite, d)
@@ -462,64 +285,73 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
     data_id = {"sha256": dataset.fingerprint() if hasattr(dataset, "fingerprint") else None,
                "file": getattr(dataset, "source", None)}
     if resume is None:
-        pos = Position(0, 0, epoch_order(n, cfg.seed, 0))
-        seed_everything(cfg.seed, d.rank)
+        step, order_epoch, order = 0, 0, epoch_order(n, cfg.seed, 0)
+        torch.manual_seed(cfg.seed + 7919 * d.rank)  # the CPU and every CUDA device
     else:
-        pos, result.bad = _resume(resume, out, model, opt, cfg, n, data_id, d, device)
+        step, order_epoch, order, result.bad = _resume(resume, out, model, opt, cfg, n, data_id, d, device)
     net: nn.Module = LossOf(model)
     if d.world > 1:  # rank 0's weights are broadcast to every rank; gradients are averaged in the last pass
         net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
 
     def state() -> dict:
-        return {"step": pos.step, "epoch": pos.step // per_epoch, "step_in_epoch": pos.step % per_epoch,
-                "order_epoch": pos.order_epoch, "order": pos.order, "optimizer": opt.state_dict(),
-                "n_entries": n, "data": data_id, "world": d.world, "total_steps": total,
-                "config": dataclasses.asdict(cfg), "bad": [dataclasses.asdict(b) for b in result.bad]}
+        return {"step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
+                "order_epoch": order_epoch, "order": order, "optimizer": opt.state_dict(), "n_entries": n,
+                "data": data_id, "world": d.world, "total_steps": total, "config": dataclasses.asdict(cfg),
+                "bad": [dataclasses.asdict(b) for b in result.bad]}
 
-    prog = Progress(out, cfg.name, total, pos.step, cfg.log_every, d.main)
     model.train()
-    try:
-        while pos.step < total:
-            epoch = pos.step // per_epoch
-            if pos.order_epoch != epoch:
-                pos.order_epoch, pos.order = epoch, epoch_order(n, cfg.seed, epoch)
-            first = pos.step - epoch * per_epoch
-            plan = [_passes(pos.order, s, cfg, d) for s in range(first, min(per_epoch, first + total - pos.step))]
-            batches = _batches(dataset, plan, collate, pad_id, cfg, device)
+    start, t0, seen = step, time.time(), 0
+    with (_open_log(out, step) if d.main else nullcontext()) as log:  # log.jsonl on rank 0
+        while step < total:
+            epoch = step // per_epoch
+            if order_epoch != epoch:
+                order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
+            first = step - epoch * per_epoch
+            plan = [micro_batches(order, s, cfg.batch_size, cfg.micro_batch, d.world, d.rank)
+                    for s in range(first, min(per_epoch, first + total - step))]
+            batches = iter(torch.utils.data.DataLoader(  # this epoch's micro-batches; zero passes read nothing
+                dataset, batch_sampler=[mb for passes in plan for mb in passes if mb is not None],
+                num_workers=cfg.num_workers, collate_fn=partial(collate_checked, collate=collate, pad_id=pad_id),
+                generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda"))
             for passes in plan:
-                t0 = time.time()
-                sums = _accumulate(net, batches, passes, cfg, device, result.bad)
-                loss, gnorm, samples = _reduce_and_clip(params, sums, d, cfg, pos.step + 1, out)
-                lr = lr_at(pos.step + 1, cfg.lr, cfg.warmup_steps, total)
+                loss, gnorm, samples = _gradient(net, params, batches, passes, cfg, d, device, result.bad, step + 1,
+                                                 out)
+                lr = lr_at(step + 1, cfg.lr, cfg.warmup_steps, total)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                pos.step += 1
+                step += 1
                 result.losses.append(loss)
-                prog.step({"step": pos.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                           "samples": samples, "time": round(time.time() - t0, 4)})
-                if cfg.save_every and pos.step % cfg.save_every == 0 and pos.step < total:
-                    result.checkpoint = save_checkpoint(model, state(), out, pos.step, d, cfg.keep, device)
+                seen, dt = seen + samples, max(time.time() - t0, 1e-9)
+                if log is not None:
+                    print(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                                      "samples": samples, "samples_per_s": round(seen / dt, 2)}), file=log, flush=True)
+                if log is not None and (step % cfg.log_every == 0 or step in (start + 1, total)):
+                    eta = int(dt / (step - start) * (total - step))
+                    print(f"{cfg.name} | step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {seen / dt:.1f} "
+                          f"samples/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", file=sys.stderr)
+                if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    result.checkpoint = save_checkpoint(model, state(), out, step, d, cfg.keep, device)
                 if on_step is not None:
-                    on_step(pos.step, loss)
+                    on_step(step, loss)
             del batches  # the loader's worker processes end with the epoch
-        result.checkpoint = save_checkpoint(model, state(), out, pos.step, d, cfg.keep, device)
-    finally:
-        prog.close()
-    result.steps = pos.step
-    result.bad = _gather_bad(result.bad, d)
+        result.checkpoint = save_checkpoint(model, state(), out, step, d, cfg.keep, device)
+    result.steps = step
+    if d.world > 1:  # the bad entries met by every rank
+        parts = [None] * d.world
+        dist.all_gather_object(parts, result.bad)
+        result.bad = [b for part in parts for b in part]
+    result.bad = list({b.index: b for b in result.bad}.values())
     return result
 
 
 def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-            n: int, data_id: dict, d: Dist, device: torch.device) -> tuple[Position, list[BadEntry]]:
-    """Load checkpoint `resume` into the model, the optimizer and the random states; returns where the run was and
-    the bad entries met so far. "latest": the newest in out/checkpoints whose files can all be read; one that
-    cannot (a CorruptCheckpoint) is passed over, saying so, for the one before it. Every rank reads every rank's
-    random states, so that all ranks find the same checkpoint unreadable and fall back alike. Checkpoints of later
-    steps in out/checkpoints are deleted."""
+            n: int, data_id: dict, d: Dist, device: torch.device) -> tuple[int, int, Tensor, list[BadEntry]]:
+    """Load checkpoint `resume` into the model, the optimizer and the random states; returns (step, order_epoch,
+    order, bad entries so far). "latest": the newest checkpoint in out whose files can all be read (every rank reads
+    every rank's random states, so all fall back alike). Later checkpoints in out are deleted."""
     latest = str(resume) == "latest"
     found = list_checkpoints(out)[::-1] if latest else [Path(resume)]
     if not found:
@@ -562,37 +394,20 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
     opt.load_state_dict(st["optimizer"])
     if st["world"] == d.world:
         set_rng_state(rng[d.rank], device)
-    else:
-        print(f"note: {ckpt} was written by {st['world']} processes, resuming with {d.world}; the data order "
-              "and weights continue exactly, random states (dropout) start afresh", file=sys.stderr)
-        seed_everything(cfg.seed + st["step"], d.rank)
+    else:  # the data order and the weights continue exactly; dropout's random states start afresh
+        torch.manual_seed(cfg.seed + st["step"] + 7919 * d.rank)
     if d.main:
         print(f"resumed from {ckpt} at step {st['step']}", file=sys.stderr)
-    return Position(st["step"], st["order_epoch"], st["order"]), [BadEntry(**b) for b in st["bad"]]
+    return st["step"], st["order_epoch"], st["order"], [BadEntry(**b) for b in st["bad"]]
 
 
-def _passes(order: Tensor, step: int, cfg: TrainConfig, d: Dist) -> list[list[int] | None]:
-    """This rank's micro-batches of `step`, padded with None (zero passes) to rank 0's number of micro-batches."""
-    mine = micro_batches(order, step, cfg.batch_size, cfg.micro_batch, d.world, d.rank)
-    most = len(micro_batches(order, step, cfg.batch_size, cfg.micro_batch, d.world, 0))
-    return mine + [None] * (most - len(mine))
-
-
-def _batches(dataset, plan: list[list], collate: Callable, pad_id: int, cfg: TrainConfig, device: torch.device):
-    """An iterator over the batches of the planned micro-batches (zero passes read nothing)."""
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=[mb for passes in plan for mb in passes if mb is not None],
-        num_workers=cfg.num_workers, collate_fn=partial(collate_checked, collate=collate, pad_id=pad_id),
-        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
-    return iter(loader)
-
-
-def _accumulate(net: nn.Module, batches, passes: list, cfg: TrainConfig, device: torch.device,
-                bad: list[BadEntry]) -> Tensor:
-    """Forward and backward of one step's passes, their gradients summed in .grad; a micro-batch whose every entry
-    is bad becomes a zero pass. Returns this rank's [sum of micro-batch losses, micro-batches, entries] (float64)."""
+def _gradient(net: nn.Module, params: list[nn.Parameter], batches, passes: list, cfg: TrainConfig, d: Dist,
+              device: torch.device, bad: list[BadEntry], step: int, out: Path) -> tuple[float, float, int]:
+    """Forward and backward of this rank's passes of step `step` (a micro-batch whose every entry is bad becomes a
+    zero pass), leaving the gradient of the step's loss in .grad, clipped. Returns the step's loss, gradient norm
+    (before clipping) and entries over all ranks; raises NonFiniteLoss if the loss or the norm is NaN or infinite."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # sum of micro-batch losses, micro-batches, entries
     for j, mb in enumerate(passes):
         batch = None
         if mb is not None:
@@ -601,8 +416,7 @@ def _accumulate(net: nn.Module, batches, passes: list, cfg: TrainConfig, device:
                 if not cfg.skip_bad:
                     raise DataError(f"{b}; pass --skip-bad to skip such entries")
                 bad.append(b)
-            k = got.pop("n")
-            if k:
+            if k := got.pop("n"):
                 batch = {key: v.to(device, non_blocking=True) for key, v in got.items()}
                 sums[1:] += torch.tensor([1, k], dtype=torch.float64)
         last = j == len(passes) - 1  # DDP all-reduces in the backward of the last pass only
@@ -612,15 +426,10 @@ def _accumulate(net: nn.Module, batches, passes: list, cfg: TrainConfig, device:
             loss.backward()
         if batch is not None:
             sums[0] += loss.detach().double().cpu()
-    return sums
-
-
-def _reduce_and_clip(params: list[nn.Parameter], sums: Tensor, d: Dist, cfg: TrainConfig, step: int,
-                     out: Path) -> tuple[float, float, int]:
-    """The step's loss, gradient norm (before clipping) and entries over all ranks; the gradients of the step's
-    loss in .grad, clipped. Raises NonFiniteLoss (nothing updated) on a NaN or infinite loss or gradient norm."""
-    tot = d.all_sum(sums.to(params[0].device) if d.world > 1 else sums).cpu()
-    loss_sum, n_mb, samples = tot.tolist()
+    if d.world > 1:
+        sums = sums.to(params[0].device)
+        dist.all_reduce(sums)
+    loss_sum, n_mb, samples = sums.tolist()
     if n_mb == 0:
         raise DataError(f"step {step}: every entry of the global batch was bad")
     # The step's loss is the mean of its micro-batch losses, so its gradient is the sum of theirs / n_mb. DDP left
@@ -635,12 +444,3 @@ def _reduce_and_clip(params: list[nn.Parameter], sums: Tensor, d: Dist, cfg: Tra
         raise NonFiniteLoss(f"step {step}: loss {loss} / gradient norm {gnorm} is not finite; stopped without "
                             f"updating. Last good checkpoint: {last[-1] if last else 'none yet'}")
     return loss, gnorm, int(samples)
-
-
-def _gather_bad(bad: list[BadEntry], d: Dist) -> list[BadEntry]:
-    """The bad entries met by all ranks, each once, by entry index."""
-    if d.world > 1:
-        parts = [None] * d.world
-        dist.all_gather_object(parts, bad)
-        bad = [b for p in parts for b in p]
-    return list({b.index: b for b in bad}.values())

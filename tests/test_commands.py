@@ -17,9 +17,11 @@ from tokenizers import Tokenizer
 from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM
 
+import checkpoint
 import evaluate
 import layout
 import train
+import weights
 from dass import DASS, DASSConfig
 from mamba import MambaConfig, MambaLM
 from sslalm import PROMPT_TEMPLATE
@@ -88,12 +90,11 @@ def pretrained_mamba(folder: Path) -> None:
 def write_stand_ins(folder: Path) -> None:
     """The default layout with tiny parts in the real formats: the official DASS key layout, a transformers Mamba
     saved with save_pretrained + tokenizer.json, OpenAQA stage files over wav files, ESC-50's own layout."""
-    weights = folder / "weights"
-    weights.mkdir()
+    (folder / "weights").mkdir()
     torch.manual_seed(0)
     dass = DASS(DASSConfig(**TINY_DASS["small"]))
-    torch.save({"module.v." + k: v for k, v in dass.state_dict().items()}, weights / "DASS_small.pth")
-    pretrained_mamba(weights / "mamba-2.8b-hf")
+    torch.save({"module.v." + k: v for k, v in dass.state_dict().items()}, folder / "weights" / "DASS_small.pth")
+    pretrained_mamba(folder / "weights" / "mamba-2.8b-hf")
 
     openaqa = folder / "data" / "openaqa"
     (openaqa / "audio").mkdir(parents=True)
@@ -124,7 +125,7 @@ def test_with_nothing_there_each_command_lists_every_default_path(tmp_path):
                  *[f"data/openaqa/stage{s}.json" for s in range(1, 5)]]:
         assert path in r.stderr
     for source in ["closed_ended/combine_cla.json", "closed_ended/all_closed_qa.json", "openaqa_5.6M.json",
-                   "state-spaces/mamba-2.8b-hf", "DASS_small.pth from the DASS releases"]:
+                   "state-spaces/mamba-2.8b-hf", "github.com/Saurabhbhati/DASS"]:
         assert source in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 10
 
@@ -230,21 +231,18 @@ def test_newest_finished_model_ignores_checkpoints_and_unfinished_runs(tmp_path,
 
 def test_dass_shapes_come_from_the_checkpoint_and_the_paper_sizes_are_recognised(tmp_path):
     """A real DASS_small.pth builds DASS small exactly (no custom fields); a tiny one builds its own shapes with a
-    note; a file of the other paper size is an error."""
-    notes = []
+    warning; a file of the other paper size is an error."""
     with torch.device("meta"):
         small = DASS(DASSConfig.small())
     torch.save({"module.v." + k: torch.empty(v.shape) for k, v in small.state_dict().items()},
                tmp_path / "DASS_small.pth")  # the official file's keys and shapes
-    assert layout.dass_shape(str(tmp_path / "DASS_small.pth"), "small", notes.append) == {}
-    with pytest.raises(ValueError, match="holds DASS small, not DASS medium: pass --size small"):
-        layout.dass_shape(str(tmp_path / "DASS_small.pth"), "medium", notes.append)
-    assert notes == []
-    tiny = DASS(DASSConfig(**TINY_DASS["medium"]))
-    torch.save({"module.v." + k: v for k, v in tiny.state_dict().items()}, tmp_path / "tiny.pth")
-    fields = layout.dass_shape(str(tmp_path / "tiny.pth"), "small", notes.append)
-    assert DASSConfig(**fields) == tiny.config and "is no DASS of the paper" in notes[0]
-    assert layout.dass_shape(None, "small", notes.append) is None
+    found = weights.load_dass(tmp_path / "DASS_small.pth").config
+    assert checkpoint.dass_fields(found, "small", "DASS_small.pth") == {}
+    with pytest.raises(ValueError, match="DASS_small.pth holds DASS small, not DASS medium: pass --size small"):
+        checkpoint.dass_fields(DASSConfig.small(), "medium", "DASS_small.pth")
+    tiny = DASSConfig(**TINY_DASS["medium"])
+    with pytest.warns(UserWarning, match=r"tiny.pth is no DASS of the paper \(dims \(8, 16, 32, 64\)"):
+        assert DASSConfig(**checkpoint.dass_fields(tiny, "small", "tiny.pth")) == tiny
 
 
 def test_one_stage_takes_its_defaults_from_the_layout(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 import audio
+import checkpoint
 import data
 import evaluate as ev
 import train
@@ -106,7 +107,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tmp_path, 
     marker = tmp_path / "code-ran"
     good = torch.load(ckpt / name, weights_only=True)
     torch.save({**good, "extra": RunsCode(marker)}, ckpt / name)
-    with pytest.raises(trainer.CorruptCheckpoint) as err:
+    with pytest.raises(checkpoint.CorruptCheckpoint) as err:
         trainer.train(StandIn(), ds, pad_collate, 0, cfg, tmp_path, resume=ckpt)
     assert str(ckpt / name) in str(err.value) and "refused unread" in str(err.value)
     assert "weights_only=False" not in str(err.value)  # no advice to unpickle it after all
@@ -243,7 +244,7 @@ def test_resume_falls_back_over_a_corrupt_checkpoint_exactly(stopped_run, tmp_pa
     assert newest.name == "step-0000005"
     file = newest / name
     file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])  # a copy cut short
-    with pytest.raises(trainer.CorruptCheckpoint) as err:  # named explicitly: an error naming the file
+    with pytest.raises(checkpoint.CorruptCheckpoint) as err:  # named explicitly: an error naming the file
         trainer.train(StandIn(), MemoryData(11), pad_collate, 0, small_cfg(save_every=1), run, resume=newest)
     assert str(file) in str(err.value) and "truncated or corrupt" in str(err.value)
     res = trainer.train(StandIn(seed=9), MemoryData(11), pad_collate, 0, small_cfg(save_every=1), run,
@@ -388,7 +389,7 @@ def test_answers_of_another_checkpoint_are_not_reused(tmp_path):
         run(Listener(VS), second)
     assert run(Listener(VS), first)["n"] == 3  # the same checkpoint: nothing is asked again
     (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:20])
-    with pytest.raises(trainer.CorruptCheckpoint, match=f"{ckpt / 'model.safetensors'}: truncated or corrupt"):
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=f"{ckpt / 'model.safetensors'}: truncated or corrupt"):
         ev.checkpoint_identity(str(ckpt))
 
 
