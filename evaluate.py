@@ -37,7 +37,6 @@ import sampling
 from data import CLASSIFY_PROMPT, Clip, at_least, load_esc50, load_eval_json, read_labels, unquote
 from metrics import accuracy, bleu, cider_d, mean_average_precision, micro_f1, spice
 from textenc import TextEncoder
-from trainer import check_model_files
 
 PROMPTS = {
     **{t: CLASSIFY_PROMPT for t in ("esc50", "dcase", "vs", "tut", "bjo", "vgg", "fsd", "audioset")},
@@ -283,7 +282,7 @@ def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answ
 
 def checkpoint_identity(folder: str) -> str:
     """sha256 of a checkpoint's config.json and model.safetensors (checked whole first), recorded with each answer."""
-    check_model_files(Path(folder))
+    checkpoint.check_model_files(Path(folder))
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
         with open(Path(folder) / name, "rb") as f:
