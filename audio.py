@@ -7,17 +7,15 @@ Glossary (code name -> meaning; paper Fig. 1: "audio (16 kHz) -> fbank (1024 x 1
     dass input  fbank - mean-removed audio, padded/cropped to 1024 frames, normalised with AudioSet statistics
 
 `fbank` reproduces `torchaudio.compliance.kaldi.fbank(w, htk_compat=True, sample_frequency=16000, use_energy=False,
-window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` (what DASS and LTU train with) without
-torchaudio; tests/fixtures/fbank_kaldi.npz holds torchaudio's values (made by tools/make_fbank_fixture.py).
-Unlike the official pipeline, a file at another sample rate is resampled (band-limited) instead of being read as if
-it were 16 kHz. The fbank and the resampler are written here, not taken from torchaudio: they save a heavy
-dependency tied to each torch version, and the fbank's steps are the paper's input.
+window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` (what DASS and LTU train with); the tests
+check it against torchaudio's values in tests/fixtures/fbank_kaldi.npz (tools/make_fbank_fixture.py). Unlike the
+official pipeline, a file at another sample rate is resampled instead of being read as if it were 16 kHz. Both are
+written here: the fbank's steps are the paper's input, and with the resampler they save torchaudio, a heavy
+dependency tied to each torch version.
 """
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +37,6 @@ DASS_FRAMES = 1024    # 10.24 s: the length DASS was trained on
 MAX_SECONDS = 3600    # longer files are refused by load_audio (see there)
 RESAMPLE_BLOCK = 1 << 18  # values per work tensor in resample (1 MB in float32): bounds its memory
 
-
-# ---- Reading and resampling --------------------------------------------------------------------------------------
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
     """Read any file soundfile can (wav, flac, ogg, mp3, ...) -> (samples,): first channel, float32, resampled to
@@ -76,66 +72,16 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
     return wave
 
 
-def _lowpass(d: Tensor, c: float, zeros: int, beta: float) -> Tensor:
-    """The resampling filter at distances d (float64, in input samples) from an output's time: c sinc(c d), a
-    low-pass at c x the input Nyquist frequency with unit gain, Kaiser-windowed over `zeros` zero crossings on each
-    side. Returns float32."""
-    x = c * d / zeros
-    window = torch.special.i0(beta * torch.sqrt((1 - x ** 2).clamp(min=0))) / torch.special.i0(
-        torch.tensor(beta, dtype=torch.float64))
-    return (c * torch.sinc(c * d) * window * (x.abs() <= 1)).float()
-
-
-def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h: Callable[[Tensor], Tensor],
-               block: int) -> Tensor:
-    """Rates with few output phases (44.1 kHz -> 16 kHz: up/down = 160/441): one strided conv1d, a filter per phase.
-
-    Output j = i*up + p sits at input time i*down + p*down/up; tap k of phase p reads input i*down + k - half.
-    """
-    K = down + 2 * half + 1
-    t = torch.arange(up, dtype=torch.float64)[:, None] * down / up + half - torch.arange(K, dtype=torch.float64)
-    weight = h(t).to(x.device)[:, None, :]                       # (up, 1, K): one output channel per phase
-    n_steps = -(-n_out // up)                                    # outputs per phase
-    x = F.pad(x, (half, max(0, (n_steps - 1) * down + K - half - x.numel())))[None, None]
-    out, step = [], max(1, block // up)                          # conv steps at a time: (up, step) outputs
-    for i0 in range(0, n_steps, step):
-        i1 = min(i0 + step, n_steps)
-        seg = x[..., i0 * down: (i1 - 1) * down + K]
-        out.append(F.conv1d(seg, weight, stride=down)[0].T.reshape(-1))  # (steps, up) -> interleaved phases
-    return torch.cat(out)
-
-
-def _interpolated(x: Tensor, n_out: int, up: int, down: int, half: int, h: Callable[[Tensor], Tensor],
-                  block: int) -> Tensor:
-    """Any pair of rates: output j reads the 2*half + 1 input samples around its time t = j*down/up, weighted by the
-    filter at t's fractional part, interpolated linearly between `n_phases` + 1 tabulated fractions. The spacing
-    narrows as the filter widens (n_phases = block // taps), so the error is ~1e-7 at any rates."""
-    taps = 2 * half + 1
-    n_phases = max(1, block // taps)
-    frac = torch.arange(n_phases + 1, dtype=torch.float64)[:, None] / n_phases
-    grid = h(frac + half - torch.arange(taps, dtype=torch.float64)).to(x.device)  # (n_phases + 1, taps)
-    slope = grid[1:] - grid[:-1]
-    windows = F.pad(x, (half, half)).unfold(0, taps, 1)         # (samples, taps) view: row i = inputs i-half..i+half
-    dot, out = torch.linalg.vecdot, []
-    for j0 in range(0, n_out, n_phases):                         # n_phases outputs at a time: (block,) taps
-        j = torch.arange(j0, min(j0 + n_phases, n_out), device=x.device)
-        base, pos = j * down // up, (j * down % up).double() * (n_phases / up)  # t = base + pos / n_phases
-        q = pos.long()
-        xs = windows.index_select(0, base)                       # (outputs, taps)
-        # dot(xs, grid[q] + (pos - q) slope[q]) without forming the interpolated weights
-        out.append(dot(xs, grid.index_select(0, q)) + (pos - q).float() * dot(xs, slope.index_select(0, q)))
-    return torch.cat(out)
-
-
 def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rolloff: float = 0.95,
              beta: float = 8.0, block: int = RESAMPLE_BLOCK) -> Tensor:
-    """Band-limited resampling of a 1-D signal (windowed sinc): (samples,) -> (ceil(samples * new / orig),).
+    """Band-limited resampling of a 1-D signal: (samples,) -> (ceil(samples * new_sr / orig_sr),).
 
-    Output j is the input filtered at time j * orig / new by a low-pass at `rolloff` x the lower Nyquist
-    frequency (`_lowpass`); with the defaults the response is flat to ~7.2 kHz and below -70 dB from 8 kHz when
-    going to 16 kHz. Any pair of rates works in bounded memory (work tensors of at most `block` values) and in
-    time proportional to the number of samples, whatever their common divisor: a strided convolution when the
-    output phases are few (`_polyphase`: 44.1, 48, 22.05, 8 kHz), else `_interpolated` (44,101 Hz, primes).
+    Output j is the input at time t = j * orig_sr / new_sr through a windowed sinc: a low-pass at `rolloff` x the
+    lower Nyquist frequency with unit gain, Kaiser-windowed over `zeros` zero crossings on each side (flat to
+    ~7.2 kHz and below -70 dB from 8 kHz when going to 16 kHz). When the output phases (t's fractional parts) are
+    few (44.1, 48, 22.05, 8 kHz) the filter of each is tabulated exactly and a block of outputs is one matmul;
+    otherwise (44,101 Hz, primes) it is interpolated linearly between tabulated fractions (error ~1e-7). Either
+    way the work tensors hold about `block` values: memory is bounded and time linear at any rates.
     """
     if waveform.dim() != 1:
         raise ValueError(f"resample expects a 1-D waveform; got shape {tuple(waveform.shape)}")
@@ -143,20 +89,39 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
         raise ValueError(f"sample rates must be positive; got {orig_sr} -> {new_sr}")
     g = math.gcd(int(orig_sr), int(new_sr))
     up, down = new_sr // g, orig_sr // g
-    if up == down or waveform.numel() == 0:
+    n = waveform.numel()
+    if up == down or n == 0:
         return waveform
-    c = rolloff * min(1.0, up / down)
-    half = math.ceil(zeros / c)                                  # the filter reaches `half` input samples each side
-    h = functools.partial(_lowpass, c=c, zeros=zeros, beta=beta)
-    n_out = -(-waveform.numel() * up // down)
-    if up * (down + 2 * half + 1) <= block:
-        y = _polyphase(waveform.float(), n_out, up, down, half, h, block)
-    else:
-        y = _interpolated(waveform.float(), n_out, up, down, half, h, block)
-    return y[:n_out].to(waveform.dtype)
+    c = rolloff * min(1.0, up / down)                           # the cut-off, in units of the input Nyquist
+    half = math.ceil(zeros / c)                                 # the filter reaches `half` inputs on each side
+    taps, n_out, x = 2 * half + 1, -(-n * up // down), waveform.float()
 
+    def h(d: Tensor) -> Tensor:                                 # the filter at distances d (float64, in inputs)
+        r = c * d / zeros
+        kaiser = torch.special.i0(beta * (1 - r ** 2).clamp(min=0).sqrt()) / float(np.i0(beta))
+        return (c * torch.sinc(c * d) * kaiser * (r.abs() <= 1)).float().to(x.device)
 
-# ---- Kaldi filterbank --------------------------------------------------------------------------------------------
+    k = torch.arange(down + taps, dtype=torch.float64)
+    if up * len(k) <= block:  # output i*up + p sits at input i*down + p*down/up: window i, weights of phase p
+        weight = h(torch.arange(up, dtype=torch.float64)[:, None] * down / up + half - k)      # (up, down + taps)
+        steps = -(-n_out // up)
+        windows = F.pad(x, (half, max(0, (steps - 1) * down + len(k) - half - n))).unfold(0, len(k), down)
+        y = torch.cat([w @ weight.T for w in windows[:steps].split(max(1, block // len(k)))])  # (steps, up)
+        return y.reshape(-1)[:n_out].to(waveform.dtype)
+    n_frac = max(1, block // taps)                              # tabulated fractions
+    grid = h(torch.arange(n_frac + 1, dtype=torch.float64)[:, None] / n_frac + half - k[:taps])  # (n_frac + 1, taps)
+    slope = grid[1:] - grid[:-1]
+    windows = F.pad(x, (half, half)).unfold(0, taps, 1)        # (samples, taps): row i = inputs i-half .. i+half
+    out = []
+    for j0 in range(0, n_out, n_frac):
+        j = torch.arange(j0, min(j0 + n_frac, n_out), device=x.device)
+        base, pos = j * down // up, (j * down % up).double() * (n_frac / up)  # t = base + pos / n_frac
+        q = pos.long()
+        xs = windows.index_select(0, base)                      # (outputs, taps)
+        # xs · (grid[q] + (pos - q) slope[q]) without forming the interpolated weights
+        out.append(torch.linalg.vecdot(xs, grid[q]) + (pos - q).float() * torch.linalg.vecdot(xs, slope[q]))
+    return torch.cat(out).to(waveform.dtype)
+
 
 def _mel(f: float | Tensor) -> float | Tensor:
     """HTK mel scale, 1127 ln(1 + f/700): float64 for the scalar band edges, float32 for the FFT bins (Kaldi and
@@ -214,8 +179,6 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
         raise ValueError(f"the fbank has NaN or infinite values; the largest |sample| is {wave.abs().max():.3g}")
     return x
 
-
-# ---- DASS input --------------------------------------------------------------------------------------------------
 
 def dass_input(waveform: Tensor, target_length: int | None = DASS_FRAMES) -> Tensor:
     """16 kHz waveform (samples,) -> normalised fbank (T, 128), as DASS was trained.

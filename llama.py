@@ -1,28 +1,24 @@
 """LLaMA / Vicuna-7B: the frozen language model of the paper's hybrid LALM (DASS + Vicuna-7B, §III-C).
 
-Glossary (code name -> meaning):
+Glossary (code name -> meaning; defaults = Vicuna-7B v1.5):
     d       hidden_size, the model width (4096)            H, Hkv  query heads (32), key/value heads (32; fewer for GQA)
     hd      head_dim = d / H (128)                         T       cache length (prompt + new tokens)
     B, L    batch, sequence length                         V       vocabulary size (32000)
     pos     position ids: cumsum(attention_mask) - 1 (as HF), so a left-padded row sees the positions it would see
-            alone. RoPE scores depend only on position differences, so this matters only for rounding.
+            alone (RoPE scores depend only on position differences: this matters only for rounding)
 
-A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-attention with RoPE on q and k;
-mlp is SwiGLU: down(silu(gate(x)) * up(x)). RoPE follows the Hugging Face convention (rotate_half over the two halves
-of each head); the HF checkpoints' q/k weights are permuted for it, so no permutation is needed here. Module names
-equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which LoRA (lora.py) and the PEFT export rely
-on. Generation: sampling.py, with a preallocated key/value cache. Checkpoint formats, the tokenizer: weights.py.
+A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-attention with RoPE on q and k in
+Hugging Face's rotate_half convention (the HF checkpoints' q/k weights are permuted for it); mlp is SwiGLU. Module
+names equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which lora.py and the PEFT export use.
 
-Written here rather than taken from transformers (the oracle in the tests): the whole model fits in one reading, with
-the same state dict, and shares the cache protocol of sampling.py with mamba.py. Attention is PyTorch's
-scaled_dot_product_attention: without padding it runs with is_causal=True and no mask, so that the flash /
-memory-efficient kernels can be used; only left-padded batches pass an explicit mask.
-Differences from transformers' LlamaForCausalLM: logits are returned in fp32 (as mamba.py does); a decode step attends
-to the filled part of the cache; a padding query attends to itself, so no softmax row is empty (no NaN on any backend).
+Written here rather than taken from transformers (the tests' oracle) to be read in one sitting and to share the
+cache protocol of sampling.py with mamba.py. Differences from LlamaForCausalLM: without padding, attention is
+PyTorch's SDPA with is_causal=True and no mask, so the flash / memory-efficient kernels can run; a padding query
+attends to itself, so no softmax row is empty (no NaN on any backend); logits are fp32, as in mamba.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -75,23 +71,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
+@dataclass
 class KVCache:
-    """Preallocated keys and values for generation, plus what a decode step needs to know about each row.
-
-    k[i], v[i]: (B, Hkv, T, hd) for layer i, allocated on first write in the dtype of the keys (bf16 under autocast);
-    valid: (B, T) bool, True where a real (not padding) token sits; padded: whether any prompt slot is padding (if
-    not, decode steps need no mask); pos: (B,) position id of the next token; length: how many slots are filled.
-    """
-
-    def __init__(self, n_layers: int, valid: Tensor, pos: Tensor, padded: bool):
-        self.k: list[Tensor | None] = [None] * n_layers
-        self.v: list[Tensor | None] = [None] * n_layers
-        self.valid, self.pos, self.padded, self.length = valid, pos, padded, 0
+    """Keys and values preallocated for T positions, and what a decode step needs to know about each row."""
+    valid: Tensor  # (B, T) bool: True where a real (not padding) token sits
+    pos: Tensor    # (B,) the position id of the next token
+    padded: bool   # whether any prompt slot is padding (if not, decode steps need no mask)
+    k: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, Hkv, T, hd), in the dtype of the first keys
+    v: dict[int, Tensor] = field(default_factory=dict)
+    length: int = 0  # slots filled
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, L, hd) at slots [length, length + L); return all filled slots
-        (B, Hkv, length + L, hd)."""
-        if self.k[layer] is None:
+        """Write k, v (B, Hkv, L, hd) at slots [length, length + L) -> all filled slots (B, Hkv, length + L, hd)."""
+        if layer not in self.k:
             shape = (*k.shape[:2], self.valid.shape[1], k.shape[3])
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
         end = self.length + k.shape[2]
@@ -178,11 +170,8 @@ class LlamaLM(nn.Module):
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps, scale_in_fp32=False),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed_tokens
+        self.hidden_size = config.hidden_size
         self.gradient_checkpointing = False  # True: recompute each block in backward (training memory)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, L) -> (B, L, d)."""
@@ -214,8 +203,6 @@ class LlamaLM(nn.Module):
         pos, mask = _positions(attention_mask, B, L, x.device)
         return self.lm_head(self._blocks(x, pos, mask)).float()
 
-    # --- generation: the protocol of sampling.py ---------------------------------------------------------------
-
     def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None, max_length: int) -> tuple[Tensor, KVCache]:
         """inputs_embeds (B, L, d), left-padded rows marked by attention_mask (B, L) -> (logits of the last position
         (B, V), a cache with room for max_length positions)."""
@@ -227,7 +214,7 @@ class LlamaLM(nn.Module):
         pos, mask = _positions(attention_mask, B, L, inputs_embeds.device)
         valid = torch.zeros(B, max_length, dtype=torch.bool, device=inputs_embeds.device)
         valid[:, :L] = True if mask is None else attention_mask.bool()
-        cache = KVCache(len(self.model.layers), valid, pos[:, -1] + 1, padded=mask is not None)
+        cache = KVCache(valid, pos[:, -1] + 1, padded=mask is not None)
         h = self._blocks(inputs_embeds, pos, mask, cache)
         cache.length = L
         return self.lm_head(h[:, -1]).float(), cache
