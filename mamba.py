@@ -13,8 +13,6 @@ Glossary (checkpoint names -> paper; defaults = Mamba-2.8B):
     ssm_state       h_t of eq. (5), per layer                            (B, d_inner, N)
 
 A block is r <- r + out_proj(scan(silu(conv(x)), Δ, A, B, C, D) · silu(z)) with [x, z] = in_proj(RMSNorm(r)).
-Generation (sampling.py) runs the prompt once (`prefill`), then one token at a time (`decode_step`) from a cache
-whose size does not grow.
 
 Written here rather than imported from mamba_ssm, CUDA-only compiled code whose fused kernels hide the equations.
 Differences from it: the residual stream is always fp32; the conv is plain PyTorch; left padding is masked by
@@ -25,7 +23,6 @@ torch.compile: at batch 1 the ~15 kernel launches per layer, not the arithmetic,
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +55,7 @@ class MambaConfig:
 
     def __post_init__(self):
         self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
-        m = self.pad_vocab_size_multiple
-        self.vocab_size = -(-self.vocab_size // m) * m
+        self.vocab_size = -(-self.vocab_size // self.pad_vocab_size_multiple) * self.pad_vocab_size_multiple
 
     @property
     def d_inner(self) -> int:
@@ -85,8 +81,7 @@ class RMSNorm(nn.Module):
 
 
 class MambaMixer(nn.Module):
-    """The Mamba block's mixer: in_proj -> causal conv -> selective SSM (eqs. (3)-(6)) gated by silu(z) -> out_proj.
-    Parameter names are the checkpoints' (backbone.layers.{i}.mixer.*)."""
+    """in_proj -> causal conv -> selective SSM (eqs. (3)-(6)) gated by silu(z) -> out_proj."""
 
     def __init__(self, cfg: MambaConfig):
         super().__init__()
@@ -109,21 +104,19 @@ class MambaMixer(nn.Module):
         """hidden (B, L, d_model) -> (B, L, d_model); mask (B, L): 1 at real positions, 0 at (left) padding, or None.
         conv_state (B, d_inner, d_conv) and ssm_state (B, d_inner, N), if given, are overwritten with the states
         after position L. Padding leaves both untouched: the conv sees zeros, and x = 0 gives Δ·B·x = 0 (eq. (5))."""
-        length = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)          # (B, d_inner, L) each
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)  # = HF's zeroing of the mixer input when in_proj has no bias
         if conv_state is not None:
-            conv_state.copy_(F.pad(x, (self.d_conv - length, 0)))           # the last d_conv inputs (zeros before 0)
+            conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0)))     # the last d_conv inputs (zeros before 0)
         x = F.silu(self.conv1d(F.pad(x, (self.d_conv - 1, 0))))              # causal depthwise conv  (B, d_inner, L)
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)                             # the conv's bias must not leak in
         delta, B, C = self._ssm_inputs(x.transpose(1, 2))                    # (B, L, d_inner), (B, L, N), (B, L, N)
         A = -torch.exp(self.A_log.float())                                   # (d_inner, N), negative
-        y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2),
-                           C.transpose(1, 2), self.D.float(), z=z,
+        y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,  # Δ = softplus(dt_proj(.))
-                           return_last_state=ssm_state is not None)        # eqs. (3)-(6), then the gate
+                           return_last_state=ssm_state is not None)                     # eqs. (3)-(6), then the gate
         if ssm_state is not None:
             y, last = y
             ssm_state.copy_(last)
@@ -180,7 +173,7 @@ class _GraphedDecode:
 
     def __init__(self, model: "MambaLM", cache: MambaCache, key: tuple):
         if not cache.ssm.is_cuda or torch.is_grad_enabled():
-            raise RuntimeError("a CUDA graph needs CUDA tensors and torch.no_grad()")
+            raise RuntimeError("recording the decode step as a CUDA graph needs CUDA tensors and torch.no_grad()")
         self.key, self.owner = key, None
         self.cache = MambaCache.allocate(model.config, cache.ssm.shape[1], cache.conv.dtype, cache.ssm.device)
         self.token = torch.zeros(cache.ssm.shape[1], dtype=torch.long, device=cache.ssm.device)
@@ -213,8 +206,8 @@ class MambaLM(nn.Module):
     """Embedding -> n_layer MambaBlocks -> norm_f -> logits with the tied embedding. state_dict keys are those of
     transformers' MambaForCausalLM without lm_head.weight.
 
-    cuda_graph: True (default) replays a CUDA graph per batch size for decode steps on CUDA, stepping eagerly with
-    a warning if recording fails; "require" raises instead (benchmarks); False always steps eagerly.
+    cuda_graph: True (default) records each batch size's decode step once as a CUDA graph and replays it, on CUDA
+    under no_grad; a failed recording raises. "require" also raises where it cannot record (benchmarks); False: eager.
     """
 
     def __init__(self, config: MambaConfig):
@@ -299,14 +292,7 @@ class MambaLM(nn.Module):
                tuple((m.training, getattr(m, "merged", None)) for m in self.modules()))
         graph = self._graphs.get(key[:3])
         if graph is None or graph.key != key:
-            try:
-                graph = self._graphs[key[:3]] = _GraphedDecode(self, cache, key)
-            except RuntimeError as e:
-                if self.cuda_graph == "require":
-                    raise RuntimeError(f"cuda_graph='require': recording the decode step failed ({e})") from e
-                warnings.warn(f"decoding without a CUDA graph: recording the decode step failed ({e})")
-                self.cuda_graph = False
-                return None
+            graph = self._graphs[key[:3]] = _GraphedDecode(self, cache, key)
         graph.bind(cache)
         return graph
 
