@@ -11,9 +11,8 @@ Glossary (code name -> meaning; SS2D runs eqs. (3)-(6) through scan.selective_sc
     dt_projs    per direction: R -> d, bias used as the scan's delta_bias           dt_projs_weight (K, d, R)
     A_logs, Ds  A = -exp(A_logs) and the skip D, per direction and channel         (K*d, N), (K*d,)
 
-Data flow: (B, T, 128) fbank -> (B, 1, 128, T) -> patch_embed (stride 4) -> 4 stages of VSS blocks with a stride-2
-conv between stages -> classifier.norm -> `features` (B, 768, 4, ceil(T/32)); their mean -> classifier.head -> 527
-AudioSet logits.
+Data flow: (B, T, 128) fbank -> patch_embed (stride 4) -> 4 stages of VSS blocks, a stride-2 conv between stages
+-> classifier.norm -> `features` (B, 768, 4, ceil(T/32)); their mean -> classifier.head -> 527 AudioSet logits.
 
 Differences from the official code (github.com/Saurabhbhati/DASS, VMamba), none of which changes the function:
 activations stay channel-last (B, H, W, C) between the convolutions, so every norm and 1x1 projection is a plain
@@ -59,8 +58,7 @@ class DASSConfig:
 
 
 class Permute(nn.Module):
-    """Channel-first <-> channel-last inside nn.Sequential (it keeps the official module indices, so the
-    checkpoint keys patch_embed.{0,2,5,7} and downsample.{1,3} line up)."""
+    """Channel-first <-> channel-last in nn.Sequential, at the official indices (keys patch_embed.{0,2,5,7} ...)."""
 
     def __init__(self, *dims: int):
         super().__init__()
@@ -96,7 +94,7 @@ class SS2D(nn.Module):
     def __init__(self, d: int, d_state: int = 1):
         super().__init__()
         R, N, K = math.ceil(d / 16), d_state, 4
-        self.d, self.dt_rank, self.d_state = d, R, N
+        self.dt_rank, self.d_state = R, N
         self.in_proj = nn.Linear(d, d, bias=False)
         self.conv2d = nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d, bias=False)  # depthwise
         self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, d))
@@ -106,16 +104,11 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.empty(K * d))
         self.out_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, d, bias=False)
-        self.reset_ssm_parameters()
-
-    @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
-        """The official (Mamba / VMamba "v0") initialisation of the SSM parameters."""
-        d, R = self.d, self.dt_rank
-        nn.init.uniform_(self.x_proj_weight, -d ** -0.5, d ** -0.5)     # nn.Linear's default for K stacked Linears
-        nn.init.uniform_(self.dt_projs_weight, -R ** -0.5, R ** -0.5)
-        init_A_and_delta_bias(self.A_logs, self.dt_projs_bias, dt_min, dt_max, dt_floor)  # A = -(1..N), Δ log-uniform
-        self.Ds.fill_(1.0)
+        with torch.no_grad():  # the official (Mamba / VMamba "v0") initialisation of the SSM parameters
+            nn.init.uniform_(self.x_proj_weight, -d ** -0.5, d ** -0.5)  # nn.Linear's default, for K stacked Linears
+            nn.init.uniform_(self.dt_projs_weight, -R ** -0.5, R ** -0.5)
+            init_A_and_delta_bias(self.A_logs, self.dt_projs_bias)      # A = -(1..N), Δ log-uniform in [1e-3, 0.1]
+            self.Ds.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, d) -> (B, H, W, d)."""
@@ -142,7 +135,8 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))                           # exact (erf) GELU
+        """(..., d) -> (..., d), with the exact (erf) GELU."""
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class VSSBlock(nn.Module):
@@ -154,6 +148,7 @@ class VSSBlock(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(d), MLP(d, int(d * mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, d) -> (B, H, W, d)."""
         x = x + self.op(self.norm(x))
         return x + self.mlp(self.norm2(x))
 
@@ -166,6 +161,7 @@ class Stage(nn.Module):
             Permute(0, 3, 1, 2), nn.Conv2d(d, d_out, 3, stride=2, padding=1), Permute(0, 2, 3, 1), nn.LayerNorm(d_out))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, d) -> (B, ceil(H/2), ceil(W/2), d_out), or (B, H, W, d) for the last stage."""
         for block in self.blocks:
             x = block(x)
         return x if self.downsample is None else self.downsample(x)

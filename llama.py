@@ -4,8 +4,7 @@ Glossary (code name -> meaning; defaults = Vicuna-7B v1.5):
     d       hidden_size, the model width (4096)            H, Hkv  query heads (32), key/value heads (32; fewer for GQA)
     hd      head_dim = d / H (128)                         T       cache length (prompt + new tokens)
     B, L    batch, sequence length                         V       vocabulary size (32000)
-    pos     position ids: cumsum(attention_mask) - 1 (as HF), so a left-padded row sees the positions it would see
-            alone (RoPE scores depend only on position differences: this matters only for rounding)
+    pos     position ids cumsum(attention_mask) - 1 (as HF): a left-padded row sees the positions it would see alone
 
 A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-attention with RoPE on q and k in
 Hugging Face's rotate_half convention (the HF checkpoints' q/k weights are permuted for it); mlp is SwiGLU. Module
@@ -45,12 +44,10 @@ class LlamaConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_attention_heads "
-                             f"{self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} must be divisible by "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+        d, h, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if d % h or h % kv:
+            raise ValueError(f"hidden_size {d} must be divisible by num_attention_heads {h}, and num_attention_heads "
+                             f"{h} must be divisible by num_key_value_heads {kv}")
 
     @property
     def head_dim(self) -> int:
@@ -128,7 +125,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        """x (B, L, d) -> (B, L, d): SwiGLU."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -141,14 +139,14 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
                 layer: int = 0) -> Tensor:
+        """x (B, L, d) -> (B, L, d); the other arguments as in `Attention.forward`."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def _positions(attention_mask: Tensor | None, batch: int, length: int, device) -> tuple[Tensor, Tensor | None]:
-    """attention_mask (B, L) of 0/1 or None -> (pos (B, L), mask (B, 1, L, L) bool or None). Without padding:
-    pos = 0 .. L-1 and no mask (is_causal). With (left) padding: causal, padding keys hidden, a padding query sees
-    itself (an empty softmax row would give NaN)."""
+    """attention_mask (B, L) of 0/1 or None -> pos (B, L), mask (B, 1, L, L) bool or None (no padding: is_causal).
+    With padding: causal, padding keys hidden, a padding query sees itself (an empty softmax row would give NaN)."""
     if attention_mask is None or attention_mask.bool().all():
         return torch.arange(length, device=device).expand(batch, length), None
     valid = attention_mask.bool()
@@ -167,8 +165,7 @@ class LlamaLM(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps, scale_in_fp32=False),
-        ))
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps, scale_in_fp32=False)))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed_tokens
         self.hidden_size = config.hidden_size
         self.gradient_checkpointing = False  # True: recompute each block in backward (training memory)
@@ -176,11 +173,6 @@ class LlamaLM(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, L) -> (B, L, d)."""
         return self.model.embed_tokens(input_ids)
-
-    def _check_length(self, length: int):
-        if length > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
 
     def _blocks(self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
         """x (B, L, d) through all blocks and the final norm -> (B, L, d)."""
@@ -198,7 +190,8 @@ class LlamaLM(nn.Module):
         0 at padding, or None -> logits (B, P + L, V), fp32."""
         x = sampling.join(self, input_ids, inputs_embeds)
         B, L, _ = x.shape
-        self._check_length(L)
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
         sampling.check_attention_mask(attention_mask, B, L)
         pos, mask = _positions(attention_mask, B, L, x.device)
         return self.lm_head(self._blocks(x, pos, mask)).float()
@@ -207,9 +200,9 @@ class LlamaLM(nn.Module):
         """inputs_embeds (B, L, d), left-padded rows marked by attention_mask (B, L) -> (logits of the last position
         (B, V), a cache with room for max_length positions)."""
         B, L, _ = inputs_embeds.shape
-        self._check_length(max_length)
-        if max_length < L:
-            raise ValueError(f"max_length {max_length} is shorter than the prompt ({L})")
+        if not L <= max_length <= self.config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} must lie between the prompt's length {L} and "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
         sampling.check_attention_mask(attention_mask, B, L, prompt=True)
         pos, mask = _positions(attention_mask, B, L, inputs_embeds.device)
         valid = torch.zeros(B, max_length, dtype=torch.bool, device=inputs_embeds.device)
