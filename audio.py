@@ -41,8 +41,7 @@ RESAMPLE_BLOCK = 1 << 18  # values per work tensor in resample (1 MB in float32)
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
     """Read any file soundfile can (wav, flac, ogg, mp3, ...) -> (samples,): first channel, float32, resampled to
     `sample_rate`. Every error names the file. A file longer than MAX_SECONDS is refused from its header, or once
-    that much is read, so a huge file never fills the memory (an hour at 48 kHz peaks at about 2 GB while it is
-    read and resampled)."""
+    that much is read, so memory stays bounded (an hour at 48 kHz peaks at about 2 GB)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path}: no such file")
@@ -94,7 +93,8 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
         return waveform
     c = rolloff * min(1.0, up / down)                           # the cut-off, in units of the input Nyquist
     half = math.ceil(zeros / c)                                 # the filter reaches `half` inputs on each side
-    taps, n_out, x = 2 * half + 1, -(-n * up // down), waveform.float()
+    taps, n_out = 2 * half + 1, -(-n * up // down)
+    x = waveform.float()
 
     def h(d: Tensor) -> Tensor:                                 # the filter at distances d (float64, in inputs)
         r = c * d / zeros
@@ -123,33 +123,27 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
     return torch.cat(out).to(waveform.dtype)
 
 
-def _mel(f: float | Tensor) -> float | Tensor:
-    """HTK mel scale, 1127 ln(1 + f/700): float64 for the scalar band edges, float32 for the FFT bins (Kaldi and
-    torchaudio round it that way; log1p or float64 everywhere moves the log energies by up to 1e-4)."""
-    return 1127.0 * (math.log(1.0 + f / 700.0) if isinstance(f, float) else (1.0 + f / 700.0).log())
-
-
-def mel_filterbank(n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT,
-                   low_freq: float = LOW_FREQ) -> Tensor:
-    """Kaldi's triangular mel filters: (n_mels, n_fft // 2 + 1) float32; the Nyquist bin always gets weight 0.
+def mel_filterbank() -> Tensor:
+    """Kaldi's triangular mel filters: (N_MELS, N_FFT // 2 + 1) float32; the Nyquist bin always gets weight 0.
 
     Filter b rises from mel_low + b*delta to a peak at mel_low + (b+1)*delta and falls to mel_low + (b+2)*delta,
-    delta = (mel(nyquist) - mel(low_freq)) / (n_mels + 1); the triangles are linear in mel, not in Hz.
+    delta = (mel(nyquist) - mel(LOW_FREQ)) / (N_MELS + 1), with the HTK mel scale mel(f) = 1127 ln(1 + f/700): in
+    float64 for the band edges, float32 for the FFT bins, as Kaldi rounds (else the log energies move by 1e-4).
     """
-    mel_low, mel_high = _mel(float(low_freq)), _mel(sample_rate / 2.0)
-    delta = (mel_high - mel_low) / (n_mels + 1)
-    b = torch.arange(n_mels, dtype=torch.float32)[:, None]
+    mel_low, mel_high = (1127.0 * math.log(1.0 + f / 700.0) for f in (LOW_FREQ, SAMPLE_RATE / 2))
+    delta = (mel_high - mel_low) / (N_MELS + 1)
+    b = torch.arange(N_MELS, dtype=torch.float32)[:, None]
     left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
-    mel = _mel(sample_rate / n_fft * torch.arange(n_fft // 2, dtype=torch.float32))[None]  # bins 0 .. n_fft/2 - 1
+    hz = SAMPLE_RATE / N_FFT * torch.arange(N_FFT // 2, dtype=torch.float32)   # bins 0 .. N_FFT/2 - 1
+    mel = 1127.0 * (1.0 + hz / 700.0).log()
     tri = torch.minimum((mel - left) / (center - left), (right - mel) / (right - center)).clamp(min=0)
     return F.pad(tri, (0, 1))
 
 
 def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
-    """Kaldi log-mel filterbank, torchaudio-compatible (see the module docstring): (samples,) -> (frames, 128),
-    frames = 1 + (samples - 400) // 160. Computed in blocks of frames: a 60-minute waveform needs a few tens of MB
-    of work memory. A ValueError if any value is NaN or infinite (NaN/inf samples, or samples so large, such as
-    4e29, that the power spectrum overflows float32): such an fbank would make every feature NaN."""
+    """Kaldi log-mel filterbank (see the module docstring): (samples,) -> (frames, 128), frames = 1 + (samples -
+    400) // 160, in blocks of frames (an hour needs a few tens of MB). A ValueError if any value is NaN or infinite
+    (NaN/inf samples, or samples such as 4e29 whose power overflows float32): every feature would be NaN."""
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"fbank expects {SAMPLE_RATE} Hz audio; got {sample_rate} Hz (use resample first)")
     if waveform.dim() == 2 and waveform.shape[0] == 1:
@@ -159,21 +153,16 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
     n = waveform.numel()
     if n < FRAME_LENGTH:
         raise ValueError(f"waveform of {n} samples is shorter than one fbank frame ({FRAME_LENGTH} samples, 25 ms)")
-    frames = 1 + (n - FRAME_LENGTH) // FRAME_SHIFT
     wave = waveform.float()
     window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float32, device=wave.device)
     mel_fb = mel_filterbank().to(wave.device)                                # (128, 257)
-    eps = torch.finfo(torch.float32).eps
     out = []
-    for f0 in range(0, frames, 4096):
-        f1 = min(f0 + 4096, frames)
-        x = wave[f0 * FRAME_SHIFT: (f1 - 1) * FRAME_SHIFT + FRAME_LENGTH]
-        x = x.unfold(0, FRAME_LENGTH, FRAME_SHIFT)                          # (frames, 400)
+    for x in wave.unfold(0, FRAME_LENGTH, FRAME_SHIFT).split(4096):         # views (frames, 400), 4096 at a time
         x = x - x.mean(dim=1, keepdim=True)                                  # DC offset
         x = x - PREEMPHASIS * torch.cat([x[:, :1], x[:, :-1]], dim=1)        # x[i] -= 0.97 x[i-1]; x[0] -= 0.97 x[0]
         x = F.pad(x * window, (0, N_FFT - FRAME_LENGTH))
         power = torch.fft.rfft(x).abs().pow(2)                              # (frames, 257)
-        out.append((power @ mel_fb.T).clamp(min=eps).log())                 # (frames, 128)
+        out.append((power @ mel_fb.T).clamp(min=torch.finfo(torch.float32).eps).log())  # (frames, 128)
     x = torch.cat(out)
     if not torch.isfinite(x).all():
         raise ValueError(f"the fbank has NaN or infinite values; the largest |sample| is {wave.abs().max():.3g}")
@@ -181,16 +170,11 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
 
 
 def dass_input(waveform: Tensor, target_length: int | None = DASS_FRAMES) -> Tensor:
-    """16 kHz waveform (samples,) -> normalised fbank (T, 128), as DASS was trained.
-
-    The clip's mean is removed, the fbank is zero-padded at the end or cropped to `target_length` frames (None:
-    keep every frame, for long audio), then normalised (x - DASS_MEAN) / (2 DASS_STD). Padded frames therefore
-    equal SILENT_FRAME = -DASS_MEAN / (2 DASS_STD) ≈ 0.467, not 0, exactly as in the official pipeline.
-    """
+    """16 kHz waveform (samples,) -> normalised fbank (T, 128), as DASS was trained: the clip's mean removed, the
+    fbank zero-padded at the end or cropped to `target_length` frames (None: every frame, for long audio), then
+    (x - DASS_MEAN) / (2 DASS_STD). Padded frames are thus SILENT_FRAME ≈ 0.467, as in the official pipeline."""
     x = fbank(waveform - waveform.mean())
     if target_length is not None:
-        if target_length < 1:
-            raise ValueError(f"target_length must be positive or None; got {target_length}")
         x = F.pad(x, (0, 0, 0, max(0, target_length - x.shape[0])))[:target_length]
     return (x - DASS_MEAN) / (2 * DASS_STD)
 

@@ -40,12 +40,9 @@ CONFIGS = {  # name: (dims, depths, d_state, mlp_ratio, classes, input (B, T))
     "tiny_n2": ((12, 24), (1, 2), 2, 2.0, 7, (1, 75)),             # N = 2 and two stages: the general case
     "small": ((96, 192, 384, 768), (2, 2, 8, 2), 1, 4.0, 527, (1, 100)),  # DASS-small itself
 }
-SCALES = {  # the last part of a key -> (centre, half-width) of its uniform weights; others: see seeded_weights
-    "A_logs": (0.25, 1.25),         # A = -exp(.) in [-4.5, -0.37]
-    "dt_projs_bias": (-2.0, 2.0),   # Δ = softplus(. + ...) from about 0.02 to 0.7
-    "Ds": (0.0, 1.0),
-    "bias": (0.0, 0.2),
-}
+# the last part of a key -> (centre, half-width) of its uniform weights: A = -exp(A_logs) in [-4.5, -0.37],
+# Δ = softplus(. + dt_projs_bias) from about 0.02 to 0.7; LayerNorm weights and others: see seeded_weights
+SCALES = {"A_logs": (0.25, 1.25), "dt_projs_bias": (-2.0, 2.0), "Ds": (0.0, 1.0), "bias": (0.0, 0.2)}
 HF_RENAMES = (  # official -> the port's names, in this order, as its convert_dass_original_pytorch_... script does
     ("module.v.", "dass."), ("dass.classifier.head.", "head."), ("classifier.", ""),
     ("patch_embed.0.", "patch_embeddings.projection.0."), ("patch_embed.2.", "patch_embeddings.projection.1."),
@@ -80,14 +77,14 @@ def _stand_ins(official: Path) -> None:
     """What the official code imports but cannot have here: its selective-scan extension becomes the PyTorch loop
     `selective_scan_ref` of its own kernels/selective_scan/test_selective_scan.py (its Triton cross-scan runs in
     Triton's interpreter); timm, torchvision, fvcore and wget serve only DropPath (the identity at inference),
-    initialisation (overwritten here) and helpers the forward never calls."""
+    initialisation (overwritten here) and functions the forward never calls."""
     layers = _module("timm.models.layers", DropPath=lambda drop_prob=0.0: nn.Identity(),
                      trunc_normal_=nn.init.trunc_normal_, to_2tuple=lambda x: (x, x))
     vit = _module("timm.models.vision_transformer")
     _module("timm", models=_module("timm.models", layers=layers, vision_transformer=vit))
     _module("torchvision", models=_module("torchvision.models", VisionTransformer=None))
-    _module("fvcore", nn=_module("fvcore.nn", FlopCountAnalysis=None, flop_count_str=None, flop_count=None,
-                                 parameter_count=None))
+    _module("fvcore", nn=_module("fvcore.nn", **dict.fromkeys(["FlopCountAnalysis", "flop_count_str", "flop_count",
+                                                               "parameter_count"])))
     _module("wget")
     # Importing test_selective_scan.py rebinds `selective_scan_ref` to a CUDA wrapper: run the function's source.
     text = (official / "kernels" / "selective_scan" / "test_selective_scan.py").read_text()
@@ -153,7 +150,6 @@ def main() -> None:
             arrays["small_shapes"] = np.array([",".join(map(str, s)) for _, s in shapes])
         else:
             torch.save(weights[name], OUT / f"dass_official_{name}.pth")
-        print(f"official {name}: logits {logits.shape}, features {features.shape}")
 
     # the port's modeling_dass.py as transformers.models.dass.modeling_dass, so its relative imports find transformers
     _module("transformers.models.dass").__path__ = [str(args.hf_port / "src" / "transformers" / "models" / "dass")]
