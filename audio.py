@@ -75,12 +75,10 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
              beta: float = 8.0, block: int = RESAMPLE_BLOCK) -> Tensor:
     """Band-limited resampling of a 1-D signal: (samples,) -> (ceil(samples * new_sr / orig_sr),).
 
-    Output j is the input at time t = j * orig_sr / new_sr through a windowed sinc: a low-pass at `rolloff` x the
-    lower Nyquist frequency with unit gain, Kaiser-windowed over `zeros` zero crossings on each side (flat to
-    ~7.2 kHz and below -70 dB from 8 kHz when going to 16 kHz). When the output phases (t's fractional parts) are
-    few (44.1, 48, 22.05, 8 kHz) the filter of each is tabulated exactly and a block of outputs is one matmul;
-    otherwise (44,101 Hz, primes) it is interpolated linearly between tabulated fractions (error ~1e-7). Either
-    way the work tensors hold about `block` values: memory is bounded and time linear at any rates.
+    Output j is the input at time t = j * orig_sr / new_sr through a Kaiser-windowed sinc low-pass at `rolloff` x
+    the lower Nyquist frequency (to 16 kHz: flat to ~7.2 kHz, below -70 dB from 8 kHz). Few output phases (44.1,
+    48, 8 kHz): each phase's filter is tabulated exactly and a block of outputs is one matmul; else (44,101 Hz,
+    primes) it is interpolated between tabulated fractions (error ~1e-7). Work tensors hold about `block` values.
     """
     if waveform.dim() != 1:
         raise ValueError(f"resample expects a 1-D waveform; got shape {tuple(waveform.shape)}")

@@ -194,13 +194,9 @@ class DASS(nn.Module):
         return self.classifier["norm"](x).permute(0, 3, 1, 2)          # (B, C, F/32, T/32)
 
     def features(self, x: Tensor, window: int | None = WINDOW) -> Tensor:
-        """The feature map the LALM consumes: (B, T, 128) fbank -> (B, 768, 4, ceil(T/32)) (channels, freq, time),
-        the last stage's output after classifier.norm.
-
-        Inputs longer than `window` frames (a multiple of 32; None: one pass) are cut into windows encoded
-        independently (zero initial state, zero padding at the edges) and concatenated along time: memory stays
-        that of one window, where one pass over 60 minutes would need tens of GB at stage 0.
-        """
+        """The feature map the LALM consumes: (B, T, 128) fbank -> (B, 768, 4, ceil(T/32)) (channels, freq, time).
+        Inputs longer than `window` frames (a multiple of 32; None: one pass) go in windows encoded independently
+        and concatenated along time: memory stays that of one window (one pass over an hour needs tens of GB)."""
         if x.dim() != 3 or x.shape[-1] != self.config.n_mels:
             raise ValueError(f"DASS expects a (batch, frames, {self.config.n_mels}) fbank; got {tuple(x.shape)}")
         T = x.shape[1]

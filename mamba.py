@@ -187,8 +187,7 @@ class _GraphedDecode:
             self.logits = model._step(self.token, self.cache)
 
     def bind(self, cache: MambaCache) -> None:
-        """Move cache's state into the graph's buffers, which cache then uses; the cache bound before gets its own
-        copy back, so two generations of one batch size never share a state."""
+        """Move cache's state into the graph's buffers, which cache then uses; the cache bound before gets a copy."""
         if self.owner is not None and self.owner is not cache:
             old = self.owner
             old.conv, old.ssm, old.graph = old.conv.clone(), old.ssm.clone(), None
@@ -203,12 +202,10 @@ class _GraphedDecode:
 
 
 class MambaLM(nn.Module):
-    """Embedding -> n_layer MambaBlocks -> norm_f -> logits with the tied embedding. state_dict keys are those of
-    transformers' MambaForCausalLM without lm_head.weight.
-
-    cuda_graph: True (default) records each batch size's decode step once as a CUDA graph and replays it, on CUDA
-    under no_grad; a failed recording raises. "require" also raises where it cannot record (benchmarks); False: eager.
-    """
+    """Embedding -> n_layer MambaBlocks -> norm_f -> logits with the tied embedding; the state_dict keys of
+    transformers' MambaForCausalLM without lm_head.weight. cuda_graph: True (default) records each batch size's
+    decode step once as a CUDA graph and replays it, on CUDA under no_grad, and a failed recording raises;
+    "require" also raises where it cannot record (benchmarks); False: eager steps."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()
