@@ -7,17 +7,15 @@ Glossary (code name -> meaning; paper Fig. 1: "audio (16 kHz) -> fbank (1024 x 1
     dass input  fbank - mean-removed audio, padded/cropped to 1024 frames, normalised with AudioSet statistics
 
 `fbank` reproduces `torchaudio.compliance.kaldi.fbank(w, htk_compat=True, sample_frequency=16000, use_energy=False,
-window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` (what DASS and LTU train with) without
-torchaudio; tests/fixtures/fbank_kaldi.npz holds torchaudio's values (made by tools/make_fbank_fixture.py).
-Unlike the official pipeline, a file at another sample rate is resampled (band-limited) instead of being read as if
-it were 16 kHz. The fbank and the resampler are written here, not taken from torchaudio: they save a heavy
-dependency tied to each torch version, and the fbank's steps are the paper's input.
+window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` (what DASS and LTU train with); the tests
+check it against torchaudio's values in tests/fixtures/fbank_kaldi.npz (tools/make_fbank_fixture.py). Unlike the
+official pipeline, a file at another sample rate is resampled instead of being read as if it were 16 kHz. Both are
+written here: the fbank's steps are the paper's input, and with the resampler they save torchaudio, a heavy
+dependency tied to each torch version.
 """
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +38,10 @@ MAX_SECONDS = 3600    # longer files are refused by load_audio (see there)
 RESAMPLE_BLOCK = 1 << 18  # values per work tensor in resample (1 MB in float32): bounds its memory
 
 
-# ---- Reading and resampling --------------------------------------------------------------------------------------
-
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
     """Read any file soundfile can (wav, flac, ogg, mp3, ...) -> (samples,): first channel, float32, resampled to
     `sample_rate`. Every error names the file. A file longer than MAX_SECONDS is refused from its header, or once
-    that much is read, so a huge file never fills the memory (an hour at 48 kHz peaks at about 2 GB while it is
-    read and resampled)."""
+    that much is read, so memory stays bounded (an hour at 48 kHz peaks at about 2 GB)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path}: no such file")
@@ -76,66 +71,14 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
     return wave
 
 
-def _lowpass(d: Tensor, c: float, zeros: int, beta: float) -> Tensor:
-    """The resampling filter at distances d (float64, in input samples) from an output's time: c sinc(c d), a
-    low-pass at c x the input Nyquist frequency with unit gain, Kaiser-windowed over `zeros` zero crossings on each
-    side. Returns float32."""
-    x = c * d / zeros
-    window = torch.special.i0(beta * torch.sqrt((1 - x ** 2).clamp(min=0))) / torch.special.i0(
-        torch.tensor(beta, dtype=torch.float64))
-    return (c * torch.sinc(c * d) * window * (x.abs() <= 1)).float()
-
-
-def _polyphase(x: Tensor, n_out: int, up: int, down: int, half: int, h: Callable[[Tensor], Tensor],
-               block: int) -> Tensor:
-    """Rates with few output phases (44.1 kHz -> 16 kHz: up/down = 160/441): one strided conv1d, a filter per phase.
-
-    Output j = i*up + p sits at input time i*down + p*down/up; tap k of phase p reads input i*down + k - half.
-    """
-    K = down + 2 * half + 1
-    t = torch.arange(up, dtype=torch.float64)[:, None] * down / up + half - torch.arange(K, dtype=torch.float64)
-    weight = h(t).to(x.device)[:, None, :]                       # (up, 1, K): one output channel per phase
-    n_steps = -(-n_out // up)                                    # outputs per phase
-    x = F.pad(x, (half, max(0, (n_steps - 1) * down + K - half - x.numel())))[None, None]
-    out, step = [], max(1, block // up)                          # conv steps at a time: (up, step) outputs
-    for i0 in range(0, n_steps, step):
-        i1 = min(i0 + step, n_steps)
-        seg = x[..., i0 * down: (i1 - 1) * down + K]
-        out.append(F.conv1d(seg, weight, stride=down)[0].T.reshape(-1))  # (steps, up) -> interleaved phases
-    return torch.cat(out)
-
-
-def _interpolated(x: Tensor, n_out: int, up: int, down: int, half: int, h: Callable[[Tensor], Tensor],
-                  block: int) -> Tensor:
-    """Any pair of rates: output j reads the 2*half + 1 input samples around its time t = j*down/up, weighted by the
-    filter at t's fractional part, interpolated linearly between `n_phases` + 1 tabulated fractions. The spacing
-    narrows as the filter widens (n_phases = block // taps), so the error is ~1e-7 at any rates."""
-    taps = 2 * half + 1
-    n_phases = max(1, block // taps)
-    frac = torch.arange(n_phases + 1, dtype=torch.float64)[:, None] / n_phases
-    grid = h(frac + half - torch.arange(taps, dtype=torch.float64)).to(x.device)  # (n_phases + 1, taps)
-    slope = grid[1:] - grid[:-1]
-    windows = F.pad(x, (half, half)).unfold(0, taps, 1)         # (samples, taps) view: row i = inputs i-half..i+half
-    dot, out = torch.linalg.vecdot, []
-    for j0 in range(0, n_out, n_phases):                         # n_phases outputs at a time: (block,) taps
-        j = torch.arange(j0, min(j0 + n_phases, n_out), device=x.device)
-        base, pos = j * down // up, (j * down % up).double() * (n_phases / up)  # t = base + pos / n_phases
-        q = pos.long()
-        xs = windows.index_select(0, base)                       # (outputs, taps)
-        # dot(xs, grid[q] + (pos - q) slope[q]) without forming the interpolated weights
-        out.append(dot(xs, grid.index_select(0, q)) + (pos - q).float() * dot(xs, slope.index_select(0, q)))
-    return torch.cat(out)
-
-
 def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rolloff: float = 0.95,
              beta: float = 8.0, block: int = RESAMPLE_BLOCK) -> Tensor:
-    """Band-limited resampling of a 1-D signal (windowed sinc): (samples,) -> (ceil(samples * new / orig),).
+    """Band-limited resampling of a 1-D signal: (samples,) -> (ceil(samples * new_sr / orig_sr),).
 
-    Output j is the input filtered at time j * orig / new by a low-pass at `rolloff` x the lower Nyquist
-    frequency (`_lowpass`); with the defaults the response is flat to ~7.2 kHz and below -70 dB from 8 kHz when
-    going to 16 kHz. Any pair of rates works in bounded memory (work tensors of at most `block` values) and in
-    time proportional to the number of samples, whatever their common divisor: a strided convolution when the
-    output phases are few (`_polyphase`: 44.1, 48, 22.05, 8 kHz), else `_interpolated` (44,101 Hz, primes).
+    Output j is the input at time t = j * orig_sr / new_sr through a Kaiser-windowed sinc low-pass at `rolloff` x
+    the lower Nyquist frequency (to 16 kHz: flat to ~7.2 kHz, below -70 dB from 8 kHz). Few output phases (44.1,
+    48, 8 kHz): each phase's filter is tabulated exactly and a block of outputs is one matmul; else (44,101 Hz,
+    primes) it is interpolated between tabulated fractions (error ~1e-7). Work tensors hold about `block` values.
     """
     if waveform.dim() != 1:
         raise ValueError(f"resample expects a 1-D waveform; got shape {tuple(waveform.shape)}")
@@ -143,48 +86,62 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
         raise ValueError(f"sample rates must be positive; got {orig_sr} -> {new_sr}")
     g = math.gcd(int(orig_sr), int(new_sr))
     up, down = new_sr // g, orig_sr // g
-    if up == down or waveform.numel() == 0:
+    n = waveform.numel()
+    if up == down or n == 0:
         return waveform
-    c = rolloff * min(1.0, up / down)
-    half = math.ceil(zeros / c)                                  # the filter reaches `half` input samples each side
-    h = functools.partial(_lowpass, c=c, zeros=zeros, beta=beta)
-    n_out = -(-waveform.numel() * up // down)
-    if up * (down + 2 * half + 1) <= block:
-        y = _polyphase(waveform.float(), n_out, up, down, half, h, block)
-    else:
-        y = _interpolated(waveform.float(), n_out, up, down, half, h, block)
-    return y[:n_out].to(waveform.dtype)
+    c = rolloff * min(1.0, up / down)                           # the cut-off, in units of the input Nyquist
+    half = math.ceil(zeros / c)                                 # the filter reaches `half` inputs on each side
+    taps, n_out = 2 * half + 1, -(-n * up // down)
+    x = waveform.float()
+
+    def h(d: Tensor) -> Tensor:                                 # the filter at distances d (float64, in inputs)
+        r = c * d / zeros
+        kaiser = torch.special.i0(beta * (1 - r ** 2).clamp(min=0).sqrt()) / float(np.i0(beta))
+        return (c * torch.sinc(c * d) * kaiser * (r.abs() <= 1)).float().to(x.device)
+
+    k = torch.arange(down + taps, dtype=torch.float64)
+    if up * len(k) <= block:  # output i*up + p sits at input i*down + p*down/up: window i, weights of phase p
+        weight = h(torch.arange(up, dtype=torch.float64)[:, None] * down / up + half - k)      # (up, down + taps)
+        steps = -(-n_out // up)
+        windows = F.pad(x, (half, max(0, (steps - 1) * down + len(k) - half - n))).unfold(0, len(k), down)
+        y = torch.cat([w @ weight.T for w in windows[:steps].split(max(1, block // len(k)))])  # (steps, up)
+        return y.reshape(-1)[:n_out].to(waveform.dtype)
+    n_frac = max(1, block // taps)                              # tabulated fractions
+    grid = h(torch.arange(n_frac + 1, dtype=torch.float64)[:, None] / n_frac + half - k[:taps])  # (n_frac + 1, taps)
+    slope = grid[1:] - grid[:-1]
+    windows = F.pad(x, (half, half)).unfold(0, taps, 1)        # (samples, taps): row i = inputs i-half .. i+half
+    out = []
+    for j0 in range(0, n_out, n_frac):
+        j = torch.arange(j0, min(j0 + n_frac, n_out), device=x.device)
+        base, pos = j * down // up, (j * down % up).double() * (n_frac / up)  # t = base + pos / n_frac
+        q = pos.long()
+        xs = windows.index_select(0, base)                      # (outputs, taps)
+        # xs · (grid[q] + (pos - q) slope[q]) without forming the interpolated weights
+        out.append(torch.linalg.vecdot(xs, grid[q]) + (pos - q).float() * torch.linalg.vecdot(xs, slope[q]))
+    return torch.cat(out).to(waveform.dtype)
 
 
-# ---- Kaldi filterbank --------------------------------------------------------------------------------------------
-
-def _mel(f: float | Tensor) -> float | Tensor:
-    """HTK mel scale, 1127 ln(1 + f/700): float64 for the scalar band edges, float32 for the FFT bins (Kaldi and
-    torchaudio round it that way; log1p or float64 everywhere moves the log energies by up to 1e-4)."""
-    return 1127.0 * (math.log(1.0 + f / 700.0) if isinstance(f, float) else (1.0 + f / 700.0).log())
-
-
-def mel_filterbank(n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT,
-                   low_freq: float = LOW_FREQ) -> Tensor:
-    """Kaldi's triangular mel filters: (n_mels, n_fft // 2 + 1) float32; the Nyquist bin always gets weight 0.
+def mel_filterbank() -> Tensor:
+    """Kaldi's triangular mel filters: (N_MELS, N_FFT // 2 + 1) float32; the Nyquist bin always gets weight 0.
 
     Filter b rises from mel_low + b*delta to a peak at mel_low + (b+1)*delta and falls to mel_low + (b+2)*delta,
-    delta = (mel(nyquist) - mel(low_freq)) / (n_mels + 1); the triangles are linear in mel, not in Hz.
+    delta = (mel(nyquist) - mel(LOW_FREQ)) / (N_MELS + 1), with the HTK mel scale mel(f) = 1127 ln(1 + f/700): in
+    float64 for the band edges, float32 for the FFT bins, as Kaldi rounds (else the log energies move by 1e-4).
     """
-    mel_low, mel_high = _mel(float(low_freq)), _mel(sample_rate / 2.0)
-    delta = (mel_high - mel_low) / (n_mels + 1)
-    b = torch.arange(n_mels, dtype=torch.float32)[:, None]
+    mel_low, mel_high = (1127.0 * math.log(1.0 + f / 700.0) for f in (LOW_FREQ, SAMPLE_RATE / 2))
+    delta = (mel_high - mel_low) / (N_MELS + 1)
+    b = torch.arange(N_MELS, dtype=torch.float32)[:, None]
     left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
-    mel = _mel(sample_rate / n_fft * torch.arange(n_fft // 2, dtype=torch.float32))[None]  # bins 0 .. n_fft/2 - 1
+    hz = SAMPLE_RATE / N_FFT * torch.arange(N_FFT // 2, dtype=torch.float32)   # bins 0 .. N_FFT/2 - 1
+    mel = 1127.0 * (1.0 + hz / 700.0).log()
     tri = torch.minimum((mel - left) / (center - left), (right - mel) / (right - center)).clamp(min=0)
     return F.pad(tri, (0, 1))
 
 
 def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
-    """Kaldi log-mel filterbank, torchaudio-compatible (see the module docstring): (samples,) -> (frames, 128),
-    frames = 1 + (samples - 400) // 160. Computed in blocks of frames: a 60-minute waveform needs a few tens of MB
-    of work memory. A ValueError if any value is NaN or infinite (NaN/inf samples, or samples so large, such as
-    4e29, that the power spectrum overflows float32): such an fbank would make every feature NaN."""
+    """Kaldi log-mel filterbank (see the module docstring): (samples,) -> (frames, 128), frames = 1 + (samples -
+    400) // 160, in blocks of frames (an hour needs a few tens of MB). A ValueError if any value is NaN or infinite
+    (NaN/inf samples, or samples such as 4e29 whose power overflows float32): every feature would be NaN."""
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"fbank expects {SAMPLE_RATE} Hz audio; got {sample_rate} Hz (use resample first)")
     if waveform.dim() == 2 and waveform.shape[0] == 1:
@@ -194,40 +151,28 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
     n = waveform.numel()
     if n < FRAME_LENGTH:
         raise ValueError(f"waveform of {n} samples is shorter than one fbank frame ({FRAME_LENGTH} samples, 25 ms)")
-    frames = 1 + (n - FRAME_LENGTH) // FRAME_SHIFT
     wave = waveform.float()
     window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float32, device=wave.device)
     mel_fb = mel_filterbank().to(wave.device)                                # (128, 257)
-    eps = torch.finfo(torch.float32).eps
     out = []
-    for f0 in range(0, frames, 4096):
-        f1 = min(f0 + 4096, frames)
-        x = wave[f0 * FRAME_SHIFT: (f1 - 1) * FRAME_SHIFT + FRAME_LENGTH]
-        x = x.unfold(0, FRAME_LENGTH, FRAME_SHIFT)                          # (frames, 400)
+    for x in wave.unfold(0, FRAME_LENGTH, FRAME_SHIFT).split(4096):         # views (frames, 400), 4096 at a time
         x = x - x.mean(dim=1, keepdim=True)                                  # DC offset
         x = x - PREEMPHASIS * torch.cat([x[:, :1], x[:, :-1]], dim=1)        # x[i] -= 0.97 x[i-1]; x[0] -= 0.97 x[0]
         x = F.pad(x * window, (0, N_FFT - FRAME_LENGTH))
         power = torch.fft.rfft(x).abs().pow(2)                              # (frames, 257)
-        out.append((power @ mel_fb.T).clamp(min=eps).log())                 # (frames, 128)
+        out.append((power @ mel_fb.T).clamp(min=torch.finfo(torch.float32).eps).log())  # (frames, 128)
     x = torch.cat(out)
     if not torch.isfinite(x).all():
         raise ValueError(f"the fbank has NaN or infinite values; the largest |sample| is {wave.abs().max():.3g}")
     return x
 
 
-# ---- DASS input --------------------------------------------------------------------------------------------------
-
 def dass_input(waveform: Tensor, target_length: int | None = DASS_FRAMES) -> Tensor:
-    """16 kHz waveform (samples,) -> normalised fbank (T, 128), as DASS was trained.
-
-    The clip's mean is removed, the fbank is zero-padded at the end or cropped to `target_length` frames (None:
-    keep every frame, for long audio), then normalised (x - DASS_MEAN) / (2 DASS_STD). Padded frames therefore
-    equal SILENT_FRAME = -DASS_MEAN / (2 DASS_STD) ≈ 0.467, not 0, exactly as in the official pipeline.
-    """
+    """16 kHz waveform (samples,) -> normalised fbank (T, 128), as DASS was trained: the clip's mean removed, the
+    fbank zero-padded at the end or cropped to `target_length` frames (None: every frame, for long audio), then
+    (x - DASS_MEAN) / (2 DASS_STD). Padded frames are thus SILENT_FRAME ≈ 0.467, as in the official pipeline."""
     x = fbank(waveform - waveform.mean())
     if target_length is not None:
-        if target_length < 1:
-            raise ValueError(f"target_length must be positive or None; got {target_length}")
         x = F.pad(x, (0, 0, 0, max(0, target_length - x.shape[0])))[:target_length]
     return (x - DASS_MEAN) / (2 * DASS_STD)
 

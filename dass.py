@@ -1,31 +1,24 @@
 """DASS: the state-space audio encoder of the paper (§III-B), a VMamba-v2 ("v05_noz") network over the fbank image.
 
-Glossary (code name -> meaning; SS2D follows eqs. (3)-(6) through scan.selective_scan):
+Glossary (code name -> meaning; SS2D runs eqs. (3)-(6) through scan.selective_scan):
     x           the fbank image, H = frequency (128 mel bins), W = time (frames)      (B, 1, H, W)
     d           channels of a stage: dims = 96, 192, 384, 768
     H, W        the map size at a stage: H = 32, 16, 8, 4 and W = ceil(frames / 4 ... / 32)
-    K = 4       scan directions over the H*W positions (the "cross scan"):
+    K = 4       scan directions over the L = H*W positions (the "cross scan"):
                   k0 row-major (time fastest), k1 column-major (frequency fastest), k2 = reverse(k0), k3 = reverse(k1)
-    L = H*W     the length of each directional sequence
-    N           d_state, the SSM state size per channel (1 in DASS)
-    R           dt_rank = ceil(d / 16): Δ is produced through a rank-R bottleneck
+    N, R        d_state, the SSM state size per channel (1 in DASS); dt_rank = ceil(d / 16), Δ's bottleneck
     x_proj      per direction: x_t -> (Δ_t before dt_proj (R), B_t (N), C_t (N))     x_proj_weight (K, R+2N, d)
     dt_projs    per direction: R -> d, bias used as the scan's delta_bias           dt_projs_weight (K, d, R)
     A_logs, Ds  A = -exp(A_logs) and the skip D, per direction and channel         (K*d, N), (K*d,)
 
-Data flow: (B, T, 128) fbank -> (B, 1, 128, T) -> patch_embed (stride 4) -> 4 stages of VSS blocks with a stride-2
-conv between stages -> (B, 768, 4, ceil(T/32)) -> classifier.norm -> `features`; mean over (freq, time) ->
-classifier.head -> 527 AudioSet logits.
+Data flow: (B, T, 128) fbank -> patch_embed (stride 4) -> 4 stages of VSS blocks, a stride-2 conv between stages
+-> classifier.norm -> `features` (B, 768, 4, ceil(T/32)); their mean -> classifier.head -> 527 AudioSet logits.
 
 Differences from the official code (github.com/Saurabhbhati/DASS, VMamba), none of which changes the function:
-  * activations are kept channel-last (B, H, W, C) between the convolutions, so every LayerNorm and 1x1 projection
-    is a plain nn.LayerNorm / nn.Linear; the official "LN2D" variant permutes inside each norm instead;
-  * the four directions run as ONE grouped selective_scan call, as in the official v05 path; the cross-scan and
-    cross-merge are written with flatten / transpose / flip instead of Triton kernels;
-  * fp32 throughout unless the caller casts (the official model runs under fp16 autocast; ~1e-2 on logits);
-  * stochastic depth (drop_path 0.2 / 0.3 in the official AudioSet training) is not implemented;
-  * inputs longer than `window` frames are processed in independent windows (see `DASS.features`).
-The three checkpoint formats (official .pth, our safetensors, the Hugging Face port) are read in weights.py.
+activations stay channel-last (B, H, W, C) between the convolutions, so every norm and 1x1 projection is a plain
+nn.LayerNorm / nn.Linear; cross-scan and cross-merge are flatten / transpose / flip, not Triton kernels (the four
+directions still run as one grouped scan); fp32 unless the caller casts (the official model runs under fp16
+autocast: ~1e-2 on logits); no stochastic depth (a training regulariser); long inputs go in windows (`features`).
 """
 from __future__ import annotations
 
@@ -54,8 +47,6 @@ class DASSConfig:
 
     def __post_init__(self):
         self.dims, self.depths = tuple(self.dims), tuple(self.depths)
-        if len(self.dims) != len(self.depths) or not self.dims:
-            raise ValueError(f"dims {self.dims} and depths {self.depths} must be non-empty and of equal length")
 
     @classmethod
     def small(cls) -> DASSConfig:
@@ -67,8 +58,7 @@ class DASSConfig:
 
 
 class Permute(nn.Module):
-    """Channel-first <-> channel-last inside nn.Sequential (it keeps the official module indices, so the
-    checkpoint keys patch_embed.{0,2,5,7} and downsample.{1,3} line up)."""
+    """Channel-first <-> channel-last in nn.Sequential, at the official indices (keys patch_embed.{0,2,5,7} ...)."""
 
     def __init__(self, *dims: int):
         super().__init__()
@@ -104,7 +94,7 @@ class SS2D(nn.Module):
     def __init__(self, d: int, d_state: int = 1):
         super().__init__()
         R, N, K = math.ceil(d / 16), d_state, 4
-        self.d, self.dt_rank, self.d_state = d, R, N
+        self.dt_rank, self.d_state = R, N
         self.in_proj = nn.Linear(d, d, bias=False)
         self.conv2d = nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d, bias=False)  # depthwise
         self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, d))
@@ -114,16 +104,11 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.empty(K * d))
         self.out_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, d, bias=False)
-        self.reset_ssm_parameters()
-
-    @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
-        """The official (Mamba / VMamba "v0") initialisation of the SSM parameters."""
-        d, R = self.d, self.dt_rank
-        nn.init.uniform_(self.x_proj_weight, -d ** -0.5, d ** -0.5)     # nn.Linear's default for K stacked Linears
-        nn.init.uniform_(self.dt_projs_weight, -R ** -0.5, R ** -0.5)
-        init_A_and_delta_bias(self.A_logs, self.dt_projs_bias, dt_min, dt_max, dt_floor)  # A = -(1..N), Δ log-uniform
-        self.Ds.fill_(1.0)
+        with torch.no_grad():  # the official (Mamba / VMamba "v0") initialisation of the SSM parameters
+            nn.init.uniform_(self.x_proj_weight, -d ** -0.5, d ** -0.5)  # nn.Linear's default, for K stacked Linears
+            nn.init.uniform_(self.dt_projs_weight, -R ** -0.5, R ** -0.5)
+            init_A_and_delta_bias(self.A_logs, self.dt_projs_bias)      # A = -(1..N), Δ log-uniform in [1e-3, 0.1]
+            self.Ds.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, d) -> (B, H, W, d)."""
@@ -150,7 +135,8 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))                           # exact (erf) GELU
+        """(..., d) -> (..., d), with the exact (erf) GELU."""
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class VSSBlock(nn.Module):
@@ -162,6 +148,7 @@ class VSSBlock(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(d), MLP(d, int(d * mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, d) -> (B, H, W, d)."""
         x = x + self.op(self.norm(x))
         return x + self.mlp(self.norm2(x))
 
@@ -174,6 +161,7 @@ class Stage(nn.Module):
             Permute(0, 3, 1, 2), nn.Conv2d(d, d_out, 3, stride=2, padding=1), Permute(0, 2, 3, 1), nn.LayerNorm(d_out))
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, d) -> (B, ceil(H/2), ceil(W/2), d_out), or (B, H, W, d) for the last stage."""
         for block in self.blocks:
             x = block(x)
         return x if self.downsample is None else self.downsample(x)
@@ -198,11 +186,6 @@ class DASS(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    @property
-    def stride(self) -> int:
-        """Input frames per output time step: 4 (patch embed) x 2 per downsample = 32."""
-        return 2 ** (len(self.config.dims) + 1)
-
     def _features(self, x: Tensor) -> Tensor:
         """One pass. x: (B, T, n_mels) -> (B, dims[-1], ceil(n_mels/32), ceil(T/32))."""
         x = self.patch_embed(x.transpose(1, 2).unsqueeze(1))           # (B, 1, F, T) -> (B, F/4, T/4, d0)
@@ -211,16 +194,9 @@ class DASS(nn.Module):
         return self.classifier["norm"](x).permute(0, 3, 1, 2)          # (B, C, F/32, T/32)
 
     def features(self, x: Tensor, window: int | None = WINDOW) -> Tensor:
-        """The feature map the LALM consumes: (B, T, 128) fbank -> (B, 768, 4, ceil(T/32)) (channels, freq, time),
-        the last stage's output after classifier.norm (the map whose mean the head classifies).
-
-        Inputs longer than `window` frames (a multiple of 32; None: one pass) are cut into consecutive windows,
-        encoded independently and concatenated along time: window i gives exactly time steps [i*window/32,
-        (i+1)*window/32). Each window's scans start from a zero state and its 3x3 convolutions see zero padding at
-        its edges, but memory stays that of one window (the default's largest scan: H*W = 32 x 2048 per direction).
-        One pass over 60 minutes (360k frames) would scan 32 x 90000 positions per direction at stage 0: several GB
-        for each (B, 4*96, H*W) fp32 tensor, tens of GB in total.
-        """
+        """The feature map the LALM consumes: (B, T, 128) fbank -> (B, 768, 4, ceil(T/32)) (channels, freq, time).
+        Inputs longer than `window` frames (a multiple of 32; None: one pass) go in windows encoded independently
+        and concatenated along time: memory stays that of one window (one pass over an hour needs tens of GB)."""
         if x.dim() != 3 or x.shape[-1] != self.config.n_mels:
             raise ValueError(f"DASS expects a (batch, frames, {self.config.n_mels}) fbank; got {tuple(x.shape)}")
         T = x.shape[1]
@@ -228,8 +204,9 @@ class DASS(nn.Module):
             raise ValueError("DASS got an input with 0 frames")
         if window is None or T <= window:
             return self._features(x)
-        if window % self.stride:
-            raise ValueError(f"window must be a multiple of {self.stride} frames; got {window}")
+        stride = 2 ** (len(self.config.dims) + 1)  # input frames per output time step: 4 x 2 per downsample
+        if window % stride:
+            raise ValueError(f"window must be a multiple of {stride} frames; got {window}")
         return torch.cat([self._features(x[:, s:s + window]) for s in range(0, T, window)], dim=-1)
 
     def forward(self, x: Tensor, window: int | None = WINDOW) -> Tensor:

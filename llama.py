@@ -1,28 +1,23 @@
 """LLaMA / Vicuna-7B: the frozen language model of the paper's hybrid LALM (DASS + Vicuna-7B, §III-C).
 
-Glossary (code name -> meaning):
+Glossary (code name -> meaning; defaults = Vicuna-7B v1.5):
     d       hidden_size, the model width (4096)            H, Hkv  query heads (32), key/value heads (32; fewer for GQA)
     hd      head_dim = d / H (128)                         T       cache length (prompt + new tokens)
     B, L    batch, sequence length                         V       vocabulary size (32000)
-    pos     position ids: cumsum(attention_mask) - 1 (as HF), so a left-padded row sees the positions it would see
-            alone. RoPE scores depend only on position differences, so this matters only for rounding.
+    pos     position ids cumsum(attention_mask) - 1 (as HF): a left-padded row sees the positions it would see alone
 
-A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-attention with RoPE on q and k;
-mlp is SwiGLU: down(silu(gate(x)) * up(x)). RoPE follows the Hugging Face convention (rotate_half over the two halves
-of each head); the HF checkpoints' q/k weights are permuted for it, so no permutation is needed here. Module names
-equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which LoRA (lora.py) and the PEFT export rely
-on. Generation: sampling.py, with a preallocated key/value cache. Checkpoint formats, the tokenizer: weights.py.
+A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-attention with RoPE on q and k in
+Hugging Face's rotate_half convention (the HF checkpoints' q/k weights are permuted for it); mlp is SwiGLU. Module
+names equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which lora.py and the PEFT export use.
 
-Written here rather than taken from transformers (the oracle in the tests): the whole model fits in one reading, with
-the same state dict, and shares the cache protocol of sampling.py with mamba.py. Attention is PyTorch's
-scaled_dot_product_attention: without padding it runs with is_causal=True and no mask, so that the flash /
-memory-efficient kernels can be used; only left-padded batches pass an explicit mask.
-Differences from transformers' LlamaForCausalLM: logits are returned in fp32 (as mamba.py does); a decode step attends
-to the filled part of the cache; a padding query attends to itself, so no softmax row is empty (no NaN on any backend).
+Written here rather than taken from transformers (the tests' oracle) to be read in one sitting and to share the
+cache protocol of sampling.py with mamba.py. Differences from LlamaForCausalLM: without padding, attention is
+PyTorch's SDPA with is_causal=True and no mask, so the flash / memory-efficient kernels can run; a padding query
+attends to itself, so no softmax row is empty (no NaN on any backend); logits are fp32, as in mamba.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -49,12 +44,10 @@ class LlamaConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_attention_heads "
-                             f"{self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} must be divisible by "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+        d, h, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if d % h or h % kv:
+            raise ValueError(f"hidden_size {d} must be divisible by num_attention_heads {h}, and num_attention_heads "
+                             f"{h} must be divisible by num_key_value_heads {kv}")
 
     @property
     def head_dim(self) -> int:
@@ -75,23 +68,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
+@dataclass
 class KVCache:
-    """Preallocated keys and values for generation, plus what a decode step needs to know about each row.
-
-    k[i], v[i]: (B, Hkv, T, hd) for layer i, allocated on first write in the dtype of the keys (bf16 under autocast);
-    valid: (B, T) bool, True where a real (not padding) token sits; padded: whether any prompt slot is padding (if
-    not, decode steps need no mask); pos: (B,) position id of the next token; length: how many slots are filled.
-    """
-
-    def __init__(self, n_layers: int, valid: Tensor, pos: Tensor, padded: bool):
-        self.k: list[Tensor | None] = [None] * n_layers
-        self.v: list[Tensor | None] = [None] * n_layers
-        self.valid, self.pos, self.padded, self.length = valid, pos, padded, 0
+    """Keys and values preallocated for T positions, and what a decode step needs to know about each row."""
+    valid: Tensor  # (B, T) bool: True where a real (not padding) token sits
+    pos: Tensor    # (B,) the position id of the next token
+    padded: bool   # whether any prompt slot is padding (if not, decode steps need no mask)
+    k: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, Hkv, T, hd), in the dtype of the first keys
+    v: dict[int, Tensor] = field(default_factory=dict)
+    length: int = 0  # slots filled
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, L, hd) at slots [length, length + L); return all filled slots
-        (B, Hkv, length + L, hd)."""
-        if self.k[layer] is None:
+        """Write k, v (B, Hkv, L, hd) at slots [length, length + L) -> all filled slots (B, Hkv, length + L, hd)."""
+        if layer not in self.k:
             shape = (*k.shape[:2], self.valid.shape[1], k.shape[3])
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
         end = self.length + k.shape[2]
@@ -136,7 +125,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        """x (B, L, d) -> (B, L, d): SwiGLU."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -149,14 +139,14 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
                 layer: int = 0) -> Tensor:
+        """x (B, L, d) -> (B, L, d); the other arguments as in `Attention.forward`."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def _positions(attention_mask: Tensor | None, batch: int, length: int, device) -> tuple[Tensor, Tensor | None]:
-    """attention_mask (B, L) of 0/1 or None -> (pos (B, L), mask (B, 1, L, L) bool or None). Without padding:
-    pos = 0 .. L-1 and no mask (is_causal). With (left) padding: causal, padding keys hidden, a padding query sees
-    itself (an empty softmax row would give NaN)."""
+    """attention_mask (B, L) of 0/1 or None -> pos (B, L), mask (B, 1, L, L) bool or None (no padding: is_causal).
+    With padding: causal, padding keys hidden, a padding query sees itself (an empty softmax row would give NaN)."""
     if attention_mask is None or attention_mask.bool().all():
         return torch.arange(length, device=device).expand(batch, length), None
     valid = attention_mask.bool()
@@ -175,23 +165,14 @@ class LlamaLM(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps, scale_in_fp32=False),
-        ))
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps, scale_in_fp32=False)))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed_tokens
+        self.hidden_size = config.hidden_size
         self.gradient_checkpointing = False  # True: recompute each block in backward (training memory)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, L) -> (B, L, d)."""
         return self.model.embed_tokens(input_ids)
-
-    def _check_length(self, length: int):
-        if length > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
 
     def _blocks(self, x: Tensor, pos: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
         """x (B, L, d) through all blocks and the final norm -> (B, L, d)."""
@@ -209,25 +190,24 @@ class LlamaLM(nn.Module):
         0 at padding, or None -> logits (B, P + L, V), fp32."""
         x = sampling.join(self, input_ids, inputs_embeds)
         B, L, _ = x.shape
-        self._check_length(L)
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
         sampling.check_attention_mask(attention_mask, B, L)
         pos, mask = _positions(attention_mask, B, L, x.device)
         return self.lm_head(self._blocks(x, pos, mask)).float()
-
-    # --- generation: the protocol of sampling.py ---------------------------------------------------------------
 
     def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None, max_length: int) -> tuple[Tensor, KVCache]:
         """inputs_embeds (B, L, d), left-padded rows marked by attention_mask (B, L) -> (logits of the last position
         (B, V), a cache with room for max_length positions)."""
         B, L, _ = inputs_embeds.shape
-        self._check_length(max_length)
-        if max_length < L:
-            raise ValueError(f"max_length {max_length} is shorter than the prompt ({L})")
+        if not L <= max_length <= self.config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} must lie between the prompt's length {L} and "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
         sampling.check_attention_mask(attention_mask, B, L, prompt=True)
         pos, mask = _positions(attention_mask, B, L, inputs_embeds.device)
         valid = torch.zeros(B, max_length, dtype=torch.bool, device=inputs_embeds.device)
         valid[:, :L] = True if mask is None else attention_mask.bool()
-        cache = KVCache(len(self.model.layers), valid, pos[:, -1] + 1, padded=mask is not None)
+        cache = KVCache(valid, pos[:, -1] + 1, padded=mask is not None)
         h = self._blocks(inputs_embeds, pos, mask, cache)
         cache.length = L
         return self.lm_head(h[:, -1]).float(), cache

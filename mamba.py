@@ -1,34 +1,28 @@
-"""The Mamba language model (Mamba-2.8B, the paper's ssLALM LLM), built on the selective scan of scan.py.
+"""The Mamba language model (Mamba-2.8B, the paper's ssLALM LLM) on the selective scan of scan.py.
 
-Glossary (names as in the checkpoints; defaults = Mamba-2.8B):
-    d_model             the residual stream width (2560); D in the scan is d_inner
-    d_inner             expand · d_model, the channels the SSM runs on (5120)
-    in_proj             d_model -> [x, z], the SSM input and the gate, 2 · d_inner
-    conv1d              depthwise causal conv over time (width d_conv = 4) on x, then SiLU
-    x_proj              x -> [Δ in low rank (dt_rank = R), B_t (N), C_t (N)]: what makes the SSM selective
-    dt_proj             R -> d_inner; Δ_t = softplus(dt_proj(.)), its bias added inside the scan in fp32
-    A_log               A = -exp(A_log), (d_inner, N); kept in fp32 like D
-    out_proj            d_inner -> d_model
-    norm, norm_f        RMSNorm before each mixer and before the head; the head is the embedding matrix (tied)
-    conv_state          the last d_conv inputs of the conv, per layer           (batch, d_inner, d_conv)
-    ssm_state           h_t, per layer                                           (batch, d_inner, N)
+Glossary (checkpoint names -> paper; defaults = Mamba-2.8B):
+    d_model         the residual stream width (2560)
+    d_inner         expand · d_model, the D channels the SSM runs on (5120)
+    in_proj         d_model -> [x, z]: the SSM input and the gate, 2 · d_inner
+    conv1d          depthwise causal conv over time (width d_conv = 4) on x, then SiLU
+    x_proj          x -> [Δ in low rank (dt_rank = R), B_t (N), C_t (N)]: what makes the SSM selective
+    dt_proj         R -> d_inner; Δ_t = softplus(dt_proj(.)), its bias added inside the scan in fp32
+    A_log, D        A = -exp(A_log) (d_inner, N) and the skip D (d_inner,), both kept in fp32
+    norm, norm_f    RMSNorm before each mixer and before the head; the head is the embedding matrix (tied)
+    conv_state      the last d_conv inputs of the conv, per layer       (B, d_inner, d_conv)
+    ssm_state       h_t of eq. (5), per layer                            (B, d_inner, N)
 
-A block is r <- r + out_proj(scan(silu(conv(x)), Δ, A, B, C, D) · silu(z)) with [x, z] = in_proj(RMSNorm(r)):
-eqs. (3)-(6) of the paper with Δ, B, C computed from x (`MambaMixer._ssm_inputs`). Generation (sampling.py) runs
-the prompt once (`prefill`), then one token at a time (`decode_step`) from a cache whose size does not grow.
+A block is r <- r + out_proj(scan(silu(conv(x)), Δ, A, B, C, D) · silu(z)) with [x, z] = in_proj(RMSNorm(r)).
 
-Written here rather than imported from mamba_ssm: that package is CUDA-only compiled code (it does not run on a
-CPU), and its fused kernels hide the equations. Where this code differs from it: the residual stream is always
-fp32; the depthwise conv is plain PyTorch (no causal-conv1d kernel); left padding is masked by zeroing the conv's
-input and output (transformers zeroes the mixer input, the same thing when in_proj has no bias). On CUDA, the
-decode step of each batch size is recorded once as a CUDA graph and replayed (`cuda_graph`), as gpt-fast does with
+Written here rather than imported from mamba_ssm, CUDA-only compiled code whose fused kernels hide the equations.
+Differences from it: the residual stream is always fp32; the conv is plain PyTorch; left padding is masked by
+zeroing the conv's input and output (transformers zeroes the mixer input: the same when in_proj has no bias). On
+CUDA each batch size's decode step is recorded once as a CUDA graph and replayed, as gpt-fast does with
 torch.compile: at batch 1 the ~15 kernel launches per layer, not the arithmetic, set the pace.
-Checkpoint formats and the tokenizer are in weights.py.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +55,7 @@ class MambaConfig:
 
     def __post_init__(self):
         self.dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
-        m = self.pad_vocab_size_multiple
-        self.vocab_size = -(-self.vocab_size // m) * m
+        self.vocab_size = -(-self.vocab_size // self.pad_vocab_size_multiple) * self.pad_vocab_size_multiple
 
     @property
     def d_inner(self) -> int:
@@ -70,11 +63,8 @@ class MambaConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight, normalised in fp32 (both LLMs of the paper use it).
-
-    The checkpoints' own code differs in where it rounds, and each model follows its own: Mamba (mamba_ssm) scales
-    in fp32 and returns the weight's dtype; LLaMA (transformers) casts back to x's dtype, then scales.
-    """
+    """x / sqrt(mean(x²) + eps) · weight in fp32. Each LLM rounds as its own code does: Mamba scales in fp32 and
+    returns the weight's dtype; LLaMA (scale_in_fp32=False) casts back to x's dtype, then scales."""
 
     def __init__(self, dim: int, eps: float, scale_in_fp32: bool = True):
         super().__init__()
@@ -91,8 +81,7 @@ class RMSNorm(nn.Module):
 
 
 class MambaMixer(nn.Module):
-    """The Mamba block's mixer: in_proj -> causal conv -> selective SSM (eqs. (3)-(6)) gated by silu(z) -> out_proj.
-    Parameter names are the checkpoints' (backbone.layers.{i}.mixer.*)."""
+    """in_proj -> causal conv -> selective SSM (eqs. (3)-(6)) gated by silu(z) -> out_proj."""
 
     def __init__(self, cfg: MambaConfig):
         super().__init__()
@@ -113,25 +102,21 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: Tensor, mask: Tensor | None = None, conv_state: Tensor | None = None,
                 ssm_state: Tensor | None = None) -> Tensor:
         """hidden (B, L, d_model) -> (B, L, d_model); mask (B, L): 1 at real positions, 0 at (left) padding, or None.
-        If conv_state (B, d_inner, d_conv) and ssm_state (B, d_inner, N) are given they are overwritten with the
-        states after position L (the last d_conv conv inputs, h_L) for decoding to go on from. Padded positions
-        leave both states untouched: the conv sees zeros there, and with x = 0 also B = C = 0, so Δ·B·x = 0 and h
-        stays 0 (eq. (5))."""
-        length = hidden.shape[1]
+        conv_state (B, d_inner, d_conv) and ssm_state (B, d_inner, N), if given, are overwritten with the states
+        after position L. Padding leaves both untouched: the conv sees zeros, and x = 0 gives Δ·B·x = 0 (eq. (5))."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)          # (B, d_inner, L) each
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)  # = HF's zeroing of the mixer input when in_proj has no bias
         if conv_state is not None:
-            conv_state.copy_(F.pad(x, (self.d_conv - length, 0)))           # the last d_conv inputs (zeros before 0)
+            conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0)))     # the last d_conv inputs (zeros before 0)
         x = F.silu(self.conv1d(F.pad(x, (self.d_conv - 1, 0))))              # causal depthwise conv  (B, d_inner, L)
         if mask is not None:
             x = x * mask[:, None, :].to(x.dtype)                             # the conv's bias must not leak in
         delta, B, C = self._ssm_inputs(x.transpose(1, 2))                    # (B, L, d_inner), (B, L, N), (B, L, N)
         A = -torch.exp(self.A_log.float())                                   # (d_inner, N), negative
-        y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2),
-                           C.transpose(1, 2), self.D.float(), z=z,
+        y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,  # Δ = softplus(dt_proj(.))
-                           return_last_state=ssm_state is not None)        # eqs. (3)-(6), then the gate
+                           return_last_state=ssm_state is not None)                     # eqs. (3)-(6), then the gate
         if ssm_state is not None:
             y, last = y
             ssm_state.copy_(last)
@@ -183,14 +168,12 @@ class MambaCache:
 
 
 class _GraphedDecode:
-    """`MambaLM._step` for one batch size, recorded once as a CUDA graph and replayed for every token of every
-    generation: a replay is one launch instead of ~15 per layer. The graph reads the token from a fixed buffer,
-    steps its own cache buffers in place and writes the logits into a fixed buffer (valid until the next replay).
-    A generation's cache moves into those buffers when it first decodes (`bind`)."""
+    """`MambaLM._step` for one batch size, recorded once as a CUDA graph and replayed for every token: it reads the
+    token from a fixed buffer, steps its own cache buffers in place and writes the logits into a fixed buffer."""
 
     def __init__(self, model: "MambaLM", cache: MambaCache, key: tuple):
         if not cache.ssm.is_cuda or torch.is_grad_enabled():
-            raise RuntimeError("a CUDA graph needs CUDA tensors and torch.no_grad()")
+            raise RuntimeError("recording the decode step as a CUDA graph needs CUDA tensors and torch.no_grad()")
         self.key, self.owner = key, None
         self.cache = MambaCache.allocate(model.config, cache.ssm.shape[1], cache.conv.dtype, cache.ssm.device)
         self.token = torch.zeros(cache.ssm.shape[1], dtype=torch.long, device=cache.ssm.device)
@@ -204,8 +187,7 @@ class _GraphedDecode:
             self.logits = model._step(self.token, self.cache)
 
     def bind(self, cache: MambaCache) -> None:
-        """Make cache's state the graph's: copied into its buffers, which cache then uses. A cache bound before
-        gets its own copy back, so two generations of one batch size never share a state."""
+        """Move cache's state into the graph's buffers, which cache then uses; the cache bound before gets a copy."""
         if self.owner is not None and self.owner is not cache:
             old = self.owner
             old.conv, old.ssm, old.graph = old.conv.clone(), old.ssm.clone(), None
@@ -220,15 +202,10 @@ class _GraphedDecode:
 
 
 class MambaLM(nn.Module):
-    """Mamba language model: embedding -> n_layer MambaBlocks -> RMSNorm (norm_f) -> logits with the tied embedding.
-
-    state_dict keys are exactly those of transformers' MambaForCausalLM (backbone.embeddings.weight, ...), without
-    lm_head.weight: the head is the embedding matrix itself.
-
-    cuda_graph: True (default) replays a CUDA graph per batch size for decode steps on CUDA, and falls back to
-    eager steps with a warning if recording fails; "require" raises instead (for benchmarks: a number measured
-    without the graph must not pass for one measured with it); False always steps eagerly.
-    """
+    """Embedding -> n_layer MambaBlocks -> norm_f -> logits with the tied embedding; the state_dict keys of
+    transformers' MambaForCausalLM without lm_head.weight. cuda_graph: True (default) records each batch size's
+    decode step once as a CUDA graph and replays it, on CUDA under no_grad, and a failed recording raises;
+    "require" also raises where it cannot record (benchmarks); False: eager steps."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()
@@ -259,10 +236,6 @@ class MambaLM(nn.Module):
             nn.init.uniform_(m.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
             init_A_and_delta_bias(m.A_log, m.dt_proj.bias, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
             nn.init.ones_(m.D)
-            nn.init.ones_(block.norm.weight)
-        nn.init.ones_(self.backbone.norm_f.weight)
-
-    # -- the forward pass -----------------------------------------------------------------------------------------
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, L) -> token embeddings (B, L, d_model)."""
@@ -275,8 +248,7 @@ class MambaLM(nn.Module):
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, L) and/or inputs_embeds (B, P, d_model) (audio tokens, then text) -> logits (B, P + L, V)
-        fp32. attention_mask (B, P + L): 1 at real positions, 0 at padding (left padding for prompts; right padding
-        in training batches only affects the padded positions themselves)."""
+        fp32. attention_mask (B, P + L): 1 at real positions, 0 at (left or right) padding."""
         residual = sampling.join(self, input_ids, inputs_embeds).float()
         sampling.check_attention_mask(attention_mask, *residual.shape[:2])
         for block in self.backbone.layers:
@@ -286,12 +258,10 @@ class MambaLM(nn.Module):
                 residual = block(residual, attention_mask)
         return self._logits(residual)
 
-    # -- generation: the protocol of sampling.py -------------------------------------------------------------------
-
     def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
                 max_length: int | None = None) -> tuple[Tensor, MambaCache]:
-        """Run the prompt inputs_embeds (B, L, d_model) once -> the logits of the last position (B, V) and the cache
-        (each layer's final conv and SSM state). max_length is not needed: the state's size does not depend on it."""
+        """The prompt inputs_embeds (B, L, d_model) -> the last position's logits (B, V) and the cache (each layer's
+        final conv and SSM state). max_length is not needed: the state's size does not depend on it."""
         batch = inputs_embeds.shape[0]
         sampling.check_attention_mask(attention_mask, batch, inputs_embeds.shape[1], prompt=True)
         cache = MambaCache.allocate(self.config, batch, self.backbone.norm_f.weight.dtype, inputs_embeds.device)
@@ -310,25 +280,16 @@ class MambaLM(nn.Module):
         return logits
 
     def _graph(self, token: Tensor, cache: MambaCache) -> _GraphedDecode | None:
-        """The recorded decode step for cache's batch size (recorded now if there is none, or if the parameters
-        or the modules' state have changed since), bound to cache; None to step eagerly."""
+        """The decode step recorded for cache's batch size, bound to cache; None to step eagerly. It is recorded
+        again when a parameter has moved or a module's state (train/eval, LoRA merged) has changed."""
         if not (self.cuda_graph == "require" or (self.cuda_graph and token.is_cuda and not torch.is_grad_enabled())):
             return None
-        # what the recording depends on: the batch size, the cache's dtype and device, where each parameter lives,
-        # and the Python-side state of the modules (train/eval, LoRA merged or not)
         key = (token.shape[0], cache.conv.dtype, token.device,
                tuple(p.data_ptr() for p in self.parameters()),
                tuple((m.training, getattr(m, "merged", None)) for m in self.modules()))
         graph = self._graphs.get(key[:3])
         if graph is None or graph.key != key:
-            try:
-                graph = self._graphs[key[:3]] = _GraphedDecode(self, cache, key)
-            except RuntimeError as e:
-                if self.cuda_graph == "require":
-                    raise RuntimeError(f"cuda_graph='require': recording the decode step failed ({e})") from e
-                warnings.warn(f"decoding without a CUDA graph: recording the decode step failed ({e})")
-                self.cuda_graph = False
-                return None
+            graph = self._graphs[key[:3]] = _GraphedDecode(self, cache, key)
         graph.bind(cache)
         return graph
 

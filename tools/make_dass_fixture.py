@@ -1,25 +1,24 @@
 """Write tests/fixtures/dass_*: what the official DASS code and its Hugging Face port compute on fixed inputs, with
-deterministic weights saved in each one's own checkpoint layout (tests/test_dass_official.py checks dass.py on them).
-Neither is a dependency of this project: they run once, here, from checkouts OUTSIDE the repository.
+deterministic weights in each one's own checkpoint layout (for tests/test_dass_official.py). Neither is a
+dependency of this project: they run once, here, from checkouts OUTSIDE the repository.
 
     git clone https://github.com/Saurabhbhati/DASS /tmp/DASS
     git clone https://github.com/Saurabhbhati/transformers-DASS /tmp/hf-DASS
     pip install einops transformers        # besides this project's requirements
     python tools/make_dass_fixture.py --official /tmp/DASS --hf-port /tmp/hf-DASS
 
-The official code is written for CUDA: on a CPU it runs with the stand-ins of `_stand_ins`. The port runs as it
-is: without the CUDA extension it takes its own PyTorch scan.
-
-Files: dass_official.npz holds, per configuration c of CONFIGS, `c_input` (B, T, 128), `c_logits` and
-`c_features`, the classifier.norm output the head pools (B, C, 128/stride, ceil(T/stride)); `hf_tiny_logits` and
-`hf_tiny_features` (the port on tiny_input); `small_keys` / `small_shapes`, from which `seeded_weights` rebuilds
-the 30M-parameter DASS-small checkpoint. dass_official_{tiny,tiny_n2}.pth are official DataParallel state_dicts
-(keys `module.v.*`, like DASS_small.pth); dass_hf_tiny/ is the port's save_pretrained folder of the tiny weights.
+The official code is written for CUDA: on a CPU it runs with `_stand_ins`; the port runs as it is (without the CUDA
+extension it takes its own PyTorch scan). dass_official.npz holds, per configuration c of CONFIGS, `c_input`
+(B, T, 128), `c_logits` and `c_features` (the classifier.norm output the head pools), `hf_tiny_logits` and
+`hf_tiny_features` (the port on tiny_input), and `small_keys` / `small_shapes`, from which `seeded_weights`
+rebuilds the DASS-small checkpoint; dass_official_{tiny,tiny_n2}.pth are official DataParallel state_dicts (keys
+`module.v.*`, like DASS_small.pth); dass_hf_tiny/ is the port's save_pretrained folder of the tiny weights.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib
 import os
 import sys
@@ -41,6 +40,16 @@ CONFIGS = {  # name: (dims, depths, d_state, mlp_ratio, classes, input (B, T))
     "tiny_n2": ((12, 24), (1, 2), 2, 2.0, 7, (1, 75)),             # N = 2 and two stages: the general case
     "small": ((96, 192, 384, 768), (2, 2, 8, 2), 1, 4.0, 527, (1, 100)),  # DASS-small itself
 }
+# the last part of a key -> (centre, half-width) of its uniform weights: A = -exp(A_logs) in [-4.5, -0.37],
+# Δ = softplus(. + dt_projs_bias) from about 0.02 to 0.7; LayerNorm weights and others: see seeded_weights
+SCALES = {"A_logs": (0.25, 1.25), "dt_projs_bias": (-2.0, 2.0), "Ds": (0.0, 1.0), "bias": (0.0, 0.2)}
+HF_RENAMES = (  # official -> the port's names, in this order, as its convert_dass_original_pytorch_... script does
+    ("module.v.", "dass."), ("dass.classifier.head.", "head."), ("classifier.", ""),
+    ("patch_embed.0.", "patch_embeddings.projection.0."), ("patch_embed.2.", "patch_embeddings.projection.1."),
+    ("patch_embed.5.", "patch_embeddings.projection.3."), ("patch_embed.7.", "patch_embeddings.projection.4."),
+    ("downsample.1.", "downsample.down."), ("downsample.3.", "downsample.norm."),
+    ("x_proj_weight", "x_proj.weight"), ("dt_projs_weight", "dt_projs.weight"),
+)
 
 
 def seeded_weights(keys_and_shapes, seed: int = SEED) -> dict[str, torch.Tensor]:
@@ -51,43 +60,31 @@ def seeded_weights(keys_and_shapes, seed: int = SEED) -> dict[str, torch.Tensor]
     for key, shape in keys_and_shapes:
         shape = tuple(int(s) for s in shape)
         u = 2 * np.random.default_rng([seed, zlib.crc32(key.encode())]).random(shape) - 1  # U(-1, 1)
-        name = key.rsplit(".", 1)[-1]
-        if name == "A_logs":
-            w = 0.25 + 1.25 * u                            # A = -exp(.) in [-4.5, -0.37]
-        elif name == "dt_projs_bias":
-            w = -2.0 + 2.0 * u                             # Δ = softplus(. + ...) from about 0.02 to 0.7
-        elif name == "Ds":
-            w = u
-        elif name == "bias":
-            w = 0.2 * u
-        elif len(shape) == 1:                              # LayerNorm weights
-            w = 1.0 + 0.5 * u
-        else:                                              # linear / conv: fan-in scaling
-            fan_in = shape[-1] if len(shape) == 3 else int(np.prod(shape[1:]))
-            w = u * np.sqrt(3.0 / fan_in)
-        out[key] = torch.from_numpy(w.astype(np.float32))
+        fan_in = shape[-1] if len(shape) == 3 else int(np.prod(shape[1:]))
+        other = (1.0, 0.5) if len(shape) == 1 else (0.0, np.sqrt(3.0 / fan_in))  # LayerNorm; linear / conv
+        centre, half_width = SCALES.get(key.rsplit(".", 1)[-1], other)
+        out[key] = torch.from_numpy((centre + half_width * u).astype(np.float32))
     return out
 
 
 def _module(name: str, **attrs) -> types.ModuleType:
-    m = types.ModuleType(name)
+    sys.modules[name] = m = types.ModuleType(name)
     m.__dict__.update(attrs)
-    sys.modules[name] = m
     return m
 
 
 def _stand_ins(official: Path) -> None:
-    """What the official code imports but cannot have here: its selective-scan extension becomes the plain PyTorch
-    loop `selective_scan_ref` of its own kernels/selective_scan/test_selective_scan.py (its Triton cross-scan kernels
-    run in Triton's interpreter); timm, torchvision (no CPU build for this torch), fvcore and wget serve only
-    DropPath (the identity at inference), initialisation (overwritten here) and helpers the forward never calls."""
+    """What the official code imports but cannot have here: its selective-scan extension becomes the PyTorch loop
+    `selective_scan_ref` of its own kernels/selective_scan/test_selective_scan.py (its Triton cross-scan runs in
+    Triton's interpreter); timm, torchvision, fvcore and wget serve only DropPath (the identity at inference),
+    initialisation (overwritten here) and functions the forward never calls."""
     layers = _module("timm.models.layers", DropPath=lambda drop_prob=0.0: nn.Identity(),
                      trunc_normal_=nn.init.trunc_normal_, to_2tuple=lambda x: (x, x))
     vit = _module("timm.models.vision_transformer")
     _module("timm", models=_module("timm.models", layers=layers, vision_transformer=vit))
     _module("torchvision", models=_module("torchvision.models", VisionTransformer=None))
-    _module("fvcore", nn=_module("fvcore.nn", FlopCountAnalysis=None, flop_count_str=None, flop_count=None,
-                                 parameter_count=None))
+    _module("fvcore", nn=_module("fvcore.nn", **dict.fromkeys(["FlopCountAnalysis", "flop_count_str", "flop_count",
+                                                               "parameter_count"])))
     _module("wget")
     # Importing test_selective_scan.py rebinds `selective_scan_ref` to a CUDA wrapper: run the function's source.
     text = (official / "kernels" / "selective_scan" / "test_selective_scan.py").read_text()
@@ -95,19 +92,17 @@ def _stand_ins(official: Path) -> None:
     einops = importlib.import_module("einops")
     namespace = dict(torch=torch, F=F, rearrange=einops.rearrange, repeat=einops.repeat)
     exec(ast.get_source_segment(text, node), namespace)
-    ref = namespace["selective_scan_ref"]
 
     def fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, nrows, oflex):
-        out = ref(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
+        out = namespace["selective_scan_ref"](u, delta, A, B, C, D, None, delta_bias, delta_softplus)
         return out.float() if oflex else out, None         # (out, states only the backward pass reads)
 
     _module("selective_scan_cuda_oflex", fwd=fwd)
 
 
 def official_model(models: types.ModuleType, name: str) -> nn.Module:
-    """The official `DASS` (ast_models.py) in DataParallel, so its keys read `module.v.*`. Its constructor knows only
-    the small and medium widths; for other sizes `v` is the VSSM it would build, with those widths (the 1-channel
-    stem conv and the label head it swaps in are then VSSM's own, of the same shapes)."""
+    """The official `DASS` (ast_models.py) in DataParallel (keys `module.v.*`). Its constructor knows only DASS's
+    widths; for others `v` is the VSSM it would build (with VSSM's own 1-channel stem and label head)."""
     dims, depths, d_state, mlp_ratio, classes, _ = CONFIGS[name]
     if name == "small":
         net = models.DASS(label_dim=classes, imagenet_pretrain=False, audioset_pretrain=False, model_size="small",
@@ -132,33 +127,6 @@ def run(model: nn.Module, norm: nn.Module, x: np.ndarray) -> tuple[np.ndarray, n
     return getattr(out, "logits", out).numpy(), seen[0].numpy()
 
 
-def hf_port(hf_dir: Path) -> types.ModuleType:
-    """modeling_dass.py as `transformers.models.dass.modeling_dass`, so its relative imports find transformers."""
-    package = _module("transformers.models.dass")
-    package.__path__ = [str(hf_dir / "src" / "transformers" / "models" / "dass")]
-    return importlib.import_module("transformers.models.dass.modeling_dass")
-
-
-HF_RENAMES = (  # official -> port, within the names
-    ("patch_embed.0.", "patch_embeddings.projection.0."), ("patch_embed.2.", "patch_embeddings.projection.1."),
-    ("patch_embed.5.", "patch_embeddings.projection.3."), ("patch_embed.7.", "patch_embeddings.projection.4."),
-    ("downsample.1.", "downsample.down."), ("downsample.3.", "downsample.norm."),
-    ("x_proj_weight", "x_proj.weight"), ("dt_projs_weight", "dt_projs.weight"),
-)
-
-
-def to_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """module.v.* -> the port's names, as its convert_dass_original_pytorch_checkpoint_to_pytorch.py renames them
-    (its DASSLinear2d reshapes the stacked x_proj / dt_projs weights itself when loading)."""
-    out = {}
-    for key, v in state.items():
-        k = key.replace("module.v.", "dass.").replace("dass.classifier.head.", "head.").replace("classifier.", "")
-        for old, new in HF_RENAMES:
-            k = k.replace(old, new)
-        out[k] = v
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official", type=Path, required=True, help="checkout of github.com/Saurabhbhati/DASS")
@@ -168,7 +136,6 @@ def main() -> None:
     sys.path.insert(0, str(args.official / "src"))
     models = importlib.import_module("models")             # src/models: ast_models.DASS and its vmamba
     torch.manual_seed(0)                                   # the constructors' initialisation, overwritten below
-
     arrays, weights = {}, {}
     for name, (*_, (B, T)) in CONFIGS.items():
         model = official_model(models, name)
@@ -183,12 +150,14 @@ def main() -> None:
             arrays["small_shapes"] = np.array([",".join(map(str, s)) for _, s in shapes])
         else:
             torch.save(weights[name], OUT / f"dass_official_{name}.pth")
-        print(f"official {name}: logits {logits.shape}, features {features.shape}")
 
-    port = hf_port(args.hf_port)
+    # the port's modeling_dass.py as transformers.models.dass.modeling_dass, so its relative imports find transformers
+    _module("transformers.models.dass").__path__ = [str(args.hf_port / "src" / "transformers" / "models" / "dass")]
+    port = importlib.import_module("transformers.models.dass.modeling_dass")
     dims, depths, *_, classes, _ = CONFIGS["tiny"]
     hf = port.DASSForAudioClassification(port.DASSConfig(dims=list(dims), depths=list(depths), num_classes=classes))
-    hf.load_state_dict(to_hf_keys(weights["tiny"]), strict=True)
+    renamed = {functools.reduce(lambda k, r: k.replace(*r), HF_RENAMES, k): v for k, v in weights["tiny"].items()}
+    hf.load_state_dict(renamed, strict=True)  # its DASSLinear2d reshapes the stacked x_proj / dt_projs weights
     logits, features = run(hf.eval(), hf.dass.norm, arrays["tiny_input"])
     gap = max(np.abs(logits - arrays["tiny_logits"]).max(), np.abs(features - arrays["tiny_features"]).max())
     print(f"HF port vs official code, same weights: max |difference| {gap:.2e}")
@@ -197,10 +166,8 @@ def main() -> None:
     arrays.update({"hf_tiny_logits": logits, "hf_tiny_features": features})
     type(hf.config)._get_generation_parameters = lambda self: {}  # the port overrides this under its v4 name
     hf.save_pretrained(OUT / "dass_hf_tiny")
-
     np.savez_compressed(OUT / "dass_official.npz", **arrays)
-    size = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file() and "dass" in str(f.relative_to(OUT)))
-    print(f"wrote {OUT}/dass_* ({size / 1024:.0f} kB) with torch {torch.__version__}")
+    print(f"wrote {OUT}/dass_* with torch {torch.__version__}")
 
 
 if __name__ == "__main__":
