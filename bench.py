@@ -1,70 +1,81 @@
-"""Model benchmarks: `python bench.py COMMAND [--smoke] [--device D] [--threads N] [--cap S] [--budget S]`.
+"""Benchmarks: `python bench.py COMMAND [COMMAND ...] [--smoke] [--device D] [--threads N] [--budget S]`.
 
-    mamba   Mamba-2.8B (bf16) prefill and greedy decoding beside transformers' MambaForCausalLM, same weights
-    llama   the same for LLaMA-7B (Vicuna-7B's shape) beside transformers' LlamaForCausalLM (SDPA)
-    dass    DASS-small over 10 s to 60 min of audio beside an AST-style transformer encoder
-    sslalm  ssLALM and the hybrid LALM (Fig. 1, four sizes): training step throughput, answering about a 10 s clip
-    all     each of the above within a time budget (--budget, default 420 s)
+    scan     the selective scan, eqs. (3)-(6): on a GPU the Triton kernels beside mamba_ssm's CUDA kernels and
+             mambapy's pscan (Mamba-2.8B's and DASS's shapes, fp32 and bf16) and the training memory; on a CPU the
+             chunked PyTorch fallback beside the sequential loop
+    mamba    Mamba-2.8B (bf16) prefill and greedy decoding beside transformers' MambaForCausalLM, same weights
+    llama    the same for LLaMA-7B (Vicuna-7B's shape) beside transformers' LlamaForCausalLM (SDPA)
+    dass     DASS-small over 10 s to 60 min of audio beside an AST-style transformer encoder
+    sslalm   ssLALM and the hybrid LALM (Fig. 1, four sizes): training step throughput, answering about a 10 s clip
+    all      each of the above within a time budget (--budget, default 420 s)
+    build-mamba-ssm   build mamba_ssm's selective-scan extension from .mamba_ssm_src/ for this GPU, timed
 
-Random weights, made on the device; --smoke: tiny models and inputs (seconds on a CPU). Times: after warm-up,
-each call between two CUDA events on the current stream, the median (CPU: perf_counter, the minimum). Memory:
-torch.cuda.max_memory_allocated (n/a on CPU). Cells read OOM, or "error: <type>" (traceback on stderr), or why skipped.
+Random weights and inputs. --smoke: tiny models and shapes through the same code (seconds on a CPU, the Triton
+kernels interpreted). Times: see `timed`; memory: torch.cuda.max_memory_allocated. A cell without a number says why.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import inspect
 import math
+import os
 import statistics
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 import transformers  # the baseline of the mamba and llama tables (requirements-test.txt)
+from mambapy.pscan import pscan  # the baseline of the scan table (requirements-test.txt)
 from torch import Tensor, nn
+from torch.utils import cpp_extension
 
 import dass
+import scan
 import weights
 from llama import LlamaConfig, LlamaLM
 from mamba import MambaConfig, MambaLM
 from sslalm import SSLALM, SSLALMConfig
 
 BF16 = torch.bfloat16
-OOM = "OOM"
+ROOT = Path(__file__).resolve().parent
+MAMBA_SSM_SRC, MAMBA_SSM_BUILD = ROOT / ".mamba_ssm_src", ROOT / ".mamba_ssm_build"  # git-ignored
 
 
-# ---- the harness: timing, memory, budgets, table cells ---------------------------------------------------------
+# ---- the harness: timing, failures, tables ----------------------------------------------------------------------
 
 @dataclass
 class Run:
-    """One invocation: the device (made current by main), tiny or full size, and the time allowed."""
+    """One invocation: the device (made current by main), tiny or full size, and when the --budget is spent."""
     device: torch.device
     smoke: bool = False
-    cap: float = 30.0           # seconds per case (see Cases)
-    deadline: float = math.inf  # time.monotonic() when the --budget is spent
+    deadline: float = math.inf  # time.monotonic()
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
 
-def timed(fn: Callable[[], object], run: Run, reps: int, warmup: int = 1) -> tuple[float, float | None]:
-    """(ms per call of fn, peak GiB allocated meanwhile; None on CPU). Fewer timed calls (at least one) when the
-    warm-up shows that `reps` would take more than a quarter of the cap."""
+def timed(fn: Callable[[], object], run: Run, reps: int = 3, graph: bool = False) -> tuple[float, float | None]:
+    """(ms per call of fn, peak GiB allocated meanwhile or None), after a warm-up call. GPU: the median of reps calls,
+    each between two CUDA events on the current stream; graph: the median of triton.testing.do_bench_cudagraph (many
+    calls captured in one CUDA graph, replayed between CUDA events: no Python launch overhead). CPU: the least of reps
+    calls (perf_counter; other processes only ever add time)."""
+    if graph and run.cuda:
+        import triton.testing  # the optional Triton backend, on a GPU only
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"), None
     if run.cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
+    fn()
     if run.cuda:
         torch.cuda.synchronize(run.device)
-    if warmup:
-        reps = max(1, min(reps, int(run.cap / 4 * warmup / max(time.perf_counter() - t0, 1e-6))))
     times = []
     for _ in range(reps):
         if run.cuda:
@@ -79,18 +90,18 @@ def timed(fn: Callable[[], object], run: Run, reps: int, warmup: int = 1) -> tup
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     if not run.cuda:
-        return min(times), None  # other processes only ever add time
+        return min(times), None
     return statistics.median(times), torch.cuda.max_memory_allocated(run.device) / 2**30
 
 
 def attempt(fn: Callable[[], object], run: Run, why: str | None = None) -> tuple[object, str | None]:
-    """(fn(), None), or (None, why not): `why` if given, the budget spent, OOM, or "error: <type>"."""
+    """(fn(), None), or (None, why not): `why` if given (what it needs failed), the budget spent, OOM, or an error."""
     if why is not None or time.monotonic() >= run.deadline:
         return None, why or "skipped (time budget)"
     try:
         return fn(), None
     except torch.OutOfMemoryError:
-        why = OOM
+        why = "OOM"
     except Exception as e:  # noqa: BLE001  one failing case must not end the run
         traceback.print_exc(file=sys.stderr)
         why = f"error: {type(e).__name__}"
@@ -99,41 +110,34 @@ def attempt(fn: Callable[[], object], run: Run, why: str | None = None) -> tuple
     return None, why
 
 
-class Cases:
-    """attempt() for the cases of one model in increasing size: after an OOM the rest are skipped, and so is every
-    case from the first whose time, extrapolated from the last as size**power, would exceed the cap."""
-
-    def __init__(self, run: Run, power: float = 1.0):
-        self.run, self.power = run, power
-        self.stopped, self.last = None, None  # why the rest are skipped; (size, seconds) of the last case run
-
-    def __call__(self, size: float, fn: Callable[[], object], why: str | None = None) -> tuple[object, str | None]:
-        if self.last and not self.stopped:
-            estimate = self.last[1] * (size / self.last[0]) ** self.power
-            if estimate > self.run.cap:
-                self.stopped = f"skipped (≈{estimate:.0f} s > {self.run.cap:g} s cap)"
-        if why or self.stopped:
-            return None, why or self.stopped
-        t0 = time.perf_counter()
-        result, why = attempt(fn, self.run)
-        self.last, self.stopped = (size, time.perf_counter() - t0), "skipped (OOM before)" if why == OOM else None
-        return result, why
+def measure(fn: Callable[[], tuple], run: Run, why: str | None = None) -> tuple[float | None, float | None, str | None]:
+    """attempt() of a timed() call: (ms, peak GiB, why not)."""
+    result, why = attempt(fn, run, why)
+    return (*(result or (None, None)), why)
 
 
 def cell(value: float | None, why: str | None = None, suffix: str = "") -> str:
-    """Why there is no number (OOM, skipped, error), n/a, or the number with at least 3 significant digits."""
+    """Why there is no number, n/a, or the number with at least 3 significant digits."""
     if why is not None or value is None:
         return why or "n/a"
     return f"{value:,.{max(0, 2 - math.floor(math.log10(abs(value)))) if value else 0}f}{suffix}"
 
 
-def show(run: Run, dtype: str, lines: list[str], *tables: tuple[list[str], list[list[str]]]) -> None:
-    """Print the note (device, torch version, dtype, then `lines`) and each (header, rows) as a markdown table."""
+def row(cells: list[str]) -> None:
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def show(run: Run, dtype: str, lines: list[str], *tables: tuple[list[str], Iterable[list[str]]]) -> None:
+    """The note (device, versions, dtype, then `lines`), then each (header, rows) as a markdown table, each row
+    printed as soon as it is made (rows may be a generator)."""
     name = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu, {torch.get_num_threads()} threads"
     print("\n".join(s + "  " for s in (f"device: {name}; torch {torch.__version__}; dtype: {dtype}", *lines)))
     for header, rows in tables:
-        print("\n| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|")
-        print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+        print()
+        row(header)
+        row(["---"] * len(header))
+        for cells in rows:
+            row(cells)
 
 
 def params(model: nn.Module) -> str:
@@ -149,6 +153,157 @@ def make(cls: type, config, device: torch.device | str) -> nn.Module:
             return cls(config).eval()
     finally:
         torch.set_default_dtype(old)
+
+
+# ---- scan: the selective scan's implementations side by side ----------------------------------------------------
+
+MAMBA_SHAPES = [(4, 5120, 16, 1024), (1, 5120, 16, 2048)]  # (batch, D, N, L): Mamba-2.8B
+DASS_SHAPES = [(4, 384, 1, 8192), (1, 384, 1, 65536)]      # DASS-small's SS2D: 4 directions x 96 channels
+SMOKE_SHAPES = [(1, 32, 4, 6), (1, 32, 1, 6)]
+
+
+def scan_inputs(batch: int, dim: int, dstate: int, length: int, dtype: torch.dtype, device: torch.device | str,
+                bc_views: bool = True) -> dict[str, Tensor]:
+    """Inputs as the models hand them to the scan. N > 1, the Mamba mixer: u (batch, D, L) contiguous; Δ the
+    transpose of a (batch, L, D) projection; z half of in_proj's (batch, L, 2D) output; B, C views of x_proj's
+    (batch, L, 160 + 2N) output (bc_views) or contiguous (batch, N, L). N = 1, DASS's SS2D: four directions as four
+    groups of D / 4 channels; B, C slices of the (batch, 4, 6 + 2N, L) projection; no gate. A = -[1 .. N] per
+    channel (S4D-real); D, delta_bias fp32."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    t = dict(u=rnd(batch, dim, length), A=-torch.arange(1, dstate + 1, device=device).float().repeat(dim, 1),
+             D=torch.randn(dim, generator=g).to(device), delta_bias=torch.randn(dim, generator=g).to(device))
+    if dstate == 1:
+        proj = rnd(batch, 4, 6 + 2 * dstate, length)
+        return dict(t, delta=rnd(batch, dim, length) - 2.0, B=proj[:, :, 6:7], C=proj[:, :, 7:])
+    proj = rnd(batch, length, 160 + 2 * dstate).transpose(1, 2)              # (batch, 160 + 2N, L)
+    B, C = proj[:, 160:160 + dstate], proj[:, 160 + dstate:]
+    return dict(t, delta=(rnd(batch, length, dim) - 2.0).transpose(1, 2),
+                z=rnd(batch, length, 2 * dim)[..., dim:].transpose(1, 2),
+                B=B if bc_views else B.contiguous(), C=C if bc_views else C.contiguous())
+
+
+def triton_fns(t: dict[str, Tensor]) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward without autograd, forward + backward) of the Triton kernels, through scan.selective_scan."""
+    leaves = {k: v.detach().requires_grad_() for k, v in t.items()}
+    dy = torch.randn_like(t["u"])
+
+    def fwd():
+        with torch.no_grad():
+            return scan.selective_scan(**t, delta_softplus=True, backend="triton")
+
+    def fwd_bwd():
+        y = scan.selective_scan(**leaves, delta_softplus=True, backend="triton")
+        return torch.autograd.grad(y, list(leaves.values()), dy)
+    return fwd, fwd_bwd
+
+
+def mamba_ssm_fns(module, t: dict[str, Tensor]) -> tuple[Callable[[], object], Callable[[], object]]:
+    """mamba_ssm's kernels (selective_scan_cuda.fwd / .bwd, as its SelectiveScanFn calls them) on contiguous copies
+    of the inputs, made once here: only the kernels are timed."""
+    c = {k: (v[:, None] if k in "BC" and v.dim() == 3 else v).contiguous() for k, v in t.items()}  # B, C 4-d
+    args = [c["u"], c["delta"], c["A"], c["B"], c["C"], c["D"], c.get("z"), c["delta_bias"]]
+    dy = torch.randn_like(c["u"])
+
+    def fwd_bwd():
+        out, states, *_ = module.fwd(*args, True)
+        return module.bwd(*args, dy, states, out, None, True, False)
+    return (lambda: module.fwd(*args, True)), fwd_bwd
+
+
+def pscan_fn(t: dict[str, Tensor]) -> Callable[[], object]:
+    """Forward + backward with mambapy's parallel scan for eq. (5) ((batch, L, D, N) decays materialised), fp32."""
+    leaves = {k: v.detach().float().requires_grad_() for k, v in t.items()}
+
+    def fwd_bwd():
+        u, A, dim = leaves["u"], leaves["A"], leaves["u"].shape[1]
+        B, C = (M if M.dim() == 4 else M[:, None] for M in (leaves["B"], leaves["C"]))     # (batch, G, N, L)
+        B, C = (M.repeat_interleave(dim // M.shape[1], 1).permute(0, 3, 1, 2) for M in (B, C))  # (batch, L, D, N)
+        dt = F.softplus(leaves["delta"] + leaves["delta_bias"][:, None]).transpose(1, 2)[..., None]  # (batch, L, D, 1)
+        hs = pscan(torch.exp(dt * A), dt * u.transpose(1, 2)[..., None] * B)          # eqs. (3)-(5)
+        y = (hs * C).sum(-1).transpose(1, 2) + leaves["D"][:, None] * u                # eq. (6)
+        y = y * F.silu(leaves["z"]) if "z" in leaves else y
+        return torch.autograd.grad(y.sum(), list(leaves.values()))
+    return fwd_bwd
+
+
+def kept_over_u(t: dict[str, Tensor]) -> float:
+    """Bytes the scan's autograd node keeps beyond its inputs, over u's size in fp32."""
+    leaves = {k: v.detach().requires_grad_() for k, v in t.items()}
+    given, saved = {v.data_ptr() for v in leaves.values()}, []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        scan.selective_scan(**leaves, delta_softplus=True, backend="triton")
+    return sum(x.numel() * x.element_size() for x in saved if x.data_ptr() not in given) / (t["u"].numel() * 4)
+
+
+def scan_row(shape: tuple[int, int, int, int], dtype: torch.dtype, run: Run, mamba_ssm, bc_views: bool = True):
+    """One row of the device table: Triton's, mamba_ssm's and pscan's times, the speed-ups, the training memory."""
+    t = scan_inputs(*shape, dtype, run.device, bc_views)
+    ms = lambda fn: timed(fn, run, reps=1 if run.smoke else 3, graph=True)[0]  # noqa: E731
+    fwd, fwd_bwd = (ms(fn) for fn in triton_fns(t))
+    m_fwd, m_fwd_bwd = (ms(fn) for fn in mamba_ssm_fns(mamba_ssm, t)) if mamba_ssm else (None, None)
+    fits = not run.cuda or 10 * math.prod(shape) * 4 < torch.cuda.mem_get_info(run.device)[0]  # pscan's decays
+    return [cell(fwd), cell(fwd_bwd), cell(m_fwd), cell(m_fwd_bwd), cell(m_fwd and m_fwd / fwd, suffix="x"),
+            cell(m_fwd_bwd and m_fwd_bwd / fwd_bwd, suffix="x"), cell(kept_over_u(t)),
+            cell(ms(pscan_fn(t)) if fits else None, None if fits else "skipped (memory)")]
+
+
+def cpu_rows(run: Run) -> Iterable[list[str]]:
+    """The chunked PyTorch fallback against the sequential loop on CPU, fp32."""
+    shapes = [(1, 8, 1), (1, 8, 4)] if run.smoke else [(1, 96, 1), (1, 64, 16), (2, 256, 16)]
+    for batch, dim, dstate in shapes:
+        for length in [6] if run.smoke else [1024, 4096]:
+            t = {k: v.contiguous() for k, v in scan_inputs(batch, dim, dstate, length, torch.float32, "cpu").items()}
+            go = lambda backend: scan.selective_scan(**t, delta_softplus=True, backend=backend)  # noqa: E731
+            with torch.no_grad():
+                loop, fallback = timed(lambda: go("ref"), run)[0], timed(lambda: go("torch"), run)[0]
+            leaves = [v.requires_grad_() for v in t.values()]
+            both = timed(lambda: torch.autograd.grad(go("torch").sum(), leaves), run)[0]
+            yield [str((batch, dim, dstate, length)), cell(loop), cell(fallback), cell(loop / fallback, suffix="x"),
+                   cell(both)]
+
+
+def bench_scan(run: Run) -> None:
+    """GPU (and --smoke): the device table, each row printed as measured; CPU: the fallback's table."""
+    if run.cuda or run.smoke:
+        built = run.cuda and list(MAMBA_SSM_BUILD.glob("selective_scan_cuda*.so"))
+        if built:
+            sys.path.insert(0, str(MAMBA_SSM_BUILD))
+        mamba_ssm = importlib.import_module("selective_scan_cuda") if built else None
+        shapes = SMOKE_SHAPES if run.smoke else MAMBA_SHAPES + DASS_SHAPES
+        cases = [(s, d, True) for s in shapes for d in (torch.float32, BF16)] + [(shapes[0], BF16, False)]
+        def rows():
+            for shape, dtype, views in cases:
+                cells, why = attempt(lambda: scan_row(shape, dtype, run, mamba_ssm, views), run)
+                yield [str(shape) + ("" if views else ", B, C contiguous"), str(dtype).removeprefix("torch."),
+                       *(cells or [why] * 8)]
+        show(run, "fp32 and bf16 inputs, fp32 state", [
+            f"mamba_ssm: {'selective_scan_cuda built in ' + str(MAMBA_SSM_BUILD) if mamba_ssm else 'n/a (not built)'}"
+            "; the Triton kernels get the inputs as the models make them (strided views), mamba_ssm contiguous copies",
+            "times: medians of CUDA-graph replays (no launch overhead); speed-up: mamba_ssm's time over Triton's; "
+            "kept / u fp32: what the scan's autograd node keeps beyond its inputs; pscan: mambapy, fp32"],
+            (["(batch, D, N, L)", "dtype", "Triton fwd ms", "Triton fwd+bwd ms", "mamba_ssm fwd ms",
+              "mamba_ssm fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up", "kept / u fp32", "pscan fwd+bwd ms"], rows()))
+    if not run.cuda:
+        show(run, "float32", ["fallback: scan._scan_chunked (backend 'torch'); loop: scan.selective_scan_ref"],
+             (["(batch, D, N, L)", "loop fwd ms", "fallback fwd ms", "speed-up", "fallback fwd+bwd ms"], cpu_rows(run)))
+
+
+def build_mamba_ssm(run: Run) -> None:
+    """Build only mamba_ssm's selective-scan extension (selective_scan_cuda) from its csrc/selective_scan in
+    .mamba_ssm_src/ (tools/gpu_check.sh --mamba-source), for this GPU's architecture with the nvcc flags of mamba_ssm's
+    setup.py, into .mamba_ssm_build/; print how long it took."""
+    start, src = time.perf_counter(), MAMBA_SSM_SRC / "csrc" / "selective_scan"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "{}.{}".format(*torch.cuda.get_device_capability(run.device)))
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count()))
+    MAMBA_SSM_BUILD.mkdir(exist_ok=True)
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+            "--threads", "4"] + [f"-U__CUDA_NO_{t}_{what}__" for t in ("HALF", "BFLOAT16", "BFLOAT162")
+                                 for what in ("OPERATORS", "CONVERSIONS")]
+    cpp_extension.load("selective_scan_cuda", sorted(str(p) for p in src.glob("*.c*")), extra_cflags=["-O3",
+                       "-std=c++17"], extra_cuda_cflags=nvcc, extra_include_paths=[str(src)],
+                       build_directory=str(MAMBA_SSM_BUILD), verbose=True)
+    print(f"built selective_scan_cuda in {time.perf_counter() - start:.0f} s into {MAMBA_SSM_BUILD}")
 
 
 # ---- mamba, llama: the language models beside transformers' on the same weights --------------------------------
@@ -223,23 +378,6 @@ def agreement(ours: nn.Module, theirs: nn.Module, ids: Tensor, n: int) -> str:
             f"{cell(diff)}% of their largest; {same} of {n} greedy tokens equal")
 
 
-def lm_cases(run: Run, model: nn.Module | None, why: str | None, ids: dict[tuple, Tensor], lengths: list[int],
-             decode_cases: list[tuple[int, int]], steps: int, reps: int) -> dict:
-    """One model's figures, (ms, peak GiB, why not) by case: (0, n) the prefill of ids[1, n], (b, p) a decode step
-    after ids[b, p], skipped when the prefill of its prefix was."""
-    _, why = attempt(lambda: prefill(model, ids[1, lengths[0]])(), run, why)  # warm-up: kernels compile here
-    out, cases = {}, Cases(run)
-    for n in lengths:
-        res, w = cases(n, lambda: timed(prefill(model, ids[1, n]), run, reps), why)
-        out[0, n] = (*(res or (None, None)), w)
-    by_batch = {b: Cases(run) for b, _ in decode_cases}  # after an OOM, no longer prefix
-    for b, p in decode_cases:
-        w = why or ("skipped (as its prefill)" if out[0, p][2] else None)
-        res, w = by_batch[b](p, lambda: decode(model, ids[b, p], steps, reps, run), w)
-        out[b, p] = (*(res or (None, None)), w)
-    return out
-
-
 @torch.no_grad()
 def bench_lm(kind: str, run: Run) -> None:
     """Prefill and decode of one language model ('mamba' or 'llama'), ours beside transformers' on its weights."""
@@ -249,16 +387,15 @@ def bench_lm(kind: str, run: Run) -> None:
     steps, reps = (4, 2) if run.smoke else (32, 3)
     meta = build_lm(kind, "meta", run.smoke)  # shapes only
     ours, why = attempt(lambda: build_lm(kind, run.device, run.smoke), run)
+    theirs, hf_why = attempt(lambda: build_hf(kind, ours, run.device), run, why)
     g = torch.Generator().manual_seed(0)
     ids = {(b, n): torch.randint(0, meta.config.vocab_size, (b, n), generator=g).to(run.device)
            for b, n in [(1, n) for n in lengths] + decode_cases}
-    mine = lm_cases(run, ours, why, ids, lengths, decode_cases, steps, reps)
-    theirs, why = attempt(lambda: build_hf(kind, ours, run.device), run, why)
-    hf = lm_cases(run, theirs, why, ids, lengths, decode_cases, steps, reps)
-    agrees, why = attempt(lambda: agreement(ours, theirs, ids[1, lengths[0]], steps), run, why)
+    agrees, agree_why = attempt(lambda: agreement(ours, theirs, ids[1, lengths[0]], steps), run, why or hf_why)
 
-    def row(key: tuple[int, int], tokens: int) -> list[str]:
-        (ms, peak, w), (hf_ms, hf_peak, hf_w) = mine[key], hf[key]
+    def cells(tokens: int, bench: Callable[[nn.Module], tuple]) -> list[str]:
+        (ms, peak, w), (hf_ms, hf_peak, hf_w) = measure(lambda: bench(ours), run, why), \
+            measure(lambda: bench(theirs), run, hf_why)
         return [cell(ms, w), cell(hf_ms, hf_w), cell(ms and hf_ms and hf_ms / ms, w or hf_w, "x"),
                 cell(ms and tokens / ms * 1e3, w), cell(peak, w), cell(hf_peak, hf_w)]
 
@@ -266,14 +403,16 @@ def bench_lm(kind: str, run: Run) -> None:
                "its PyTorch path (mamba_ssm not installed)") if kind == "mamba" else "SDPA, its dynamic cache"
     show(run, "bfloat16 weights", [
         f"ours: {type(meta).__name__}, {params(meta)} parameters, random; transformers: {hf_path}, the same weight "
-        "tensors", agrees or f"agreement with transformers: {why}",
+        "tensors", agrees or f"agreement with transformers: {agree_why}",
         "prefill: batch 1, to the prompt's last logits; decode: greedy steps after a first one (which records "
         "MambaLM's CUDA graph on a GPU); peak: ours while decoding, theirs of the whole generate call; speed-up: "
         "transformers' time over ours"],
         (["prompt tokens", "ours ms", "transformers ms", "speed-up", "our tokens/s", "our peak GiB",
-          "their peak GiB"], [[str(n), *row((0, n), n)] for n in lengths]),
+          "their peak GiB"], ([str(n), *cells(n, lambda m: timed(prefill(m, ids[1, n]), run, reps))]
+                              for n in lengths)),
         (["batch", "prefix", "ours ms/step", "transformers ms/step", "speed-up", "our tokens/s",
-          "our decode peak GiB", "their peak GiB"], [[str(b), str(p), *row((b, p), b)] for b, p in decode_cases]))
+          "our decode peak GiB", "their peak GiB"],
+         ([str(b), str(p), *cells(b, lambda m: decode(m, ids[b, p], steps, reps, run))] for b, p in decode_cases)))
 
 
 # ---- dass: DASS-small over long audio beside an AST-style transformer --------------------------------------------
@@ -304,29 +443,28 @@ def bench_dass(run: Run) -> None:
     window, reps = (512, 2) if run.smoke else (dass.WINDOW, 3)
     ast = dict(width=32, depth=2, heads=2) if run.smoke else dict(width=768, depth=12, heads=12)
     small = dass.DASSConfig(**SMOKE_DASS) if run.smoke else dass.DASSConfig.small()
-    encoders = [  # (name, build, forward, how its time grows with the input)
-        (f"DASS-small, {window}-frame windows", lambda: dass.DASS(small), lambda m, x: m.features(x, window), 1.0),
-        ("DASS-small, one pass", lambda: dass.DASS(small), lambda m, x: m.features(x, None), 1.0),
-        ("AST-style, {depth} × {width}".format(**ast), lambda: ASTEncoder(**ast), lambda m, x: m(x), 2.0)]
+    encoders = [  # (name, build, forward, its lengths: the AST-style encoder's time grows with the square)
+        (f"DASS-small, {window}-frame windows", lambda: dass.DASS(small), lambda m, x: m.features(x, window), frames),
+        ("DASS-small, one pass", lambda: dass.DASS(small), lambda m, x: m.features(x, None), frames),
+        ("AST-style, {depth} × {width}".format(**ast), lambda: ASTEncoder(**ast), lambda m, x: m(x), frames[:3])]
     g = torch.Generator().manual_seed(0)
     inputs = {n: torch.randn(1, n, 128, generator=g).to(run.device) for n in frames}
-    rows = []
-    for name, build, forward, power in encoders:
-        with torch.device(run.device):
-            model, why = attempt(lambda: build().eval(), run)
-        with torch.autocast(run.device.type, dtype=BF16):
-            _, why = attempt(lambda: forward(model, inputs[frames[0]]), run, why)  # warm-up: kernels compile
-            cases = Cases(run, power)
-            for n in frames:
-                res, w = cases(n, lambda: timed(lambda: forward(model, inputs[n]), run, reps), why)
-                ms, peak = res or (None, None)
-                rows.append([name, params(model) if model else "n/a", str(n), f"{n / 100:g} s", cell(ms, w),
-                             cell(ms and n * 10 / ms, w), cell(peak, w)])
-        model = None  # frees it before the next is built
+
+    def rows():
+        for name, build, forward, lengths in encoders:
+            with torch.device(run.device):
+                model, why = attempt(lambda: build().eval(), run)
+            for n in lengths:
+                with torch.autocast(run.device.type, dtype=BF16):
+                    ms, peak, w = measure(lambda: timed(lambda: forward(model, inputs[n]), run, reps), run, why)
+                yield [name, params(model) if model else "n/a", str(n), f"{n / 100:g} s", cell(ms, w),
+                       cell(ms and n * 10 / ms, w), cell(peak, w)]
+            model = None  # frees it before the next is built
     show(run, "bfloat16 autocast, fp32 weights (as in training); batch 1; random weights and input", [
         f"DASS with windows: DASS.features' default for long audio ({window}-frame windows); one pass: window=None; "
-        "the AST-style encoder's time grows with the square of the length; x real time: audio seconds per second"],
-        (["model", "params", "frames", "audio", "forward ms", "x real time", "peak GiB"], rows))
+        "the AST-style encoder's time grows with the square of the length (up to 10 min here); x real time: audio "
+        "seconds per second"],
+        (["model", "params", "frames", "audio", "forward ms", "x real time", "peak GiB"], rows()))
 
 
 # ---- sslalm: the full model of Fig. 1 in training and answering ------------------------------------------------
@@ -391,7 +529,7 @@ def bench_sslalm(run: Run) -> None:
         model, why = attempt(lambda: build_sslalm(llm, size, run), run)
         for micro in sizes:
             figures, w = attempt(lambda: train_step(model, micro, run), run, why)
-            if w != OOM:
+            if w != "OOM":
                 break
         train_rows.append([name, w or str(micro), *(cell(x, w) for x in figures or [None] * 4)])
         figures, w = attempt(lambda: answer(model, frames, new_tokens, run), run, why)
@@ -406,9 +544,10 @@ def bench_sslalm(run: Run) -> None:
         (["model", "first token ms", f"{new_tokens} tokens ms", "ms per further token", "peak GiB"], answer_rows))
 
 
-# ---- all, and the command line ---------------------------------------------------------------------------------
+# ---- the command line ------------------------------------------------------------------------------------------
 
-COMMANDS: dict[str, tuple[Callable[[Run], None], float]] = {  # name: (the benchmark, least budget to start it)
+COMMANDS: dict[str, tuple[Callable[[Run], None], float]] = {  # name: (the benchmark, least budget `all` starts it with)
+    "scan": (bench_scan, 60),
     "mamba": (lambda run: bench_lm("mamba", run), 30),
     "llama": (lambda run: bench_lm("llama", run), 30),
     "dass": (bench_dass, 15),
@@ -416,35 +555,36 @@ COMMANDS: dict[str, tuple[Callable[[Run], None], float]] = {  # name: (the bench
 }
 
 
-def bench_all(run: Run) -> None:
-    """Each command under a '## name' heading; one starts only with its least budget left (--smoke: any)."""
-    for name, (bench, least) in COMMANDS.items():
-        print(f"## {name}\n", flush=True)
-        left, t0 = run.deadline - time.monotonic(), time.perf_counter()
-        if left <= (0 if run.smoke else least):
-            print(f"skipped: {max(left, 0):.0f} s of the budget left\n", flush=True)
-            continue
-        bench(run)
-        print(f"\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*COMMANDS, "all"])
+    parser.add_argument("commands", nargs="+", choices=[*COMMANDS, "all", "build-mamba-ssm"])
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs, few repetitions")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
-    parser.add_argument("--cap", type=float, default=30.0, help="seconds per case (bigger ones are skipped)")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default: none; all: 420)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # Triton launches, CUDA-graph capture and timing events use the current one
+    elif args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels on CPU tensors (before their import)
     if args.threads:
         torch.set_num_threads(args.threads)
-    budget = 420.0 if args.budget is None and args.command == "all" else args.budget
-    run = Run(device, args.smoke, args.cap, math.inf if budget is None else time.monotonic() + budget)
-    (bench_all if args.command == "all" else COMMANDS[args.command][0])(run)
+    budget = 420.0 if args.budget is None and "all" in args.commands else args.budget
+    run = Run(device, args.smoke, math.inf if budget is None else time.monotonic() + budget)
+    if "build-mamba-ssm" in args.commands:
+        return build_mamba_ssm(run)
+    names = list(COMMANDS) if "all" in args.commands else args.commands
+    for name in names:  # several: each under a '## name' heading, started only with its least budget left
+        bench, least = COMMANDS[name]
+        left, t0 = run.deadline - time.monotonic(), time.perf_counter()
+        if len(names) > 1:
+            print(f"## {name}\n", flush=True)
+            if left <= (0 if run.smoke else least):
+                print(f"skipped: {max(left, 0):.0f} s of the budget left\n", flush=True)
+                continue
+        bench(run)
+        print(f"\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
 
 
 if __name__ == "__main__":
