@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
     p.add_argument("--quick", action="store_true", help="no per-update figures (a third of the compiles)")
     args = p.parse_args(argv)
-    print(f"triton {triton.__version__}, target sm_{args.arch}\n\n| kernel | dtype | registers | stack (spill) bytes | "
-          "shared bytes | SASS / update | fp32 / update | MUFU | SHFL | BAR |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(f"triton {triton.__version__}, target sm_{args.arch}\n\n| kernel | dtype | registers | stack (spill) bytes "
+          "| shared bytes | SASS / update | fp32 / update | MUFU | SHFL | BAR |\n" + "|---" * 10 + "|")
     for dtype in args.dtypes.split(","):
         seen = set()
         for label, shape, bc_views in MODELS:
