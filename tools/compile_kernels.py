@@ -1,15 +1,14 @@
 """Compile the Triton scan kernels for an NVIDIA GPU, without one, and report what the compiled code does.
 
-The models' scans (Mamba-2.8B: N = 16, batch 4, L = 1024, B and C as views of x_proj's output or contiguous; DASS:
-N = 1) run forward, backward and one decode step on "meta" tensors made as the models make them; each kernel launch
-is recorded, not run, and compiled as the launch would specialise it to a cubin (Triton, the triton wheel's ptxas).
-From the cubin (cuobjdump, nvdisasm): registers, spilled and shared bytes, and per state update (one state of one
-channel at one step) the SASS, fp32, MUFU, SHFL and BAR instructions: (the kernel with 4 steps per chunk - with 2)
-over 2 N updates, so that set-up does not count. BENCHMARKS.md reasons from these figures.
+Mamba-2.8B's scan (N = 16, batch 4, L = 1024; B, C views of x_proj's output, or contiguous) and DASS's (N = 1) run
+forward, backward and a decode step on "meta" tensors made as the models make them; each kernel launch is recorded
+and compiled as it would be specialised, to a cubin (Triton and its wheel's ptxas). Reported (cuobjdump, nvdisasm):
+registers, spilled and shared bytes, and per state update (one state of one channel at one step) the SASS, fp32,
+MUFU, SHFL and BAR instructions: (with 4 steps per chunk - with 2) / (2 N), so that set-up does not count.
 
     python tools/compile_kernels.py [--arch 90] [--dtypes fp32,bf16,fp16] [--quick]   (90: H100 / H200, 80: A100)
 
---quick: each kernel once, without the per-update figures (tests/test_scan.py runs it).
+--quick: without the per-update figures (tests/test_scan.py runs it).
 """
 from __future__ import annotations
 
@@ -39,35 +38,31 @@ from bench import scan_inputs  # noqa: E402
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 POINTERS = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 DTYPES = {name[1:]: dtype for dtype, name in POINTERS.items()}
-KERNELS = ("_scan_fwd", "_scan_bwd", "_state_update_kernel")
 PASSES = {("_scan_fwd", False): "forward", ("_scan_fwd", True): "forward, span pass", ("_scan_bwd", False): "backward",
           ("_scan_bwd", True): "backward, span pass", ("_state_update_kernel", None): "decode step"}
 MODELS = [("Mamba B, C views", (4, 5120, 16, 1024), True), ("Mamba B, C contiguous", (4, 5120, 16, 1024), False),
           ("DASS", (4, 384, 1, 8192), True)]  # (label, (batch, D, N, L), B and C as views of the projection)
 
 
-class Recorder:
-    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records (kernel, arguments by name) in `launches`."""
-
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kw: self.launches.append((self.kernel, {**dict(zip(self.kernel.arg_names, args)), **kw}))
+def recorder(kernel, launches: list) -> collections.defaultdict:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` appends (kernel, its arguments by name) to launches."""
+    launch = lambda *args, **kw: launches.append((kernel, {**dict(zip(kernel.arg_names, args)), **kw}))  # noqa: E731
+    return collections.defaultdict(lambda: launch)
 
 
 def launches(shape: tuple[int, int, int, int], dtype: torch.dtype, bc_views: bool) -> list[tuple[object, dict]]:
     """(kernel, its arguments by name) of each launch of the scan's forward and backward and of a decode step, on
     "meta" tensors (shapes and strides, no data)."""
     t = {k: v.detach().requires_grad_() for k, v in scan_inputs(*shape, dtype, "meta", bc_views).items()}
-    step = {k: v.detach()[..., 0] for k, v in t.items() if k in ("u", "delta", "z", "B", "C")}  # one time step
+    names = dict(u="x", delta="dt", z="z", B="B", C="C")
+    step = {names[k]: v.detach()[..., 0] for k, v in t.items() if k in names}  # one time step
     recorded = []
-    with mock.patch.multiple(triton_scan, **{name: Recorder(getattr(triton_scan, name), recorded) for name in KERNELS}):
+    stand_ins = {name: recorder(getattr(triton_scan, name), recorded) for name, _ in PASSES}
+    with mock.patch.multiple(triton_scan, **stand_ins):
         y = scan.selective_scan(**t, delta_softplus=True, backend="triton")
         torch.autograd.grad(y, list(t.values()), torch.empty_like(y))
-        scan.selective_state_update(torch.zeros(*shape[:3], device="meta"), step["u"], step["delta"], t["A"],
-                                    step["B"], step["C"], t["D"], step.get("z"), t["delta_bias"], dt_softplus=True,
-                                    backend="triton")
+        scan.selective_state_update(torch.zeros(*shape[:3], device="meta"), A=t["A"], D=t["D"], dt_bias=t["delta_bias"],
+                                    dt_softplus=True, backend="triton", **step)
     return recorded
 
 
