@@ -1,31 +1,28 @@
-"""Benchmarks: `python bench.py COMMAND [COMMAND ...] [--smoke] [--device D] [--threads N] [--budget S]`.
+"""Benchmarks: `python bench.py COMMAND [COMMAND ...] [--smoke] [--device D] [--budget S]`.
 
-    scan     the selective scan, eqs. (3)-(6): on a GPU the Triton kernels beside mamba_ssm's CUDA kernels and
-             mambapy's pscan (Mamba-2.8B's and DASS's shapes, fp32 and bf16) and the training memory; on a CPU the
-             chunked PyTorch fallback beside the sequential loop
+    scan     the selective scan: the Triton kernels beside mamba_ssm's CUDA kernels and mambapy's pscan on a GPU
+             (Mamba-2.8B's and DASS's shapes, fp32 and bf16, and the training memory); the chunked PyTorch fallback
+             beside the sequential loop on a CPU
     mamba    Mamba-2.8B (bf16) prefill and greedy decoding beside transformers' MambaForCausalLM, same weights
     llama    the same for LLaMA-7B (Vicuna-7B's shape) beside transformers' LlamaForCausalLM (SDPA)
     dass     DASS-small over 10 s to 60 min of audio beside an AST-style transformer encoder
-    sslalm   ssLALM and the hybrid LALM (Fig. 1, four sizes): training step throughput, answering about a 10 s clip
+    sslalm   ssLALM and the hybrid LALM (Fig. 1, four sizes): a training step, answering about a 10 s clip
     all      each of the above within a time budget (--budget, default 420 s)
-    build-mamba-ssm   build mamba_ssm's selective-scan extension from .mamba_ssm_src/ for this GPU, timed
 
-Random weights and inputs. --smoke: tiny models and shapes through the same code (seconds on a CPU, the Triton
-kernels interpreted). Times: see `timed`; memory: torch.cuda.max_memory_allocated. A cell without a number says why.
+Random weights and inputs. --smoke: tiny models and shapes through the same code (the Triton kernels interpreted on
+a CPU). Times: see `timed`; memory: torch.cuda.max_memory_allocated. A cell without a number says why.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
-import inspect
 import math
 import os
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable
@@ -33,7 +30,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 import transformers  # the baseline of the mamba and llama tables (requirements-test.txt)
-from mambapy.pscan import pscan  # the baseline of the scan table (requirements-test.txt)
+from mambapy.pscan import pscan  # a baseline of the scan table (requirements-test.txt)
 from torch import Tensor, nn
 from torch.utils import cpp_extension
 
@@ -45,16 +42,12 @@ from mamba import MambaConfig, MambaLM
 from sslalm import SSLALM, SSLALMConfig
 
 BF16 = torch.bfloat16
-CAP = 20.0  # seconds: after a warm-up call over CAP / 4, one timed call; after a case over CAP, no bigger ones
-ROOT = Path(__file__).resolve().parent
-MAMBA_SSM_SRC, MAMBA_SSM_BUILD = ROOT / ".mamba_ssm_src", ROOT / ".mamba_ssm_build"  # git-ignored
+MAMBA_SSM_SRC, MAMBA_SSM_BUILD = (Path(__file__).resolve().parent / d for d in (".mamba_ssm_src", ".mamba_ssm_build"))
 
-
-# ---- the harness: timing, failures, tables ----------------------------------------------------------------------
 
 @dataclass
 class Run:
-    """One invocation: the device (made current by main), tiny or full size, and when the --budget is spent."""
+    """One invocation: the device (made current by main), tiny or full size, and when the budget is spent."""
     device: torch.device
     smoke: bool = False
     deadline: float = math.inf  # time.monotonic()
@@ -65,40 +58,30 @@ class Run:
 
 
 def timed(fn: Callable[[], object], run: Run, reps: int = 3, graph: bool = False) -> tuple[float, float | None]:
-    """(ms per call of fn, peak GiB allocated meanwhile or None), after a warm-up call. GPU: the median of reps calls,
-    each between two CUDA events on the current stream; graph: the median of triton.testing.do_bench_cudagraph (many
-    calls captured in one CUDA graph, replayed between CUDA events: no Python launch overhead). CPU: the least of reps
-    calls (perf_counter; other processes only ever add time). One timed call after a warm-up over CAP / 4 s."""
+    """(ms per call of fn, peak GiB allocated meanwhile or None). graph, on a GPU: the median of
+    triton.testing.do_bench_cudagraph (many calls in one CUDA graph, replayed between CUDA events: no Python launch
+    overhead). Else the wall time of a call to the device's synchronisation after a warm-up call (one call if that
+    took over 5 s): the median of reps calls on a GPU, the least on a CPU (other processes only ever add)."""
     if graph and run.cuda:
         import triton.testing  # the optional Triton backend, on a GPU only
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"), None
     if run.cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
-    t0 = time.perf_counter()
-    fn()
-    if run.cuda:
-        torch.cuda.synchronize(run.device)
-    reps = reps if time.perf_counter() - t0 < CAP / 4 else 1
-    times = []
-    for _ in range(reps):
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        fn()
         if run.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(torch.cuda.current_stream(run.device))
-            fn()
-            end.record(torch.cuda.current_stream(run.device))
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    if not run.cuda:
-        return min(times), None
-    return statistics.median(times), torch.cuda.max_memory_allocated(run.device) / 2**30
+            torch.cuda.synchronize(run.device)
+        return (time.perf_counter() - t0) * 1e3
+    times = [call() for _ in range(reps if call() < 5e3 else 1)]
+    peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.cuda else None
+    return (statistics.median if run.cuda else min)(times), peak
 
 
-def attempt(fn: Callable[[], object], run: Run, why: str | None = None) -> tuple[object, str | None]:
-    """(fn(), None), or (None, why not): `why` if given (what it needs failed), the budget spent, OOM, or an error."""
+def attempt(fn: Callable[[], object], run: Run, why: str | None = None) -> tuple:
+    """(fn(), None), or (None, why not): `why` if given (what it needs failed), the budget spent, OOM, or an error
+    (its traceback on stderr)."""
     if why is not None or time.monotonic() >= run.deadline:
         return None, why or "skipped (time budget)"
     try:
@@ -121,18 +104,15 @@ def cell(value: float | None, why: str | None = None, suffix: str = "") -> str:
 
 
 def show(run: Run, dtype: str, lines: list[str], *tables: tuple[list[str], Iterable[list[str]]]) -> None:
-    """The note (device, versions, dtype, then `lines`), then each (header, rows) as a markdown table, each row
-    printed as soon as it is made (rows may be a generator)."""
+    """The note (device, versions, dtype, `lines`), then each (header, rows) as a markdown table; rows may be a
+    generator: each row is printed as soon as it is made."""
     name = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu, {torch.get_num_threads()} threads"
     print("\n".join(s + "  " for s in (f"device: {name}; torch {torch.__version__}; dtype: {dtype}", *lines)))
     for header, rows in tables:
         print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|", flush=True)
         for cells in rows:
             print("| " + " | ".join(cells) + " |", flush=True)
-
-
-def params(model: nn.Module) -> str:
-    return f"{sum(p.numel() for p in model.parameters()) / 1e6:,.2f}M"
+    print()
 
 
 def make(cls: type, config, device: torch.device | str) -> nn.Module:
@@ -146,20 +126,16 @@ def make(cls: type, config, device: torch.device | str) -> nn.Module:
         torch.set_default_dtype(old)
 
 
-# ---- scan: the selective scan's implementations side by side ----------------------------------------------------
-
-MAMBA_SHAPES = [(4, 5120, 16, 1024), (1, 5120, 16, 2048)]  # (batch, D, N, L): Mamba-2.8B
-DASS_SHAPES = [(4, 384, 1, 8192), (1, 384, 1, 65536)]      # DASS-small's SS2D: 4 directions x 96 channels
+SCAN_SHAPES = [(4, 5120, 16, 1024), (1, 5120, 16, 2048),  # (batch, D, N, L): Mamba-2.8B
+               (4, 384, 1, 8192), (1, 384, 1, 65536)]      # DASS-small's SS2D: 4 directions x 96 channels, N = 1
 SMOKE_SHAPES = [(1, 32, 4, 6), (1, 32, 1, 6)]
 
 
 def scan_inputs(batch: int, dim: int, dstate: int, length: int, dtype: torch.dtype, device: torch.device | str,
                 bc_views: bool = True) -> dict[str, Tensor]:
-    """Inputs as the models hand them to the scan. N > 1, the Mamba mixer: u (batch, D, L) contiguous; Δ the
-    transpose of a (batch, L, D) projection; z half of in_proj's (batch, L, 2D) output; B, C views of x_proj's
-    (batch, L, 160 + 2N) output (bc_views) or contiguous (batch, N, L). N = 1, DASS's SS2D: four directions as four
-    groups of D / 4 channels; B, C slices of the (batch, 4, 6 + 2N, L) projection; no gate. A = -[1 .. N] per
-    channel (S4D-real); D, delta_bias fp32."""
+    """The scan's inputs as the models make them. N > 1, Mamba's mixer: Δ the transpose of a (batch, L, D)
+    projection, z half of in_proj's (batch, L, 2D) output, B and C views of x_proj's (batch, L, 160 + 2N) output (or
+    contiguous). N = 1, DASS's SS2D: 4 groups of D / 4 channels, B and C slices of a (batch, 4, 6 + 2N, L) tensor."""
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     t = dict(u=rnd(batch, dim, length), A=-torch.arange(1, dstate + 1, device=device).float().repeat(dim, 1),
@@ -174,27 +150,10 @@ def scan_inputs(batch: int, dim: int, dstate: int, length: int, dtype: torch.dty
                 B=B if bc_views else B.contiguous(), C=C if bc_views else C.contiguous())
 
 
-def pscan_fn(t: dict[str, Tensor]) -> Callable[[], object]:
-    """Forward + backward with mambapy's parallel scan for eq. (5) ((batch, L, D, N) decays materialised), fp32."""
-    leaves = {k: v.detach().float().requires_grad_() for k, v in t.items()}
-
-    def fwd_bwd():
-        u, A, dim = leaves["u"], leaves["A"], leaves["u"].shape[1]
-        B, C = (M if M.dim() == 4 else M[:, None] for M in (leaves["B"], leaves["C"]))     # (batch, G, N, L)
-        B, C = (M.repeat_interleave(dim // M.shape[1], 1).permute(0, 3, 1, 2) for M in (B, C))  # (batch, L, D, N)
-        dt = F.softplus(leaves["delta"] + leaves["delta_bias"][:, None]).transpose(1, 2)[..., None]  # (batch, L, D, 1)
-        hs = pscan(torch.exp(dt * A), dt * u.transpose(1, 2)[..., None] * B)          # eqs. (3)-(5)
-        y = (hs * C).sum(-1).transpose(1, 2) + leaves["D"][:, None] * u                # eq. (6)
-        y = y * F.silu(leaves["z"]) if "z" in leaves else y
-        return torch.autograd.grad(y.sum(), list(leaves.values()))
-    return fwd_bwd
-
-
 def scan_row(shape: tuple[int, int, int, int], dtype: torch.dtype, run: Run, mamba_ssm, bc_views: bool) -> list[str]:
-    """A row of the device table: the Triton kernels' times (through scan.selective_scan, the inputs as the models
-    make them); mamba_ssm's (selective_scan_cuda.fwd / .bwd as its SelectiveScanFn calls them, on contiguous copies
-    made here: only its kernels are timed); the speed-ups; the bytes the scan's autograd node keeps beyond its inputs
-    over u's fp32 bytes; mambapy's pscan."""
+    """Times of the Triton kernels (through scan.selective_scan) and of mamba_ssm's (selective_scan_cuda.fwd / .bwd
+    as its SelectiveScanFn calls them, on contiguous copies made here: only its kernels are timed), the speed-ups,
+    the bytes the scan's autograd node keeps beyond its inputs over u's fp32 bytes, and mambapy's pscan's time."""
     t = scan_inputs(*shape, dtype, run.device, bc_views)
     leaves, dy = {k: v.detach().requires_grad_() for k, v in t.items()}, torch.randn_like(t["u"])
     ours = lambda kw: scan.selective_scan(**kw, delta_softplus=True, backend="triton")  # noqa: E731
@@ -214,36 +173,30 @@ def scan_row(shape: tuple[int, int, int, int], dtype: torch.dtype, run: Run, mam
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         ours(leaves)
     kept = sum(x.numel() * x.element_size() for x in saved if x.data_ptr() not in given) / (t["u"].numel() * 4)
+    f32 = {k: v.detach().float().requires_grad_() for k, v in t.items()}
+
+    def pscan_fwd_bwd():  # mambapy's parallel scan for eq. (5), (batch, L, D, N) decays materialised, fp32
+        u, A, dim = f32["u"], f32["A"], f32["u"].shape[1]
+        B, C = (M if M.dim() == 4 else M[:, None] for M in (f32["B"], f32["C"]))             # (batch, G, N, L)
+        B, C = (M.repeat_interleave(dim // M.shape[1], 1).permute(0, 3, 1, 2) for M in (B, C))  # (batch, L, D, N)
+        dt = F.softplus(f32["delta"] + f32["delta_bias"][:, None]).transpose(1, 2)[..., None]  # (batch, L, D, 1)
+        hs = pscan(torch.exp(dt * A), dt * u.transpose(1, 2)[..., None] * B)                # eqs. (3)-(5)
+        y = (hs * C).sum(-1).transpose(1, 2) + f32["D"][:, None] * u                         # eq. (6)
+        y = y * F.silu(f32["z"]) if "z" in f32 else y
+        return torch.autograd.grad(y.sum(), list(f32.values()))
     fits = not run.cuda or 10 * math.prod(shape) * 4 < torch.cuda.mem_get_info(run.device)[0]  # pscan's decays
     return [cell(fwd), cell(fwd_bwd), cell(m_fwd), cell(m_fwd_bwd), cell(m_fwd and m_fwd / fwd, suffix="x"),
             cell(m_fwd_bwd and m_fwd_bwd / fwd_bwd, suffix="x"), cell(kept),
-            cell(ms(pscan_fn(t)) if fits else None, None if fits else "skipped (memory)")]
-
-
-def cpu_rows(run: Run) -> Iterable[list[str]]:
-    """The chunked PyTorch fallback against the sequential loop on CPU, fp32."""
-    shapes = [(1, 8, 1), (1, 8, 4)] if run.smoke else [(1, 96, 1), (1, 64, 16), (2, 256, 16)]
-    for batch, dim, dstate in shapes:
-        for length in [6] if run.smoke else [1024, 4096]:
-            t = {k: v.contiguous() for k, v in scan_inputs(batch, dim, dstate, length, torch.float32, "cpu").items()}
-            go = lambda backend: scan.selective_scan(**t, delta_softplus=True, backend=backend)  # noqa: E731
-            with torch.no_grad():
-                loop, fallback = timed(lambda: go("ref"), run)[0], timed(lambda: go("torch"), run)[0]
-            leaves = [v.requires_grad_() for v in t.values()]
-            both = timed(lambda: torch.autograd.grad(go("torch").sum(), leaves), run)[0]
-            yield [str((batch, dim, dstate, length)), cell(loop), cell(fallback), cell(loop / fallback, suffix="x"),
-                   cell(both)]
+            cell(ms(pscan_fwd_bwd) if fits else None, None if fits else "skipped (memory)")]
 
 
 def bench_scan(run: Run) -> None:
-    """GPU (and --smoke): the Triton kernels beside mamba_ssm's and pscan, each row printed as measured. CPU: the
-    chunked fallback beside the sequential loop."""
+    """GPU (and --smoke): the Triton kernels beside mamba_ssm's and pscan. CPU: the fallback beside the loop."""
     if run.cuda or run.smoke:
         built = run.cuda and list(MAMBA_SSM_BUILD.glob("selective_scan_cuda*.so"))
         sys.path.insert(0, str(MAMBA_SSM_BUILD))
         mamba_ssm = importlib.import_module("selective_scan_cuda") if built else None
-        shapes = SMOKE_SHAPES if run.smoke else MAMBA_SHAPES + DASS_SHAPES
-        dtypes = [torch.float32] if run.smoke else [torch.float32, BF16]
+        shapes, dtypes = (SMOKE_SHAPES, [torch.float32]) if run.smoke else (SCAN_SHAPES, [torch.float32, BF16])
         cases = [(shape, dtype, True) for shape in shapes for dtype in dtypes] + [(shapes[0], dtypes[-1], False)]
 
         def rows():
@@ -252,34 +205,42 @@ def bench_scan(run: Run) -> None:
                 yield [str(shape) + ("" if views else ", B, C contiguous"), str(dtype)[6:], *(cells or [why] * 8)]
         show(run, "the inputs' (fp32 state)", [
             f"mamba_ssm: {f'selective_scan_cuda from {MAMBA_SSM_BUILD}' if mamba_ssm else 'n/a (not built)'}; times: "
-            "medians of CUDA-graph replays (no launch overhead); speed-up: mamba_ssm's time over Triton's"],
+            "medians of CUDA-graph replays; speed-up: mamba_ssm's time over Triton's"],
             (["(batch, D, N, L)", "dtype", "Triton fwd ms", "Triton fwd+bwd ms", "mamba_ssm fwd ms",
               "mamba_ssm fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up", "kept / u fp32", "pscan fwd+bwd ms"], rows()))
     if not run.cuda:
+        def cpu_rows():
+            for batch, dim, dstate in [(1, 8, 1), (1, 8, 4)] if run.smoke else [(1, 96, 1), (1, 64, 16), (2, 256, 16)]:
+                for length in [6] if run.smoke else [1024, 4096]:
+                    t = scan_inputs(batch, dim, dstate, length, torch.float32, "cpu")
+                    t = {k: v.contiguous() for k, v in t.items()}
+                    go = lambda backend: scan.selective_scan(**t, delta_softplus=True, backend=backend)  # noqa: E731
+                    with torch.no_grad():
+                        loop, fallback = timed(lambda: go("ref"), run)[0], timed(lambda: go("torch"), run)[0]
+                    leaves = [v.requires_grad_() for v in t.values()]
+                    both = timed(lambda: torch.autograd.grad(go("torch").sum(), leaves), run)[0]
+                    yield [str((batch, dim, dstate, length)), cell(loop), cell(fallback),
+                           cell(loop / fallback, suffix="x"), cell(both)]
         show(run, "float32", ["fallback: scan._scan_chunked (backend 'torch'); loop: scan.selective_scan_ref"],
-             (["(batch, D, N, L)", "loop fwd ms", "fallback fwd ms", "speed-up", "fallback fwd+bwd ms"], cpu_rows(run)))
+             (["(batch, D, N, L)", "loop fwd ms", "fallback fwd ms", "speed-up", "fallback fwd+bwd ms"], cpu_rows()))
 
 
-def build_mamba_ssm(run: Run) -> None:
-    """Build only mamba_ssm's selective-scan extension, from its csrc/selective_scan in .mamba_ssm_src/ (put there
-    by tools/gpu_check.sh --mamba-source), for this GPU with its setup.py's nvcc flags, into .mamba_ssm_build/."""
+def build_mamba_ssm() -> None:
+    """Build mamba_ssm's selective_scan_cuda alone from its csrc/selective_scan in .mamba_ssm_src/, for the GPUs
+    present, with its setup.py's nvcc flags, into .mamba_ssm_build/ (tools/gpu_check.sh does, timed)."""
     start, src = time.perf_counter(), MAMBA_SSM_SRC / "csrc" / "selective_scan"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "{}.{}".format(*torch.cuda.get_device_capability(run.device)))
-    os.environ.setdefault("MAX_JOBS", str(os.cpu_count()))
     MAMBA_SSM_BUILD.mkdir(exist_ok=True)
-    undef = [f"-U__CUDA_NO_{t}_{op}__" for t in ("HALF", "BFLOAT16", "BFLOAT162") for op in ("OPERATORS", "CONVERSIONS")]
-    cpp_extension.load("selective_scan_cuda", sorted(str(p) for p in src.glob("*.c*")), extra_cflags=["-O3", "-std=c++17"],
-                       extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda",
-                                          "--use_fast_math", "--threads", "4", *undef],
+    flags = ["-O3", "-std=c++17"]
+    nvcc = [f"-U__CUDA_NO_{t}_{op}__" for t in ("HALF", "BFLOAT16", "BFLOAT162") for op in ("OPERATORS", "CONVERSIONS")]
+    cpp_extension.load("selective_scan_cuda", sorted(str(p) for p in src.glob("*.c*")), extra_cflags=flags,
+                       extra_cuda_cflags=flags + nvcc + ["--expt-relaxed-constexpr", "--expt-extended-lambda",
+                                                         "--use_fast_math", "--threads", "4"],
                        extra_include_paths=[str(src)], build_directory=str(MAMBA_SSM_BUILD), verbose=True)
     print(f"built selective_scan_cuda in {time.perf_counter() - start:.0f} s into {MAMBA_SSM_BUILD}")
 
 
-# ---- mamba, llama: the language models beside transformers' on the same weights --------------------------------
-
 def build_lm(kind: str, device: torch.device | str, smoke: bool) -> nn.Module:
-    """Mamba-2.8B or LLaMA-7B (Vicuna-7B's shape; tiny with smoke) in bf16 on the device. On a GPU, MambaLM's
-    decode steps must replay a CUDA graph: cuda_graph = "require" makes a failed capture raise, not step eagerly."""
+    """Mamba-2.8B or LLaMA-7B (tiny with smoke) in bf16; on a GPU MambaLM must decode by CUDA-graph replays."""
     if kind == "llama":  # max_position_embeddings only bounds the positions: room to decode after 4096 tokens
         tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=512)
         return make(LlamaLM, LlamaConfig(**(tiny if smoke else {}), max_position_embeddings=8192), device)
@@ -289,8 +250,7 @@ def build_lm(kind: str, device: torch.device | str, smoke: bool) -> nn.Module:
 
 
 def build_hf(kind: str, ours: nn.Module, device: torch.device) -> nn.Module:
-    """transformers' MambaForCausalLM (its PyTorch path unless mamba_ssm is installed) or LlamaForCausalLM (SDPA)
-    holding ours' very weight tensors (assigned, not copied: the same weights in no more memory)."""
+    """transformers' MambaForCausalLM or LlamaForCausalLM holding ours' very weight tensors (assigned, not copied)."""
     hf = (weights.mamba_hf_config if kind == "mamba" else weights.llama_hf_config)(ours.config)
     hf = {k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
     state = ours.state_dict()
@@ -303,36 +263,12 @@ def build_hf(kind: str, ours: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def prefill(model: nn.Module, ids: Tensor) -> Callable[[], object]:
-    """Ours: to the last logits and the cache; transformers': forward without a cache (last logits where it can)."""
+def generate(model: nn.Module, ids: Tensor, n: int) -> Tensor:
+    """n greedy new tokens (B, n) after the prompt ids (B, P), ours (no EOS: never early) or transformers'."""
     if isinstance(model, (MambaLM, LlamaLM)):
-        return lambda: model.prefill(model.embed(ids), None, ids.shape[1])
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    return lambda: model(input_ids=ids, use_cache=False, **kw)
-
-
-def hf_generate(model: nn.Module, ids: Tensor, n: int) -> Tensor:
-    """transformers' greedy generate: exactly n new tokens (B, n)."""
+        return model.generate(ids, max_new_tokens=n)
     return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
-
-
-def decode(model: nn.Module, ids: Tensor, steps: int, reps: int, run: Run) -> tuple[float | None, float | None]:
-    """(ms per greedy decode step after the prompt ids (B, P), peak GiB). Ours: a first step (recording MambaLM's
-    CUDA graph on a GPU) before the timing, so the timed steps are replays alone. transformers': (time of generate
-    to 1 + steps new tokens - time to 1) / steps, None if lost in the noise, peak of the whole call."""
-    if not isinstance(model, (MambaLM, LlamaLM)):
-        one, _ = timed(lambda: hf_generate(model, ids, 1), run, reps)
-        ms, peak = timed(lambda: hf_generate(model, ids, 1 + steps), run, reps)
-        return ((ms - one) / steps if ms > one else None), peak
-    logits, cache = model.prefill(model.embed(ids), None, ids.shape[1] + 1 + (reps + 1) * steps)
-    tokens = [model.decode_step(logits.argmax(-1), cache).argmax(-1)]
-
-    def decode_steps():
-        for _ in range(steps):
-            tokens.append(model.decode_step(tokens[-1], cache).argmax(-1))
-    ms, peak = timed(decode_steps, run, reps)
-    return ms / steps, peak
 
 
 def agreement(ours: nn.Module, theirs: nn.Module, ids: Tensor, n: int) -> str:
@@ -340,62 +276,54 @@ def agreement(ours: nn.Module, theirs: nn.Module, ids: Tensor, n: int) -> str:
     first = ours.prefill(ours.embed(ids), None, ids.shape[1])[0]
     want = theirs(input_ids=ids).logits[:, -1].float()
     diff = 100 * ((first - want).abs().max() / want.abs().max()).item()
-    same = int((ours.generate(ids, max_new_tokens=n) == hf_generate(theirs, ids, n)).sum())
+    same = int((generate(ours, ids, n) == generate(theirs, ids, n)).sum())
     return (f"agreement with transformers (same weights, {ids.shape[1]}-token prompt): last logits differ by "
             f"{cell(diff)}% of their largest; {same} of {n} greedy tokens equal")
 
 
 @torch.no_grad()
 def bench_lm(kind: str, run: Run) -> None:
-    """Prefill and decode of one language model ('mamba' or 'llama'), ours beside transformers' on its weights."""
+    """Greedy generation by one language model ('mamba' or 'llama'), ours beside transformers' on its weights: the
+    time to the first token (the prefill) and per further token ((to 1 + steps tokens - to 1) / steps: on a GPU
+    MambaLM replays the CUDA graph its warm-up call recorded)."""
     lengths = [16, 64] if run.smoke else [256, 1024, 4096, 8192] if kind == "mamba" else [256, 4096]
-    batches = (1,) if kind == "llama" else (1, 2) if run.smoke else (1, 16)
-    decode_cases = [(b, p) for b in batches for p in ((16, 64) if run.smoke else (256, 4096))]
+    cases = [(1, n) for n in lengths] + ([] if kind == "llama" else [(2 if run.smoke else 16, n) for n in lengths[::2]])
     steps, reps = (4, 2) if run.smoke else (32, 3)
     meta = build_lm(kind, "meta", run.smoke)  # shapes only
     ours, why = attempt(lambda: build_lm(kind, run.device, run.smoke), run)
     theirs, hf_why = attempt(lambda: build_hf(kind, ours, run.device), run, why)
     g = torch.Generator().manual_seed(0)
-    ids = {(b, n): torch.randint(0, meta.config.vocab_size, (b, n), generator=g).to(run.device)
-           for b, n in [(1, n) for n in lengths] + decode_cases}
-    agrees, agree_why = attempt(lambda: agreement(ours, theirs, ids[1, lengths[0]], steps), run, why or hf_why)
+    ids = {(b, n): torch.randint(0, meta.config.vocab_size, (b, n), generator=g).to(run.device) for b, n in cases}
+    agrees, agree_why = attempt(lambda: agreement(ours, theirs, ids[cases[0]], steps), run, why or hf_why)
 
-    slow = {}  # id(model): why its bigger cases are skipped
+    def measure(model: nn.Module, why: str | None) -> dict:  # case: (first token ms, ms per token, peak GiB, why)
+        out = {}
+        for case in cases:
+            first, w = attempt(lambda: timed(lambda: generate(model, ids[case], 1), run, reps), run, why)
+            more, w = attempt(lambda: timed(lambda: generate(model, ids[case], 1 + steps), run, reps), run, w)
+            step = more and (more[0] - first[0]) / steps
+            out[case] = (first and first[0], step if step and step > 0 else None, more and more[1], w)  # None: noise
+        return out
+    mine, hf = measure(ours, why), measure(theirs, hf_why)  # ours first: a spent budget skips theirs
 
-    def case(model: nn.Module, why: str | None, bench: Callable[[nn.Module], tuple]) -> tuple:
-        t0 = time.perf_counter()
-        result, why = attempt(lambda: bench(model), run, why or slow.get(id(model)))
-        if time.perf_counter() - t0 > CAP:
-            slow[id(model)] = f"skipped (a smaller case took over {CAP:g} s)"
-        return (*(result or (None, None)), why)
+    def row(case: tuple[int, int]) -> list[str]:
+        (first, step, peak, w), (hf_first, hf_step, hf_peak, hf_w) = mine[case], hf[case]
+        return [*map(str, case), cell(first, w), cell(hf_first, hf_w), cell(step, w), cell(hf_step, hf_w),
+                cell(step and hf_step and hf_step / step, w or hf_w, "x"), cell(peak, w), cell(hf_peak, hf_w)]
 
-    def cells(tokens: int, bench: Callable[[nn.Module], tuple]) -> list[str]:
-        (ms, peak, w), (hf_ms, hf_peak, hf_w) = case(ours, why, bench), case(theirs, hf_why, bench)
-        return [cell(ms, w), cell(hf_ms, hf_w), cell(ms and hf_ms and hf_ms / ms, w or hf_w, "x"),
-                cell(ms and tokens / ms * 1e3, w), cell(peak, w), cell(hf_peak, hf_w)]
-
-    hf_path = ("with mamba_ssm's CUDA kernels" if importlib.util.find_spec("mamba_ssm") else
-               "its PyTorch path (mamba_ssm not installed)") if kind == "mamba" else "SDPA, its dynamic cache"
+    hf_path = "SDPA" if kind == "llama" else "mamba_ssm" if importlib.util.find_spec("mamba_ssm") else "PyTorch path"
+    size = cell(sum(p.numel() for p in meta.parameters()) / 1e6, suffix="M")
     show(run, "bfloat16 weights", [
-        f"ours: {type(meta).__name__}, {params(meta)} parameters, random; transformers: {hf_path}, the same weight "
-        "tensors", agrees or f"agreement with transformers: {agree_why}",
-        "prefill: batch 1, to the prompt's last logits; decode: greedy steps after a first one (which records "
-        "MambaLM's CUDA graph on a GPU); peak: ours while decoding, theirs of the whole generate call; speed-up: "
-        "transformers' time over ours"],
-        (["prompt tokens", "ours ms", "transformers ms", "speed-up", "our tokens/s", "our peak GiB",
-          "their peak GiB"], ([str(n), *cells(n, lambda m: timed(prefill(m, ids[1, n]), run, reps))]
-                              for n in lengths)),
-        (["batch", "prefix", "ours ms/step", "transformers ms/step", "speed-up", "our tokens/s",
-          "our decode peak GiB", "their peak GiB"],
-         ([str(b), str(p), *cells(b, lambda m: decode(m, ids[b, p], steps, reps, run))] for b, p in decode_cases)))
+        f"ours: {type(meta).__name__}, {size} parameters; transformers: {hf_path}, the same weights",
+        agrees or f"agreement with transformers: {agree_why}", f"greedy, {steps} further tokens; speed-up: their "
+        "time per token / ours; peak: to 1 + steps tokens"],
+        (["batch", "prompt tokens", "ours first token ms", "transformers first token ms", "ours ms/token",
+          "transformers ms/token", "speed-up", "our peak GiB", "their peak GiB"], [row(case) for case in cases]))
 
-
-# ---- dass: DASS-small over long audio beside an AST-style transformer --------------------------------------------
 
 class ASTEncoder(nn.Module):
-    """AST-style, the comparison for DASS: 16×16 patches of the (128 mel × T) fbank with stride 10 in both axes, as
-    AST's (12 × ((T - 16) // 10 + 1) patches, 1212 for 1024 frames), `depth` pre-norm ViT blocks (SDPA attention), a
-    LayerNorm. No class tokens or positional embedding (AST's table covers 1212 patches; neither costs much)."""
+    """AST-style: AST's 16×16 patches of the (128 mel × T) fbank with stride 10 (1212 for 1024 frames), `depth`
+    pre-norm ViT blocks (SDPA attention), a LayerNorm; no class tokens or positional embedding (neither costs much)."""
 
     def __init__(self, width: int = 768, depth: int = 12, heads: int = 12):
         super().__init__()
@@ -418,12 +346,11 @@ def bench_dass(run: Run) -> None:
     window, reps = (512, 2) if run.smoke else (dass.WINDOW, 3)
     ast = dict(width=32, depth=2, heads=2) if run.smoke else dict(width=768, depth=12, heads=12)
     small = dass.DASSConfig(**SMOKE_DASS) if run.smoke else dass.DASSConfig.small()
-    encoders = [  # (name, build, forward, its lengths: the AST-style encoder's time grows with the square)
+    encoders = [  # (name, build, forward, lengths)
         (f"DASS-small, {window}-frame windows", lambda: dass.DASS(small), lambda m, x: m.features(x, window), frames),
         ("DASS-small, one pass", lambda: dass.DASS(small), lambda m, x: m.features(x, None), frames),
         ("AST-style, {depth} × {width}".format(**ast), lambda: ASTEncoder(**ast), lambda m, x: m(x), frames[:3])]
-    g = torch.Generator().manual_seed(0)
-    inputs = {n: torch.randn(1, n, 128, generator=g).to(run.device) for n in frames}
+    inputs = {n: torch.randn(1, n, 128, generator=torch.Generator().manual_seed(n)).to(run.device) for n in frames}
 
     def rows():
         for name, build, forward, lengths in encoders:
@@ -433,21 +360,18 @@ def bench_dass(run: Run) -> None:
                 with torch.autocast(run.device.type, dtype=BF16):
                     result, w = attempt(lambda: timed(lambda: forward(model, inputs[n]), run, reps), run, why)
                 ms, peak = result or (None, None)
-                yield [name, params(model) if model else "n/a", str(n), f"{n / 100:g} s", cell(ms, w),
-                       cell(ms and n * 10 / ms, w), cell(peak, w)]
+                yield [name, cell(model and sum(p.numel() for p in model.parameters()) / 1e6, suffix="M"), str(n),
+                       f"{n / 100:g} s", cell(ms, w), cell(ms and n * 10 / ms, w), cell(peak, w)]
             model = None  # frees it before the next is built
-    show(run, "bfloat16 autocast, fp32 weights (as in training); batch 1; random weights and input", [
-        f"DASS with windows: DASS.features' default for long audio ({window}-frame windows); one pass: window=None; "
-        "the AST-style encoder's time grows with the square of the length (up to 10 min here); x real time: audio "
-        "seconds per second"],
+    show(run, "bfloat16 autocast, fp32 weights (as in training); batch 1", [
+        f"windows: DASS.features' default for long audio ({window} frames); one pass: window=None; the AST-style "
+        "encoder's time grows with the square of the length (to 10 min here); x real time: audio seconds per second"],
         (["model", "params", "frames", "audio", "forward ms", "x real time", "peak GiB"], rows()))
 
 
-# ---- sslalm: the full model of Fig. 1 in training and answering ------------------------------------------------
-
 def build_sslalm(llm: str, size: str, run: Run) -> SSLALM:
-    """A variant (tiny with smoke), random weights, as training runs it: the LLM bf16 and frozen; DASS, projector and
-    LoRA fp32 and trainable. Every prompt is the same random ids; the EOS never comes: answers run to the end."""
+    """A variant as training runs it: the LLM bf16 and frozen; DASS, projector and LoRA fp32 and trainable. Every
+    prompt is the same random ids; the EOS never comes: answers run to the end."""
     lm = build_lm(llm, run.device, run.smoke)
     config = SSLALMConfig.paper(size, llm, llm_config=asdict(lm.config), dass=SMOKE_DASS if run.smoke else {})
     g = torch.Generator().manual_seed(0)  # on the host, as are the ids, whatever the default device
@@ -459,10 +383,9 @@ def build_sslalm(llm: str, size: str, run: Run) -> SSLALM:
 
 
 def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
-    """A training step as train.py's (forward and backward under bf16 autocast, gradient clipping, AdamW) on clips
-    of 1024 frames and 100 text tokens: ms, samples/s, peak GiB, GiB per sample beyond weights and AdamW state."""
+    """train.py's step (forward and backward under bf16 autocast, clipping, AdamW) on clips of 1024 frames and 100
+    text tokens: ms, samples/s, peak GiB, GiB per sample beyond weights and AdamW state."""
     frames, text = (128, 12) if run.smoke else (1024, 100)  # 32 audio tokens; about LTU's 108-token text cutoff
-    model.zero_grad(set_to_none=True)  # what a step that ran out of memory left
     g = torch.Generator().manual_seed(micro)
     ids = torch.randint(0, model.llm.config.vocab_size, (micro, text), generator=g).to(run.device)
     fbank = torch.randn(micro, frames, 128, generator=g).to(run.device)
@@ -484,55 +407,47 @@ def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
 
 @torch.no_grad()
 def answer(model: SSLALM, frames: int, new_tokens: int, run: Run) -> list[float | None]:
-    """ms to the first token, to new_tokens, per further token, and peak GiB, answering about one clip (batch 1,
-    greedy). Per further token: (time to new_tokens - time to 2) / (new_tokens - 2): replays of the CUDA graph."""
+    """ms to the first token, to new_tokens, per further token ((to new_tokens - to 1) / (new_tokens - 1): CUDA-graph
+    replays on a GPU), and peak GiB, answering about one clip (batch 1, greedy)."""
     model.eval()
     clip = [torch.randn(frames, 128, generator=torch.Generator().manual_seed(0)).to(run.device)]
-    ms = {n: timed(lambda: model.generate(clip, ["?"], max_new_tokens=n, greedy=True), run, 2 if run.smoke else 3)
-          for n in (1, 2, new_tokens)}
+    (first, _), (ms, peak) = (timed(lambda: model.generate(clip, ["?"], max_new_tokens=n, greedy=True), run,
+                                    2 if run.smoke else 3) for n in (1, new_tokens))
     model.train()
-    per_token = (ms[new_tokens][0] - ms[2][0]) / (new_tokens - 2)
-    return [ms[1][0], ms[new_tokens][0], per_token if per_token > 0 else None, ms[new_tokens][1]]  # None: noise
+    per_token = (ms - first) / (new_tokens - 1)
+    return [first, ms, per_token if per_token > 0 else None, peak]  # None: lost in the noise
 
 
 def bench_sslalm(run: Run) -> None:
-    """The four variants: a training step at the largest micro-batch that fits, and answering about a clip."""
-    sizes = (4, 2, 1) if run.smoke else (16, 8, 4, 2, 1)  # 16: the paper's micro-batch
+    """The four variants: a training step, and answering about a clip."""
+    micro = 4 if run.smoke else 16  # the paper's micro-batch
     frames, new_tokens = (100, 8) if run.smoke else (998, 32)  # 998 frames: a 10 s clip
     train_rows, answer_rows = [], []
     for llm, size in [(llm, size) for llm in ("mamba", "llama") for size in ("small", "medium")]:
         name = f"{'ssLALM' if llm == 'mamba' else 'hybrid'} {size}"
         model, why = attempt(lambda: build_sslalm(llm, size, run), run)
-        for micro in sizes:
-            figures, w = attempt(lambda: train_step(model, micro, run), run, why)
-            if w != "OOM":
-                break
-        train_rows.append([name, w or str(micro), *(cell(x, w) for x in figures or [None] * 4)])
+        figures, w = attempt(lambda: train_step(model, micro, run), run, why)
+        train_rows.append([name, *(cell(x, w) for x in figures or [None] * 4)])
         figures, w = attempt(lambda: answer(model, frames, new_tokens, run), run, why)
         answer_rows.append([name, *(cell(x, w) for x in figures or [None] * 4)])
         model = None  # frees it before the next is built
     show(run, "the LLM bf16, frozen; DASS, projector, LoRA fp32 (under bf16 autocast in training)", [
-        f"training: train.py's step (forward, backward, clipping, AdamW) at the largest micro-batch of {sizes} that "
-        "fits; per sample: (peak - weights and optimizer state) / micro-batch",
-        f"answering: a {frames / 100:g} s clip through SSLALM.generate, batch 1, greedy, {new_tokens} new tokens; "
-        "per further token: decode steps alone (CUDA-graph replays on a GPU)"],
-        (["model", "micro-batch", "step ms", "samples/s", "peak GiB", "GiB per sample"], train_rows),
+        f"training: train.py's step, micro-batch {micro}; per sample: (peak - weights and optimizer state) / {micro}; "
+        f"answering: a {frames / 100:g} s clip, batch 1, greedy, {new_tokens} tokens"],
+        (["model", "step ms", "samples/s", "peak GiB", "GiB per sample"], train_rows),
         (["model", "first token ms", f"{new_tokens} tokens ms", "ms per further token", "peak GiB"], answer_rows))
 
 
-# ---- the command line ------------------------------------------------------------------------------------------
-
-COMMANDS: dict[str, Callable[[Run], None]] = {"scan": bench_scan, "mamba": lambda run: bench_lm("mamba", run),
-                                             "llama": lambda run: bench_lm("llama", run), "dass": bench_dass,
-                                             "sslalm": bench_sslalm}
+COMMANDS: dict[str, Callable[[Run], None]] = {
+    "scan": bench_scan, "mamba": lambda run: bench_lm("mamba", run), "llama": lambda run: bench_lm("llama", run),
+    "dass": bench_dass, "sslalm": bench_sslalm}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("commands", nargs="+", choices=[*COMMANDS, "all", "build-mamba-ssm"])
+    parser.add_argument("commands", nargs="+", choices=[*COMMANDS, "all"])
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs, few repetitions")
-    parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default: none; all: 420)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -540,22 +455,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(device)  # Triton launches, CUDA-graph capture and timing events use the current one
     elif args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels on CPU tensors (before their import)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     budget = 420.0 if args.budget is None and "all" in args.commands else args.budget
     run = Run(device, args.smoke, math.inf if budget is None else time.monotonic() + budget)
-    if "build-mamba-ssm" in args.commands:
-        return build_mamba_ssm(run)
     names = list(COMMANDS) if "all" in args.commands else args.commands
-    for name in names:  # several: each under a '## name' heading, started only with 30 s of the budget left
+    for i, name in enumerate(names):  # several: each under a '## name' heading, with its share of the budget left
         left, t0 = run.deadline - time.monotonic(), time.perf_counter()
         if len(names) > 1:
             print(f"## {name}\n", flush=True)
-            if left <= (0 if run.smoke else 30):
-                print(f"skipped: {max(left, 0):.0f} s of the budget left\n", flush=True)
+            if left <= 0:
+                print("skipped: 0 s of the budget left\n", flush=True)
                 continue
-        COMMANDS[name](run)
-        print(f"\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+        COMMANDS[name](replace(run, deadline=time.monotonic() + left / (len(names) - i)))
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
 
 
 if __name__ == "__main__":

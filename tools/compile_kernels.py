@@ -1,14 +1,12 @@
 """Compile the Triton scan kernels for an NVIDIA GPU, without one, and report what the compiled code does.
 
-Mamba-2.8B's scan (N = 16, batch 4, L = 1024; B, C views of x_proj's output, or contiguous) and DASS's (N = 1) run
-forward, backward and a decode step on "meta" tensors made as the models make them; each kernel launch is recorded
-and compiled as it would be specialised, to a cubin (Triton and its wheel's ptxas). Reported (cuobjdump, nvdisasm):
-registers, spilled and shared bytes, and per state update (one state of one channel at one step) the SASS, fp32,
-MUFU, SHFL and BAR instructions: (with 4 steps per chunk - with 2) / (2 N), so that set-up does not count.
-
     python tools/compile_kernels.py [--arch 90] [--dtypes fp32,bf16,fp16] [--quick]   (90: H100 / H200, 80: A100)
 
---quick: without the per-update figures (tests/test_scan.py runs it).
+Mamba-2.8B's scan (N = 16, batch 4, L = 1024) and DASS's (N = 1) run forward, backward and a decode step on "meta"
+tensors made as the models make them; each kernel launch is recorded and compiled to a cubin as the launch would
+specialise it. Reported: registers, spilled and shared bytes, and per state update (one state of one channel at one
+step) the SASS, fp32, MUFU, SHFL and BAR instructions, (with 4 steps per chunk - with 2) / (2 N) so that set-up
+does not count (not with --quick).
 """
 from __future__ import annotations
 
@@ -23,7 +21,6 @@ from pathlib import Path
 from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's stand-ins
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default (fused multiply-adds), said explicitly
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -44,12 +41,6 @@ MODELS = [("Mamba B, C views", (4, 5120, 16, 1024), True), ("Mamba B, C contiguo
           ("DASS", (4, 384, 1, 8192), True)]  # (label, (batch, D, N, L), B and C as views of the projection)
 
 
-def recorder(kernel, launches: list) -> collections.defaultdict:
-    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` appends (kernel, its arguments by name) to launches."""
-    launch = lambda *args, **kw: launches.append((kernel, {**dict(zip(kernel.arg_names, args)), **kw}))  # noqa: E731
-    return collections.defaultdict(lambda: launch)
-
-
 def launches(shape: tuple[int, int, int, int], dtype: torch.dtype, bc_views: bool) -> list[tuple[object, dict]]:
     """(kernel, its arguments by name) of each launch of the scan's forward and backward and of a decode step, on
     "meta" tensors (shapes and strides, no data)."""
@@ -57,8 +48,11 @@ def launches(shape: tuple[int, int, int, int], dtype: torch.dtype, bc_views: boo
     names = dict(u="x", delta="dt", z="z", B="B", C="C")
     step = {names[k]: v.detach()[..., 0] for k, v in t.items() if k in names}  # one time step
     recorded = []
-    stand_ins = {name: recorder(getattr(triton_scan, name), recorded) for name, _ in PASSES}
-    with mock.patch.multiple(triton_scan, **stand_ins):
+
+    def stand_in(kernel) -> collections.defaultdict:  # kernel[grid](*args, **kw) records (kernel, args by name)
+        launch = lambda *args, **kw: recorded.append((kernel, dict(zip(kernel.arg_names, args), **kw)))  # noqa: E731
+        return collections.defaultdict(lambda: launch)
+    with mock.patch.multiple(triton_scan, **{name: stand_in(getattr(triton_scan, name)) for name, _ in PASSES}):
         y = scan.selective_scan(**t, delta_softplus=True, backend="triton")
         torch.autograd.grad(y, list(t.values()), torch.empty_like(y))
         scan.selective_state_update(torch.zeros(*shape[:3], device="meta"), A=t["A"], D=t["D"], dt_bias=t["delta_bias"],
@@ -87,11 +81,11 @@ def compile_launch(kernel, args: dict, arch: int, **override):
 
 def cubin_report(cubin: bytes) -> tuple[dict, collections.Counter]:
     """(registers, stack, shared and local bytes; SASS opcode counts) of a cubin, from cuobjdump and nvdisasm."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.cubin"
-        path.write_bytes(cubin)
-        usage = subprocess.run([BIN / "cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([BIN / "nvdisasm", "-c", path], capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([BIN / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([BIN / "nvdisasm", "-c", f.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
     return dict(zip(("registers", "stack", "shared", "local"), found.groups())), collections.Counter(ops)
@@ -114,18 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"triton {triton.__version__}, target sm_{args.arch}\n\n| kernel | dtype | registers | stack (spill) bytes "
           "| shared bytes | SASS / update | fp32 / update | MUFU | SHFL | BAR |\n" + "|---" * 10 + "|")
     for dtype in args.dtypes.split(","):
-        seen = set()
+        kernels = {}  # name: (kernel, launch); a span pass and the decode step once per model
         for label, shape, bc_views in MODELS:
             for kernel, launch in launches(shape, DTYPES[dtype], bc_views):
-                local = launch.get("LOCAL")  # True: a span pass; None: the decode step (once per model)
+                local = launch.get("LOCAL")  # True: a span pass; None: the decode step
                 name = f"{label if local is False else label.split()[0]}: {PASSES[kernel.__name__, local]}"
-                if name in seen:
-                    continue
-                seen.add(name)
-                res = cubin_report(compile_launch(kernel, launch, args.arch))[0]
-                step = per_update(kernel, launch, args.arch) if local is False and not args.quick else ["-"] * 5
-                print(f"| {name} | {dtype} | {res['registers']} | {res['stack']} | {res['shared']} | "
-                      + " | ".join(step) + " |", flush=True)
+                kernels.setdefault(name, (kernel, launch))
+        for name, (kernel, launch) in kernels.items():
+            res = cubin_report(compile_launch(kernel, launch, args.arch))[0]
+            measured = launch.get("LOCAL") is False and not args.quick  # the main forward and backward
+            step = per_update(kernel, launch, args.arch) if measured else ["-"] * 5
+            print(f"| {name} | {dtype} | {res['registers']} | {res['stack']} | {res['shared']} | "
+                  + " | ".join(step) + " |", flush=True)
     return 0
 
 
