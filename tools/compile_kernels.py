@@ -8,8 +8,6 @@ specialise it. Reported: registers, spilled and shared bytes, and per state upda
 step) the SASS, fp32, MUFU, SHFL and BAR instructions, (with 4 steps per chunk - with 2) / (2 N) so that set-up
 does not count (not with --quick).
 """
-from __future__ import annotations
-
 import argparse
 import collections
 import os
@@ -21,6 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's stand-ins
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # fused multiply-adds, as Triton's launches (3.9) make them
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -45,8 +44,7 @@ def launches(shape: tuple[int, int, int, int], dtype: torch.dtype, bc_views: boo
     """(kernel, its arguments by name) of each launch of the scan's forward and backward and of a decode step, on
     "meta" tensors (shapes and strides, no data)."""
     t = {k: v.detach().requires_grad_() for k, v in scan_inputs(*shape, dtype, "meta", bc_views).items()}
-    names = dict(u="x", delta="dt", z="z", B="B", C="C")
-    step = {names[k]: v.detach()[..., 0] for k, v in t.items() if k in names}  # one time step
+    step = {dict(u="x", delta="dt").get(k, k): v.detach()[..., 0] for k, v in t.items() if k in "u delta z B C".split()}
     recorded = []
 
     def stand_in(kernel) -> collections.defaultdict:  # kernel[grid](*args, **kw) records (kernel, args by name)
