@@ -7,7 +7,7 @@
     llama    the same for LLaMA-7B (Vicuna-7B's shape) beside transformers' LlamaForCausalLM (SDPA)
     dass     DASS-small over 10 s to 60 min of audio beside an AST-style transformer encoder
     sslalm   ssLALM and the hybrid LALM (Fig. 1, four sizes): a training step, answering about a 10 s clip
-    all      each of the above within a time budget (--budget, default 420 s)
+    all      each of the above within a time budget (--budget, default 420 s; none with --smoke)
 
 Random weights and inputs. --smoke: tiny models and shapes through the same code (the Triton kernels interpreted on
 a CPU). Times: see `timed`; memory: torch.cuda.max_memory_allocated. A cell without a number says why.
@@ -297,20 +297,21 @@ def bench_lm(kind: str, run: Run) -> None:
     ids = {(b, n): torch.randint(0, meta.config.vocab_size, (b, n), generator=g).to(run.device) for b, n in cases}
     agrees, agree_why = attempt(lambda: agreement(ours, theirs, ids[cases[0]], steps), run, why or hf_why)
 
-    def measure(model: nn.Module, why: str | None) -> dict:  # case: (first token ms, ms per token, peak GiB, why)
+    def measure(model: nn.Module, why: str | None) -> dict:
+        """case: (ms to the first token, why not; ms per further token (None: lost in the noise), peak GiB, why not)"""
         out = {}
         for case in cases:
-            first, w = attempt(lambda: timed(lambda: generate(model, ids[case], 1), run, reps), run, why)
-            more, w = attempt(lambda: timed(lambda: generate(model, ids[case], 1 + steps), run, reps), run, w)
+            first, w1 = attempt(lambda: timed(lambda: generate(model, ids[case], 1), run, reps), run, why)
+            more, w2 = attempt(lambda: timed(lambda: generate(model, ids[case], 1 + steps), run, reps), run, w1)
             step = more and (more[0] - first[0]) / steps
-            out[case] = (first and first[0], step if step and step > 0 else None, more and more[1], w)  # None: noise
+            out[case] = (first and first[0], w1, step if step and step > 0 else None, more and more[1], w2)
         return out
     mine, hf = measure(ours, why), measure(theirs, hf_why)  # ours first: a spent budget skips theirs
 
     def row(case: tuple[int, int]) -> list[str]:
-        (first, step, peak, w), (hf_first, hf_step, hf_peak, hf_w) = mine[case], hf[case]
-        return [*map(str, case), cell(first, w), cell(hf_first, hf_w), cell(step, w), cell(hf_step, hf_w),
-                cell(step and hf_step and hf_step / step, w or hf_w, "x"), cell(peak, w), cell(hf_peak, hf_w)]
+        (first, w1, step, peak, w2), (hf_first, hf_w1, hf_step, hf_peak, hf_w2) = mine[case], hf[case]
+        return [*map(str, case), cell(first, w1), cell(hf_first, hf_w1), cell(step, w2), cell(hf_step, hf_w2),
+                cell(step and hf_step and hf_step / step, w2 or hf_w2, "x"), cell(peak, w2), cell(hf_peak, hf_w2)]
 
     hf_path = "SDPA" if kind == "llama" else "mamba_ssm" if importlib.util.find_spec("mamba_ssm") else "PyTorch path"
     size = cell(sum(p.numel() for p in meta.parameters()) / 1e6, suffix="M")
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(device)  # Triton launches, CUDA-graph capture and timing events use the current one
     elif args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels on CPU tensors (before their import)
-    budget = 420.0 if args.budget is None and "all" in args.commands else args.budget
+    budget = 420.0 if args.budget is None and "all" in args.commands and not args.smoke else args.budget
     run = Run(device, args.smoke, math.inf if budget is None else time.monotonic() + budget)
     names = list(COMMANDS) if "all" in args.commands else args.commands
     for i, name in enumerate(names):  # several: each under a '## name' heading, with its share of the budget left
