@@ -113,8 +113,9 @@ def test_sslalm_trains_and_answers_in_all_four_variants(sections):
     assert [r["model"] for r in train] == [r["model"] for r in answers] == names
     for r in train:
         assert positive(r["step ms"]) and positive(r["samples/s"])
-    for r in answers:
-        assert positive(r["8 tokens ms"]) > 0.5 * positive(r["first token ms"])
+    for r in answers:  # per further token: n/a where the host's load drowns the difference
+        assert positive(r["first token ms"]) and positive(r["8 tokens ms"]) and r["peak GiB"] == "n/a"
+        assert r["ms per further token"] == "n/a" or positive(r["ms per further token"])
 
 
 def test_a_spent_budget_skips_every_section_and_case():
