@@ -1,96 +1,94 @@
-"""Model benchmarks: `python bench.py COMMAND [--smoke] [--device D] [--threads N] [--cap S] [--budget S]`.
+"""Benchmarks: `python bench.py COMMAND [COMMAND ...] [--smoke] [--device D] [--budget S]`.
 
-    mamba   Mamba-2.8B (bf16) prefill and greedy decoding beside transformers' MambaForCausalLM, same weights
-    llama   the same for LLaMA-7B (Vicuna-7B's shape) beside transformers' LlamaForCausalLM (SDPA)
-    dass    DASS-small over 10 s to 60 min of audio beside an AST-style transformer encoder
-    sslalm  ssLALM and the hybrid LALM (Fig. 1, four sizes): training step throughput, answering about a 10 s clip
-    all     each of the above within a time budget (--budget, default 420 s)
+    scan     the selective scan: the Triton kernels beside mamba_ssm's CUDA kernels and mambapy's pscan on a GPU
+             (Mamba-2.8B's and DASS's shapes, fp32 and bf16, and the training memory); the chunked PyTorch fallback
+             beside the sequential loop on a CPU
+    mamba    Mamba-2.8B (bf16) prefill and greedy decoding beside transformers' MambaForCausalLM, same weights
+    llama    the same for LLaMA-7B (Vicuna-7B's shape) beside transformers' LlamaForCausalLM (SDPA)
+    dass     DASS-small over 10 s to 60 min of audio beside an AST-style transformer encoder
+    sslalm   ssLALM and the hybrid LALM (Fig. 1, four sizes): a training step, answering about a 10 s clip
+    all      each of the above within a time budget (--budget, default 420 s; none with --smoke)
 
-Random weights, made on the device; --smoke: tiny models and inputs (seconds on a CPU). Times: after warm-up,
-each call between two CUDA events on the current stream, the median (CPU: perf_counter, the minimum). Memory:
-torch.cuda.max_memory_allocated (n/a on CPU). Cells read OOM, or "error: <type>" (traceback on stderr), or why skipped.
+Random weights and inputs. --smoke: tiny models and shapes through the same code (the Triton kernels interpreted on
+a CPU). Times: see `timed`; memory: torch.cuda.max_memory_allocated. A cell without a number says why.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import math
+import os
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 import transformers  # the baseline of the mamba and llama tables (requirements-test.txt)
+from mambapy.pscan import pscan  # a baseline of the scan table (requirements-test.txt)
 from torch import Tensor, nn
+from torch.utils import cpp_extension
 
 import dass
+import scan
 import weights
 from llama import LlamaConfig, LlamaLM
 from mamba import MambaConfig, MambaLM
 from sslalm import SSLALM, SSLALMConfig
 
 BF16 = torch.bfloat16
-OOM = "OOM"
+MAMBA_SSM_SRC, MAMBA_SSM_BUILD = (Path(__file__).resolve().parent / d for d in (".mamba_ssm_src", ".mamba_ssm_build"))
 
-
-# ---- the harness: timing, memory, budgets, table cells ---------------------------------------------------------
 
 @dataclass
 class Run:
-    """One invocation: the device (made current by main), tiny or full size, and the time allowed."""
+    """One invocation: the device (made current by main), tiny or full size, and when the budget is spent."""
     device: torch.device
     smoke: bool = False
-    cap: float = 30.0           # seconds per case (see Cases)
-    deadline: float = math.inf  # time.monotonic() when the --budget is spent
+    deadline: float = math.inf  # time.monotonic()
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
 
-def timed(fn: Callable[[], object], run: Run, reps: int, warmup: int = 1) -> tuple[float, float | None]:
-    """(ms per call of fn, peak GiB allocated meanwhile; None on CPU). Fewer timed calls (at least one) when the
-    warm-up shows that `reps` would take more than a quarter of the cap."""
+def timed(fn: Callable[[], object], run: Run, reps: int = 3, graph: bool = False) -> tuple[float, float | None]:
+    """(ms per call of fn, peak GiB allocated meanwhile or None). graph, on a GPU: the median of
+    triton.testing.do_bench_cudagraph (many calls in one CUDA graph, replayed between CUDA events: no Python launch
+    overhead). Else the wall time of a call to the device's synchronisation after a warm-up call (one call if that
+    took over 5 s): the median of reps calls on a GPU, the least on a CPU (other processes only ever add)."""
+    if graph and run.cuda:
+        import triton.testing  # the optional Triton backend, on a GPU only
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"), None
     if run.cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
+
+    def call() -> float:
+        t0 = time.perf_counter()
         fn()
-    if run.cuda:
-        torch.cuda.synchronize(run.device)
-    if warmup:
-        reps = max(1, min(reps, int(run.cap / 4 * warmup / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(reps):
         if run.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(torch.cuda.current_stream(run.device))
-            fn()
-            end.record(torch.cuda.current_stream(run.device))
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    if not run.cuda:
-        return min(times), None  # other processes only ever add time
-    return statistics.median(times), torch.cuda.max_memory_allocated(run.device) / 2**30
+            torch.cuda.synchronize(run.device)
+        return (time.perf_counter() - t0) * 1e3
+    warm_up = call()  # kernels compile, caches fill, MambaLM records its CUDA graph
+    times = [call() for _ in range(reps if warm_up < 5e3 else 1)]
+    peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.cuda else None
+    return (statistics.median if run.cuda else min)(times), peak
 
 
-def attempt(fn: Callable[[], object], run: Run, why: str | None = None) -> tuple[object, str | None]:
-    """(fn(), None), or (None, why not): `why` if given, the budget spent, OOM, or "error: <type>"."""
+def attempt(fn: Callable[[], object], run: Run, why: str | None = None) -> tuple:
+    """(fn(), None), or (None, why not): `why` if given (what it needs failed), the budget spent, OOM, or an error
+    (its traceback on stderr)."""
     if why is not None or time.monotonic() >= run.deadline:
         return None, why or "skipped (time budget)"
     try:
         return fn(), None
     except torch.OutOfMemoryError:
-        why = OOM
+        why = "OOM"
     except Exception as e:  # noqa: BLE001  one failing case must not end the run
         traceback.print_exc(file=sys.stderr)
         why = f"error: {type(e).__name__}"
@@ -99,45 +97,23 @@ def attempt(fn: Callable[[], object], run: Run, why: str | None = None) -> tuple
     return None, why
 
 
-class Cases:
-    """attempt() for the cases of one model in increasing size: after an OOM the rest are skipped, and so is every
-    case from the first whose time, extrapolated from the last as size**power, would exceed the cap."""
-
-    def __init__(self, run: Run, power: float = 1.0):
-        self.run, self.power = run, power
-        self.stopped, self.last = None, None  # why the rest are skipped; (size, seconds) of the last case run
-
-    def __call__(self, size: float, fn: Callable[[], object], why: str | None = None) -> tuple[object, str | None]:
-        if self.last and not self.stopped:
-            estimate = self.last[1] * (size / self.last[0]) ** self.power
-            if estimate > self.run.cap:
-                self.stopped = f"skipped (≈{estimate:.0f} s > {self.run.cap:g} s cap)"
-        if why or self.stopped:
-            return None, why or self.stopped
-        t0 = time.perf_counter()
-        result, why = attempt(fn, self.run)
-        self.last, self.stopped = (size, time.perf_counter() - t0), "skipped (OOM before)" if why == OOM else None
-        return result, why
-
-
 def cell(value: float | None, why: str | None = None, suffix: str = "") -> str:
-    """Why there is no number (OOM, skipped, error), n/a, or the number with at least 3 significant digits."""
+    """Why there is no number, n/a, or the number with at least 3 significant digits."""
     if why is not None or value is None:
         return why or "n/a"
     return f"{value:,.{max(0, 2 - math.floor(math.log10(abs(value)))) if value else 0}f}{suffix}"
 
 
-def show(run: Run, dtype: str, lines: list[str], *tables: tuple[list[str], list[list[str]]]) -> None:
-    """Print the note (device, torch version, dtype, then `lines`) and each (header, rows) as a markdown table."""
+def show(run: Run, dtype: str, lines: list[str], *tables: tuple[list[str], Iterable[list[str]]]) -> None:
+    """The note (device, versions, dtype, `lines`), then each (header, rows) as a markdown table; rows may be a
+    generator: each row is printed as soon as it is made."""
     name = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu, {torch.get_num_threads()} threads"
     print("\n".join(s + "  " for s in (f"device: {name}; torch {torch.__version__}; dtype: {dtype}", *lines)))
     for header, rows in tables:
-        print("\n| " + " | ".join(header) + " |\n|" + "|".join("---" for _ in header) + "|")
-        print("\n".join("| " + " | ".join(row) + " |" for row in rows))
-
-
-def params(model: nn.Module) -> str:
-    return f"{sum(p.numel() for p in model.parameters()) / 1e6:,.2f}M"
+        print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|", flush=True)
+        for cells in rows:
+            print("| " + " | ".join(cells) + " |", flush=True)
+    print()
 
 
 def make(cls: type, config, device: torch.device | str) -> nn.Module:
@@ -151,11 +127,121 @@ def make(cls: type, config, device: torch.device | str) -> nn.Module:
         torch.set_default_dtype(old)
 
 
-# ---- mamba, llama: the language models beside transformers' on the same weights --------------------------------
+SCAN_SHAPES = [(4, 5120, 16, 1024), (1, 5120, 16, 2048),  # (batch, D, N, L): Mamba-2.8B
+               (4, 384, 1, 8192), (1, 384, 1, 65536)]      # DASS-small's SS2D: 4 directions x 96 channels, N = 1
+
+
+def scan_inputs(batch: int, dim: int, dstate: int, length: int, dtype: torch.dtype, device: torch.device | str,
+                bc_views: bool = True) -> dict[str, Tensor]:
+    """The scan's inputs as the models make them. N > 1, Mamba's mixer: Δ the transpose of a (batch, L, D)
+    projection, z half of in_proj's (batch, L, 2D) output, B and C views of x_proj's (batch, L, 160 + 2N) output (or
+    contiguous). N = 1, DASS's SS2D: 4 groups of D / 4 channels, B and C slices of a (batch, 4, 6 + 2N, L) tensor."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    t = dict(u=rnd(batch, dim, length), A=-torch.arange(1, dstate + 1, device=device).float().repeat(dim, 1),
+             D=torch.randn(dim, generator=g).to(device), delta_bias=torch.randn(dim, generator=g).to(device))
+    if dstate == 1:
+        proj = rnd(batch, 4, 6 + 2 * dstate, length)
+        return dict(t, delta=rnd(batch, dim, length) - 2.0, B=proj[:, :, 6:7], C=proj[:, :, 7:])
+    proj = rnd(batch, length, 160 + 2 * dstate).transpose(1, 2)              # (batch, 160 + 2N, L)
+    B, C = proj[:, 160:160 + dstate], proj[:, 160 + dstate:]
+    return dict(t, delta=(rnd(batch, length, dim) - 2.0).transpose(1, 2),
+                z=rnd(batch, length, 2 * dim)[..., dim:].transpose(1, 2),
+                B=B if bc_views else B.contiguous(), C=C if bc_views else C.contiguous())
+
+
+def scan_row(shape: tuple[int, int, int, int], dtype: torch.dtype, run: Run, mamba_ssm, bc_views: bool) -> list[str]:
+    """Times of the Triton kernels (through scan.selective_scan) and of mamba_ssm's (selective_scan_cuda.fwd / .bwd
+    as its SelectiveScanFn calls them, on contiguous copies made here: only its kernels are timed), the speed-ups,
+    the bytes the scan's autograd node keeps beyond its inputs over u's fp32 bytes, and mambapy's pscan's time."""
+    t = scan_inputs(*shape, dtype, run.device, bc_views)
+    leaves, dy = {k: v.detach().requires_grad_() for k, v in t.items()}, torch.randn_like(t["u"])
+    ours = lambda kw: scan.selective_scan(**kw, delta_softplus=True, backend="triton")  # noqa: E731
+    ms = lambda fn: timed(fn, run, reps=1 if run.smoke else 3, graph=True)[0]  # noqa: E731
+    fwd = ms(torch.no_grad()(lambda: ours(t)))
+    fwd_bwd = ms(lambda: torch.autograd.grad(ours(leaves), list(leaves.values()), dy))
+    m_fwd = m_fwd_bwd = None
+    if mamba_ssm:
+        c = {k: (v[:, None] if k in "BC" and v.dim() == 3 else v).contiguous() for k, v in t.items()}  # B, C 4-d
+        args = [c["u"], c["delta"], c["A"], c["B"], c["C"], c["D"], c.get("z"), c["delta_bias"]]
+
+        def m_both():
+            out, x, *_ = mamba_ssm.fwd(*args, True)
+            return mamba_ssm.bwd(*args, dy, x, out, None, True, False)
+        m_fwd, m_fwd_bwd = ms(lambda: mamba_ssm.fwd(*args, True)), ms(m_both)
+    given, saved = {v.data_ptr() for v in leaves.values()}, []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        ours(leaves)
+    kept = sum(x.numel() * x.element_size() for x in saved if x.data_ptr() not in given) / (t["u"].numel() * 4)
+    f32 = {k: v.detach().float().requires_grad_() for k, v in t.items()}
+
+    def pscan_fwd_bwd():  # mambapy's parallel scan for eq. (5), (batch, L, D, N) decays materialised, fp32
+        u, A, dim = f32["u"], f32["A"], f32["u"].shape[1]
+        B, C = (M if M.dim() == 4 else M[:, None] for M in (f32["B"], f32["C"]))             # (batch, G, N, L)
+        B, C = (M.repeat_interleave(dim // M.shape[1], 1).permute(0, 3, 1, 2) for M in (B, C))  # (batch, L, D, N)
+        dt = F.softplus(f32["delta"] + f32["delta_bias"][:, None]).transpose(1, 2)[..., None]  # (batch, L, D, 1)
+        hs = pscan(torch.exp(dt * A), dt * u.transpose(1, 2)[..., None] * B)                # eqs. (3)-(5)
+        y = (hs * C).sum(-1).transpose(1, 2) + f32["D"][:, None] * u                         # eq. (6)
+        y = y * F.silu(f32["z"]) if "z" in f32 else y
+        return torch.autograd.grad(y.sum(), list(f32.values()))
+    fits = not run.cuda or 10 * math.prod(shape) * 4 < torch.cuda.mem_get_info(run.device)[0]  # pscan's decays
+    return [cell(fwd), cell(fwd_bwd), cell(m_fwd), cell(m_fwd_bwd), cell(m_fwd and m_fwd / fwd, suffix="x"),
+            cell(m_fwd_bwd and m_fwd_bwd / fwd_bwd, suffix="x"), cell(kept),
+            cell(ms(pscan_fwd_bwd) if fits else None, None if fits else "skipped (memory)")]
+
+
+def bench_scan(run: Run) -> None:
+    """GPU (and --smoke): the Triton kernels beside mamba_ssm's and pscan. CPU: the fallback beside the loop."""
+    if run.cuda or run.smoke:
+        built = run.cuda and list(MAMBA_SSM_BUILD.glob("selective_scan_cuda*.so"))
+        sys.path.insert(0, str(MAMBA_SSM_BUILD))
+        mamba_ssm = importlib.import_module("selective_scan_cuda") if built else None
+        shapes, dtypes = ([(1, 32, 4, 6), (1, 32, 1, 6)], [torch.float32]) if run.smoke else \
+            (SCAN_SHAPES, [torch.float32, BF16])
+        cases = [(shape, dtype, True) for shape in shapes for dtype in dtypes] + [(shapes[0], dtypes[-1], False)]
+
+        def rows():
+            for shape, dtype, views in cases:
+                cells, why = attempt(lambda: scan_row(shape, dtype, run, mamba_ssm, views), run)
+                yield [str(shape) + ("" if views else ", B, C contiguous"), str(dtype)[6:], *(cells or [why] * 8)]
+        show(run, "the inputs' (fp32 state)", [
+            f"mamba_ssm: {f'selective_scan_cuda from {MAMBA_SSM_BUILD}' if mamba_ssm else 'n/a (not built)'}; times: "
+            "medians of CUDA-graph replays; speed-up: mamba_ssm's time over Triton's"],
+            (["(batch, D, N, L)", "dtype", "Triton fwd ms", "Triton fwd+bwd ms", "mamba_ssm fwd ms",
+              "mamba_ssm fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up", "kept / u fp32", "pscan fwd+bwd ms"], rows()))
+    if not run.cuda:
+        def cpu_rows():
+            for batch, dim, dstate in [(1, 8, 1), (1, 8, 4)] if run.smoke else [(1, 96, 1), (1, 64, 16), (2, 256, 16)]:
+                for length in [6] if run.smoke else [1024, 4096]:
+                    t = scan_inputs(batch, dim, dstate, length, torch.float32, "cpu")
+                    t = {k: v.contiguous() for k, v in t.items()}
+                    go = lambda backend: scan.selective_scan(**t, delta_softplus=True, backend=backend)  # noqa: E731
+                    with torch.no_grad():
+                        loop, fallback = timed(lambda: go("ref"), run)[0], timed(lambda: go("torch"), run)[0]
+                    leaves = [v.requires_grad_() for v in t.values()]
+                    both = timed(lambda: torch.autograd.grad(go("torch").sum(), leaves), run)[0]
+                    yield [str((batch, dim, dstate, length)), cell(loop), cell(fallback),
+                           cell(loop / fallback, suffix="x"), cell(both)]
+        show(run, "float32", ["fallback: scan._scan_chunked (backend 'torch'); loop: scan.selective_scan_ref"],
+             (["(batch, D, N, L)", "loop fwd ms", "fallback fwd ms", "speed-up", "fallback fwd+bwd ms"], cpu_rows()))
+
+
+def build_mamba_ssm() -> None:
+    """Build mamba_ssm's selective_scan_cuda alone from its csrc/selective_scan in .mamba_ssm_src/, for the GPUs
+    present, with its setup.py's nvcc flags, into .mamba_ssm_build/ (tools/gpu_check.sh does, timed)."""
+    start, src = time.perf_counter(), MAMBA_SSM_SRC / "csrc" / "selective_scan"
+    MAMBA_SSM_BUILD.mkdir(exist_ok=True)
+    flags = ["-O3", "-std=c++17"]
+    nvcc = [f"-U__CUDA_NO_{t}_{op}__" for t in ("HALF", "BFLOAT16", "BFLOAT162") for op in ("OPERATORS", "CONVERSIONS")]
+    cpp_extension.load("selective_scan_cuda", sorted(str(p) for p in src.glob("*.c*")), extra_cflags=flags,
+                       extra_cuda_cflags=flags + nvcc + ["--expt-relaxed-constexpr", "--expt-extended-lambda",
+                                                         "--use_fast_math", "--threads", "4"],
+                       extra_include_paths=[str(src)], build_directory=str(MAMBA_SSM_BUILD), verbose=True)
+    print(f"built selective_scan_cuda in {time.perf_counter() - start:.0f} s into {MAMBA_SSM_BUILD}")
+
 
 def build_lm(kind: str, device: torch.device | str, smoke: bool) -> nn.Module:
-    """Mamba-2.8B or LLaMA-7B (Vicuna-7B's shape; tiny with smoke) in bf16 on the device. On a GPU, MambaLM's
-    decode steps must replay a CUDA graph: cuda_graph = "require" makes a failed capture raise, not step eagerly."""
+    """Mamba-2.8B or LLaMA-7B (tiny with smoke) in bf16; on a GPU MambaLM must decode by CUDA-graph replays."""
     if kind == "llama":  # max_position_embeddings only bounds the positions: room to decode after 4096 tokens
         tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=512)
         return make(LlamaLM, LlamaConfig(**(tiny if smoke else {}), max_position_embeddings=8192), device)
@@ -165,52 +251,25 @@ def build_lm(kind: str, device: torch.device | str, smoke: bool) -> nn.Module:
 
 
 def build_hf(kind: str, ours: nn.Module, device: torch.device) -> nn.Module:
-    """transformers' MambaForCausalLM (its PyTorch path unless mamba_ssm is installed) or LlamaForCausalLM (SDPA)
-    holding ours' very weight tensors (assigned, not copied: the same weights in no more memory)."""
-    d = weights.mamba_hf_config(ours.config) if kind == "mamba" else weights.llama_hf_config(ours.config)
-    d = {k: v for k, v in d.items() if k not in ("architectures", "model_type")}
+    """transformers' MambaForCausalLM or LlamaForCausalLM holding ours' very weight tensors (assigned, not copied)."""
+    hf = (weights.mamba_hf_config if kind == "mamba" else weights.llama_hf_config)(ours.config)
+    hf = {k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
+    state = ours.state_dict()
     if kind == "mamba":
-        config, cls = transformers.MambaConfig(**d, use_mambapy=False), transformers.MambaForCausalLM
-    else:
-        config, cls = transformers.LlamaConfig(**d), transformers.LlamaForCausalLM
-        config._attn_implementation = "sdpa"
-    model, state = make(cls, config, device), ours.state_dict()
-    if kind == "mamba":
+        model = make(transformers.MambaForCausalLM, transformers.MambaConfig(**hf, use_mambapy=False), device)
         state["lm_head.weight"] = state["backbone.embeddings.weight"]  # tied
+    else:
+        model = make(transformers.LlamaForCausalLM, transformers.LlamaConfig(**hf, attn_implementation="sdpa"), device)
     model.load_state_dict(state, assign=True)  # strict: ours have exactly transformers' keys
     return model
 
 
-def prefill(model: nn.Module, ids: Tensor) -> Callable[[], object]:
-    """Ours: to the last logits and the cache; transformers': forward without a cache (last logits where it can)."""
+def generate(model: nn.Module, ids: Tensor, n: int) -> Tensor:
+    """n greedy new tokens (B, n) after the prompt ids (B, P), ours (no EOS: never early) or transformers'."""
     if isinstance(model, (MambaLM, LlamaLM)):
-        return lambda: model.prefill(model.embed(ids), None, ids.shape[1])
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    return lambda: model(input_ids=ids, use_cache=False, **kw)
-
-
-def hf_generate(model: nn.Module, ids: Tensor, n: int) -> Tensor:
-    """transformers' greedy generate: exactly n new tokens (B, n)."""
+        return model.generate(ids, max_new_tokens=n)
     return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
-
-
-def decode(model: nn.Module, ids: Tensor, steps: int, reps: int, run: Run) -> tuple[float | None, float | None]:
-    """(ms per greedy decode step after the prompt ids (B, P), peak GiB). Ours: a first step (recording MambaLM's
-    CUDA graph on a GPU) before the timing, so the timed steps are replays alone. transformers': (time of generate
-    to 1 + steps new tokens - time to 1) / steps, None if lost in the noise, peak of the whole call."""
-    if not isinstance(model, (MambaLM, LlamaLM)):
-        one, _ = timed(lambda: hf_generate(model, ids, 1), run, reps)
-        ms, peak = timed(lambda: hf_generate(model, ids, 1 + steps), run, reps)
-        return ((ms - one) / steps if ms > one else None), peak
-    logits, cache = model.prefill(model.embed(ids), None, ids.shape[1] + 1 + (reps + 1) * steps)
-    tokens = [model.decode_step(logits.argmax(-1), cache).argmax(-1)]
-
-    def decode_steps():
-        for _ in range(steps):
-            tokens.append(model.decode_step(tokens[-1], cache).argmax(-1))
-    ms, peak = timed(decode_steps, run, reps)
-    return ms / steps, peak
 
 
 def agreement(ours: nn.Module, theirs: nn.Module, ids: Tensor, n: int) -> str:
@@ -218,70 +277,55 @@ def agreement(ours: nn.Module, theirs: nn.Module, ids: Tensor, n: int) -> str:
     first = ours.prefill(ours.embed(ids), None, ids.shape[1])[0]
     want = theirs(input_ids=ids).logits[:, -1].float()
     diff = 100 * ((first - want).abs().max() / want.abs().max()).item()
-    same = int((ours.generate(ids, max_new_tokens=n) == hf_generate(theirs, ids, n)).sum())
+    same = int((generate(ours, ids, n) == generate(theirs, ids, n)).sum())
     return (f"agreement with transformers (same weights, {ids.shape[1]}-token prompt): last logits differ by "
             f"{cell(diff)}% of their largest; {same} of {n} greedy tokens equal")
 
 
-def lm_cases(run: Run, model: nn.Module | None, why: str | None, ids: dict[tuple, Tensor], lengths: list[int],
-             decode_cases: list[tuple[int, int]], steps: int, reps: int) -> dict:
-    """One model's figures, (ms, peak GiB, why not) by case: (0, n) the prefill of ids[1, n], (b, p) a decode step
-    after ids[b, p], skipped when the prefill of its prefix was."""
-    _, why = attempt(lambda: prefill(model, ids[1, lengths[0]])(), run, why)  # warm-up: kernels compile here
-    out, cases = {}, Cases(run)
-    for n in lengths:
-        res, w = cases(n, lambda: timed(prefill(model, ids[1, n]), run, reps), why)
-        out[0, n] = (*(res or (None, None)), w)
-    by_batch = {b: Cases(run) for b, _ in decode_cases}  # after an OOM, no longer prefix
-    for b, p in decode_cases:
-        w = why or ("skipped (as its prefill)" if out[0, p][2] else None)
-        res, w = by_batch[b](p, lambda: decode(model, ids[b, p], steps, reps, run), w)
-        out[b, p] = (*(res or (None, None)), w)
-    return out
-
-
 @torch.no_grad()
 def bench_lm(kind: str, run: Run) -> None:
-    """Prefill and decode of one language model ('mamba' or 'llama'), ours beside transformers' on its weights."""
+    """Greedy generation by one language model ('mamba' or 'llama'), ours beside transformers' on its weights: the
+    time to the first token (the prefill) and per further token ((to 1 + steps tokens - to 1) / steps: on a GPU
+    MambaLM replays the CUDA graph its warm-up call recorded)."""
     lengths = [16, 64] if run.smoke else [256, 1024, 4096, 8192] if kind == "mamba" else [256, 4096]
-    batches = (1,) if kind == "llama" else (1, 2) if run.smoke else (1, 16)
-    decode_cases = [(b, p) for b in batches for p in ((16, 64) if run.smoke else (256, 4096))]
+    cases = [(1, n) for n in lengths] + ([] if kind == "llama" else [(2 if run.smoke else 16, n) for n in lengths[::2]])
     steps, reps = (4, 2) if run.smoke else (32, 3)
     meta = build_lm(kind, "meta", run.smoke)  # shapes only
     ours, why = attempt(lambda: build_lm(kind, run.device, run.smoke), run)
+    theirs, hf_why = attempt(lambda: build_hf(kind, ours, run.device), run, why)
     g = torch.Generator().manual_seed(0)
-    ids = {(b, n): torch.randint(0, meta.config.vocab_size, (b, n), generator=g).to(run.device)
-           for b, n in [(1, n) for n in lengths] + decode_cases}
-    mine = lm_cases(run, ours, why, ids, lengths, decode_cases, steps, reps)
-    theirs, why = attempt(lambda: build_hf(kind, ours, run.device), run, why)
-    hf = lm_cases(run, theirs, why, ids, lengths, decode_cases, steps, reps)
-    agrees, why = attempt(lambda: agreement(ours, theirs, ids[1, lengths[0]], steps), run, why)
+    ids = {(b, n): torch.randint(0, meta.config.vocab_size, (b, n), generator=g).to(run.device) for b, n in cases}
+    agrees, agree_why = attempt(lambda: agreement(ours, theirs, ids[cases[0]], steps), run, why or hf_why)
 
-    def row(key: tuple[int, int], tokens: int) -> list[str]:
-        (ms, peak, w), (hf_ms, hf_peak, hf_w) = mine[key], hf[key]
-        return [cell(ms, w), cell(hf_ms, hf_w), cell(ms and hf_ms and hf_ms / ms, w or hf_w, "x"),
-                cell(ms and tokens / ms * 1e3, w), cell(peak, w), cell(hf_peak, hf_w)]
+    def measure(model: nn.Module, why: str | None) -> dict:
+        """case: (ms to the first token, why not; ms per further token (None: lost in the noise), peak GiB, why not)"""
+        out = {}
+        for case in cases:
+            first, w1 = attempt(lambda: timed(lambda: generate(model, ids[case], 1), run, reps), run, why)
+            more, w2 = attempt(lambda: timed(lambda: generate(model, ids[case], 1 + steps), run, reps), run, w1)
+            step = more and (more[0] - first[0]) / steps
+            out[case] = (first and first[0], w1, step if step and step > 0 else None, more and more[1], w2)
+        return out
+    mine, hf = measure(ours, why), measure(theirs, hf_why)  # ours first: a spent budget skips theirs
 
-    hf_path = ("with mamba_ssm's CUDA kernels" if importlib.util.find_spec("mamba_ssm") else
-               "its PyTorch path (mamba_ssm not installed)") if kind == "mamba" else "SDPA, its dynamic cache"
+    def row(case: tuple[int, int]) -> list[str]:
+        (first, w1, step, peak, w2), (hf_first, hf_w1, hf_step, hf_peak, hf_w2) = mine[case], hf[case]
+        return [*map(str, case), cell(first, w1), cell(hf_first, hf_w1), cell(step, w2), cell(hf_step, hf_w2),
+                cell(step and hf_step and hf_step / step, w2 or hf_w2, "x"), cell(peak, w2), cell(hf_peak, hf_w2)]
+
+    hf_path = "SDPA" if kind == "llama" else "mamba_ssm" if importlib.util.find_spec("mamba_ssm") else "PyTorch path"
+    size = cell(sum(p.numel() for p in meta.parameters()) / 1e6, suffix="M")
     show(run, "bfloat16 weights", [
-        f"ours: {type(meta).__name__}, {params(meta)} parameters, random; transformers: {hf_path}, the same weight "
-        "tensors", agrees or f"agreement with transformers: {why}",
-        "prefill: batch 1, to the prompt's last logits; decode: greedy steps after a first one (which records "
-        "MambaLM's CUDA graph on a GPU); peak: ours while decoding, theirs of the whole generate call; speed-up: "
-        "transformers' time over ours"],
-        (["prompt tokens", "ours ms", "transformers ms", "speed-up", "our tokens/s", "our peak GiB",
-          "their peak GiB"], [[str(n), *row((0, n), n)] for n in lengths]),
-        (["batch", "prefix", "ours ms/step", "transformers ms/step", "speed-up", "our tokens/s",
-          "our decode peak GiB", "their peak GiB"], [[str(b), str(p), *row((b, p), b)] for b, p in decode_cases]))
+        f"ours: {type(meta).__name__}, {size} parameters; transformers: {hf_path}, the same weights",
+        agrees or f"agreement with transformers: {agree_why}", f"greedy, {steps} further tokens; speed-up: their "
+        "time per token / ours; peak: to 1 + steps tokens"],
+        (["batch", "prompt tokens", "ours first token ms", "transformers first token ms", "ours ms/token",
+          "transformers ms/token", "speed-up", "our peak GiB", "their peak GiB"], [row(case) for case in cases]))
 
-
-# ---- dass: DASS-small over long audio beside an AST-style transformer --------------------------------------------
 
 class ASTEncoder(nn.Module):
-    """AST-style, the comparison for DASS: 16×16 patches of the (128 mel × T) fbank with stride 10 in both axes, as
-    AST's (12 × ((T - 16) // 10 + 1) patches, 1212 for 1024 frames), `depth` pre-norm ViT blocks (SDPA attention), a
-    LayerNorm. No class tokens or positional embedding (AST's table covers 1212 patches; neither costs much)."""
+    """AST-style: AST's 16×16 patches of the (128 mel × T) fbank with stride 10 (1212 for 1024 frames), `depth`
+    pre-norm ViT blocks (SDPA attention), a LayerNorm; no class tokens or positional embedding (neither costs much)."""
 
     def __init__(self, width: int = 768, depth: int = 12, heads: int = 12):
         super().__init__()
@@ -304,36 +348,32 @@ def bench_dass(run: Run) -> None:
     window, reps = (512, 2) if run.smoke else (dass.WINDOW, 3)
     ast = dict(width=32, depth=2, heads=2) if run.smoke else dict(width=768, depth=12, heads=12)
     small = dass.DASSConfig(**SMOKE_DASS) if run.smoke else dass.DASSConfig.small()
-    encoders = [  # (name, build, forward, how its time grows with the input)
-        (f"DASS-small, {window}-frame windows", lambda: dass.DASS(small), lambda m, x: m.features(x, window), 1.0),
-        ("DASS-small, one pass", lambda: dass.DASS(small), lambda m, x: m.features(x, None), 1.0),
-        ("AST-style, {depth} × {width}".format(**ast), lambda: ASTEncoder(**ast), lambda m, x: m(x), 2.0)]
-    g = torch.Generator().manual_seed(0)
-    inputs = {n: torch.randn(1, n, 128, generator=g).to(run.device) for n in frames}
-    rows = []
-    for name, build, forward, power in encoders:
-        with torch.device(run.device):
-            model, why = attempt(lambda: build().eval(), run)
-        with torch.autocast(run.device.type, dtype=BF16):
-            _, why = attempt(lambda: forward(model, inputs[frames[0]]), run, why)  # warm-up: kernels compile
-            cases = Cases(run, power)
-            for n in frames:
-                res, w = cases(n, lambda: timed(lambda: forward(model, inputs[n]), run, reps), why)
-                ms, peak = res or (None, None)
-                rows.append([name, params(model) if model else "n/a", str(n), f"{n / 100:g} s", cell(ms, w),
-                             cell(ms and n * 10 / ms, w), cell(peak, w)])
-        model = None  # frees it before the next is built
-    show(run, "bfloat16 autocast, fp32 weights (as in training); batch 1; random weights and input", [
-        f"DASS with windows: DASS.features' default for long audio ({window}-frame windows); one pass: window=None; "
-        "the AST-style encoder's time grows with the square of the length; x real time: audio seconds per second"],
-        (["model", "params", "frames", "audio", "forward ms", "x real time", "peak GiB"], rows))
+    encoders = [  # (name, build, forward, lengths)
+        (f"DASS-small, {window}-frame windows", lambda: dass.DASS(small), lambda m, x: m.features(x, window), frames),
+        ("DASS-small, one pass", lambda: dass.DASS(small), lambda m, x: m.features(x, None), frames),
+        ("AST-style, {depth} × {width}".format(**ast), lambda: ASTEncoder(**ast), lambda m, x: m(x), frames[:3])]
+    inputs = {n: torch.randn(1, n, 128, generator=torch.Generator().manual_seed(n)).to(run.device) for n in frames}
 
+    def rows():
+        for name, build, forward, lengths in encoders:
+            with torch.device(run.device):
+                model, why = attempt(lambda: build().eval(), run)
+            for n in lengths:
+                with torch.autocast(run.device.type, dtype=BF16):
+                    result, w = attempt(lambda: timed(lambda: forward(model, inputs[n]), run, reps), run, why)
+                ms, peak = result or (None, None)
+                yield [name, cell(model and sum(p.numel() for p in model.parameters()) / 1e6, suffix="M"), str(n),
+                       f"{n / 100:g} s", cell(ms, w), cell(ms and n * 10 / ms, w), cell(peak, w)]
+            model = None  # frees it before the next is built
+    show(run, "bfloat16 autocast, fp32 weights (as in training); batch 1", [
+        f"windows: DASS.features' default for long audio ({window} frames); one pass: window=None; the AST-style "
+        "encoder's time grows with the square of the length (to 10 min here); x real time: audio seconds per second"],
+        (["model", "params", "frames", "audio", "forward ms", "x real time", "peak GiB"], rows()))
 
-# ---- sslalm: the full model of Fig. 1 in training and answering ------------------------------------------------
 
 def build_sslalm(llm: str, size: str, run: Run) -> SSLALM:
-    """A variant (tiny with smoke), random weights, as training runs it: the LLM bf16 and frozen; DASS, projector and
-    LoRA fp32 and trainable. Every prompt is the same random ids; the EOS never comes: answers run to the end."""
+    """A variant as training runs it: the LLM bf16 and frozen; DASS, projector and LoRA fp32 and trainable. Every
+    prompt is the same random ids; the EOS never comes: answers run to the end."""
     lm = build_lm(llm, run.device, run.smoke)
     config = SSLALMConfig.paper(size, llm, llm_config=asdict(lm.config), dass=SMOKE_DASS if run.smoke else {})
     g = torch.Generator().manual_seed(0)  # on the host, as are the ids, whatever the default device
@@ -345,10 +385,9 @@ def build_sslalm(llm: str, size: str, run: Run) -> SSLALM:
 
 
 def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
-    """A training step as train.py's (forward and backward under bf16 autocast, gradient clipping, AdamW) on clips
-    of 1024 frames and 100 text tokens: ms, samples/s, peak GiB, GiB per sample beyond weights and AdamW state."""
+    """train.py's step (forward and backward under bf16 autocast, clipping, AdamW) on clips of 1024 frames and 100
+    text tokens: ms, samples/s, peak GiB, GiB per sample beyond weights and AdamW state."""
     frames, text = (128, 12) if run.smoke else (1024, 100)  # 32 audio tokens; about LTU's 108-token text cutoff
-    model.zero_grad(set_to_none=True)  # what a step that ran out of memory left
     g = torch.Generator().manual_seed(micro)
     ids = torch.randint(0, model.llm.config.vocab_size, (micro, text), generator=g).to(run.device)
     fbank = torch.randn(micro, frames, 128, generator=g).to(run.device)
@@ -370,81 +409,66 @@ def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
 
 @torch.no_grad()
 def answer(model: SSLALM, frames: int, new_tokens: int, run: Run) -> list[float | None]:
-    """ms to the first token, to new_tokens, per further token, and peak GiB, answering about one clip (batch 1,
-    greedy). Per further token: (time to new_tokens - time to 2) / (new_tokens - 2): replays of the CUDA graph."""
+    """ms to the first token, to new_tokens, per further token ((to new_tokens - to 1) / (new_tokens - 1): CUDA-graph
+    replays on a GPU), and peak GiB, answering about one clip (batch 1, greedy)."""
     model.eval()
     clip = [torch.randn(frames, 128, generator=torch.Generator().manual_seed(0)).to(run.device)]
-    ms = {n: timed(lambda: model.generate(clip, ["?"], max_new_tokens=n, greedy=True), run, 2 if run.smoke else 3)
-          for n in (1, 2, new_tokens)}
+    (first, _), (ms, peak) = (timed(lambda: model.generate(clip, ["?"], max_new_tokens=n, greedy=True), run,
+                                    2 if run.smoke else 3) for n in (1, new_tokens))
     model.train()
-    per_token = (ms[new_tokens][0] - ms[2][0]) / (new_tokens - 2)
-    return [ms[1][0], ms[new_tokens][0], per_token if per_token > 0 else None, ms[new_tokens][1]]  # None: noise
+    per_token = (ms - first) / (new_tokens - 1)
+    return [first, ms, per_token if per_token > 0 else None, peak]  # None: lost in the noise
 
 
 def bench_sslalm(run: Run) -> None:
-    """The four variants: a training step at the largest micro-batch that fits, and answering about a clip."""
-    sizes = (4, 2, 1) if run.smoke else (16, 8, 4, 2, 1)  # 16: the paper's micro-batch
+    """The four variants: a training step, and answering about a clip."""
+    micro = 4 if run.smoke else 16  # the paper's micro-batch
     frames, new_tokens = (100, 8) if run.smoke else (998, 32)  # 998 frames: a 10 s clip
     train_rows, answer_rows = [], []
     for llm, size in [(llm, size) for llm in ("mamba", "llama") for size in ("small", "medium")]:
         name = f"{'ssLALM' if llm == 'mamba' else 'hybrid'} {size}"
         model, why = attempt(lambda: build_sslalm(llm, size, run), run)
-        for micro in sizes:
-            figures, w = attempt(lambda: train_step(model, micro, run), run, why)
-            if w != OOM:
-                break
-        train_rows.append([name, w or str(micro), *(cell(x, w) for x in figures or [None] * 4)])
+        figures, w = attempt(lambda: train_step(model, micro, run), run, why)
+        train_rows.append([name, *(cell(x, w) for x in figures or [None] * 4)])
         figures, w = attempt(lambda: answer(model, frames, new_tokens, run), run, why)
         answer_rows.append([name, *(cell(x, w) for x in figures or [None] * 4)])
         model = None  # frees it before the next is built
     show(run, "the LLM bf16, frozen; DASS, projector, LoRA fp32 (under bf16 autocast in training)", [
-        f"training: train.py's step (forward, backward, clipping, AdamW) at the largest micro-batch of {sizes} that "
-        "fits; per sample: (peak - weights and optimizer state) / micro-batch",
-        f"answering: a {frames / 100:g} s clip through SSLALM.generate, batch 1, greedy, {new_tokens} new tokens; "
-        "per further token: decode steps alone (CUDA-graph replays on a GPU)"],
-        (["model", "micro-batch", "step ms", "samples/s", "peak GiB", "GiB per sample"], train_rows),
+        f"training: train.py's step, micro-batch {micro}; per sample: (peak - weights and optimizer state) / {micro}; "
+        f"answering: a {frames / 100:g} s clip, batch 1, greedy, {new_tokens} tokens"],
+        (["model", "step ms", "samples/s", "peak GiB", "GiB per sample"], train_rows),
         (["model", "first token ms", f"{new_tokens} tokens ms", "ms per further token", "peak GiB"], answer_rows))
 
 
-# ---- all, and the command line ---------------------------------------------------------------------------------
-
-COMMANDS: dict[str, tuple[Callable[[Run], None], float]] = {  # name: (the benchmark, least budget to start it)
-    "mamba": (lambda run: bench_lm("mamba", run), 30),
-    "llama": (lambda run: bench_lm("llama", run), 30),
-    "dass": (bench_dass, 15),
-    "sslalm": (bench_sslalm, 60),
-}
-
-
-def bench_all(run: Run) -> None:
-    """Each command under a '## name' heading; one starts only with its least budget left (--smoke: any)."""
-    for name, (bench, least) in COMMANDS.items():
-        print(f"## {name}\n", flush=True)
-        left, t0 = run.deadline - time.monotonic(), time.perf_counter()
-        if left <= (0 if run.smoke else least):
-            print(f"skipped: {max(left, 0):.0f} s of the budget left\n", flush=True)
-            continue
-        bench(run)
-        print(f"\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+COMMANDS: dict[str, Callable[[Run], None]] = {
+    "scan": bench_scan, "mamba": lambda run: bench_lm("mamba", run), "llama": lambda run: bench_lm("llama", run),
+    "dass": bench_dass, "sslalm": bench_sslalm}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*COMMANDS, "all"])
+    parser.add_argument("commands", nargs="+", choices=[*COMMANDS, "all"])
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs, few repetitions")
-    parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
-    parser.add_argument("--cap", type=float, default=30.0, help="seconds per case (bigger ones are skipped)")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default: none; all: 420)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # Triton launches, CUDA-graph capture and timing events use the current one
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    budget = 420.0 if args.budget is None and args.command == "all" else args.budget
-    run = Run(device, args.smoke, args.cap, math.inf if budget is None else time.monotonic() + budget)
-    (bench_all if args.command == "all" else COMMANDS[args.command][0])(run)
+    elif args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels on CPU tensors (before their import)
+    budget = 420.0 if args.budget is None and "all" in args.commands and not args.smoke else args.budget
+    run = Run(device, args.smoke, math.inf if budget is None else time.monotonic() + budget)
+    names = list(COMMANDS) if "all" in args.commands else args.commands
+    for i, name in enumerate(names):  # several: each under a '## name' heading, with its share of the budget left
+        left, t0 = run.deadline - time.monotonic(), time.perf_counter()
+        if len(names) > 1:
+            print(f"## {name}\n", flush=True)
+            if left <= 0:
+                print("skipped: 0 s of the budget left\n", flush=True)
+                continue
+        COMMANDS[name](replace(run, deadline=time.monotonic() + left / (len(names) - i)))
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """bench.py at --smoke size on CPU: our language models agree with transformers' on the same weights in the same run,
-every case yields a figure (or says why not: a failure reads as an error, a spent budget skips), and the CUDA-only
-paths (the current device, timing events on its stream, decode timing after the CUDA-graph capture, prompt ids made
-where their generator is) are checked with intercepted calls."""
+every case yields a figure (or says why not: a failure reads as an error, a spent budget skips), the scan table runs
+the Triton kernels (interpreted) beside pscan, and the CUDA-only paths (the current device, synchronisation and memory
+statistics on it, the warm-up call kept out of the timing, prompt ids made where their generator is) are checked with
+intercepted calls."""
 import contextlib
 import io
 import re
@@ -12,19 +13,15 @@ import torch
 
 import bench
 from llama import LlamaLM
-from mamba import MambaLM
 
-CPU = ["--smoke", "--device", "cpu", "--threads", "1"]
+CPU = ["--smoke", "--device", "cpu"]
 
 
 def run(argv: list[str], errors_expected: bool = False) -> str:
-    """bench.main(argv) in this process; its stdout. Restores torch's thread count (--threads changes it)."""
-    threads, out, err = torch.get_num_threads(), io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            bench.main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    """bench.main(argv) in this process; its stdout."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        bench.main(argv)
     assert errors_expected or "error" not in out.getvalue(), err.getvalue()[-3000:]
     return out.getvalue()
 
@@ -63,6 +60,21 @@ def test_all_runs_every_command_in_order(sections):
     assert list(sections) == list(bench.COMMANDS)
 
 
+def test_scan_table_runs_the_triton_kernels_beside_pscan_and_the_cpu_fallback(sections):
+    device, cpu = tables(sections["scan"])
+    assert [(r["(batch, D, N, L)"], r["dtype"]) for r in device] == \
+        [("(1, 32, 4, 6)", "float32"), ("(1, 32, 1, 6)", "float32"), ("(1, 32, 4, 6), B, C contiguous", "float32")]
+    for r in device:
+        for column in ("Triton fwd ms", "Triton fwd+bwd ms", "pscan fwd+bwd ms"):
+            positive(r[column])
+        assert r["mamba_ssm fwd ms"] == r["fwd speed-up"] == "n/a"  # not built on a CPU
+        assert float(r["kept / u fp32"]) == 0.0  # 6 steps: one segment, no state kept beyond the inputs
+    assert [r["(batch, D, N, L)"] for r in cpu] == ["(1, 8, 1, 6)", "(1, 8, 4, 6)"]
+    for r in cpu:
+        for column in ("loop fwd ms", "fallback fwd ms", "fallback fwd+bwd ms"):
+            positive(r[column])
+
+
 @pytest.mark.parametrize("kind", ["mamba", "llama"])
 def test_language_models_agree_with_transformers_in_the_same_run(sections, kind):
     text = sections[kind]
@@ -70,15 +82,12 @@ def test_language_models_agree_with_transformers_in_the_same_run(sections, kind)
     assert found, text
     assert float(found[1]) < 2.0  # bf16 rounding; a wrong weight or a wrong step is far off
     assert found[2] == found[3] == "4"
-    prefill, decode = tables(text)
-    assert [r["prompt tokens"] for r in prefill] == ["16", "64"]
-    assert [(r["batch"], r["prefix"]) for r in decode] == \
-        [(b, p) for b in (("1", "2") if kind == "mamba" else ("1",)) for p in ("16", "64")]
-    for r in prefill + decode:
-        for column in ("ours ms", "transformers ms", "ours ms/step", "transformers ms/step", "our tokens/s"):
-            if column in r:
-                positive(r[column])
-        assert r["our peak GiB" if "our peak GiB" in r else "our decode peak GiB"] == "n/a"  # no statistics on CPU
+    (rows,) = tables(text)
+    assert [(r["batch"], r["prompt tokens"]) for r in rows] == \
+        [("1", "16"), ("1", "64")] + ([("2", "16")] if kind == "mamba" else [])
+    for r in rows:
+        assert positive(r["ours first token ms"]) and positive(r["transformers first token ms"])
+        assert r["our peak GiB"] == r["their peak GiB"] == "n/a"  # no statistics on CPU
 
 
 def test_dass_and_the_ast_style_encoder_run_every_length(sections):
@@ -103,10 +112,10 @@ def test_sslalm_trains_and_answers_in_all_four_variants(sections):
     names = ["ssLALM small", "ssLALM medium", "hybrid small", "hybrid medium"]
     assert [r["model"] for r in train] == [r["model"] for r in answers] == names
     for r in train:
-        assert r["micro-batch"] == "4"  # nothing runs out of memory on the host at smoke size
         assert positive(r["step ms"]) and positive(r["samples/s"])
-    for r in answers:
-        assert positive(r["8 tokens ms"]) > 0.5 * positive(r["first token ms"])
+    for r in answers:  # per further token: n/a where the host's load drowns the difference
+        assert positive(r["first token ms"]) and positive(r["8 tokens ms"]) and r["peak GiB"] == "n/a"
+        assert r["ms per further token"] == "n/a" or positive(r["ms per further token"])
 
 
 def test_a_spent_budget_skips_every_section_and_case():
@@ -124,26 +133,24 @@ def test_a_failing_case_reads_as_an_error_and_the_run_goes_on(monkeypatch):
         raise RuntimeError("a broken decode step")
     monkeypatch.setattr(LlamaLM, "decode_step", broken)
     out = run(["llama", *CPU], errors_expected=True)
-    prefill, decode = tables(out)
-    assert all(positive(r["ours ms"]) and positive(r["transformers ms"]) for r in prefill)
-    for r in decode:
-        assert r["ours ms/step"] == r["speed-up"] == "error: RuntimeError"
-        positive(r["transformers ms/step"])
+    (rows,) = tables(out)
+    for r in rows:  # the first token needs no decode step; theirs go on
+        assert positive(r["ours first token ms"]) and positive(r["transformers first token ms"])
+        assert r["ours ms/token"] == r["speed-up"] == "error: RuntimeError"
+        assert not r["transformers ms/token"].startswith(("error", "skipped"))
     assert "agreement with transformers: error: RuntimeError" in out
 
 
-def test_cases_skip_after_oom_and_over_the_time_cap():
-    cases = bench.Cases(bench.Run(torch.device("cpu"), cap=1.0), power=2.0)
-    assert cases(1, lambda: time.sleep(0.05) or "ran") == ("ran", None)
-    result, why = cases(10, lambda: "ran")  # about 0.05 s x 10**2 = 5 s > 1 s
-    assert result is None and re.fullmatch(r"skipped \(≈[5-9] s > 1 s cap\)", why)
-    assert cases(2, lambda: "ran") == (None, why)  # once skipped, the rest of the model's inputs too
+def test_attempt_says_why_there_is_no_figure():
+    cpu = bench.Run(torch.device("cpu"))
 
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory")
-    cases = bench.Cases(bench.Run(torch.device("cpu")))
-    assert cases(1, oom) == (None, "OOM")
-    assert cases(2, lambda: "ran") == (None, "skipped (OOM before)")
+    assert bench.attempt(lambda: 7, cpu) == (7, None)
+    assert bench.attempt(oom, cpu) == (None, "OOM")
+    assert bench.attempt(lambda: 7, cpu, why="OOM") == (None, "OOM")  # what it needs failed: not run
+    spent = bench.Run(torch.device("cpu"), deadline=time.monotonic() - 1)
+    assert bench.attempt(lambda: 7, spent) == (None, "skipped (time budget)")
 
 
 def test_figures_keep_three_significant_digits():
@@ -182,45 +189,15 @@ def test_the_chosen_cuda_device_is_made_current_first(monkeypatch):
     assert made.value.args[0] == torch.device("cuda:1") and not built
 
 
-def test_timing_events_are_recorded_on_the_devices_stream(monkeypatch):
-    """On cuda:1, every event, synchronisation and memory statistic of `timed` concerns cuda:1's current stream."""
-    cuda1, seen = torch.device("cuda:1"), []
-
-    class Event:
-        def __init__(self, enable_timing: bool):
-            assert enable_timing
-            self.stream = None
-
-        def record(self, stream):
-            self.stream = stream
-
-        def synchronize(self):
-            assert self.stream == ("stream of", cuda1)
-
-        def elapsed_time(self, end):
-            assert self.stream == end.stream == ("stream of", cuda1)
-            return 2.5 + len(seen)
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+def test_timing_syncs_the_devices_and_leaves_the_warm_up_call_out(monkeypatch):
+    """On cuda:1, every synchronisation and memory statistic of `timed` concerns cuda:1; the warm-up call (where
+    MambaLM records its CUDA graph, which bench.build_lm requires on a GPU) is not timed."""
+    monkeypatch.setattr(bench, "make", lambda cls, config, device: cls(config).eval())  # "on cuda", made here
+    assert bench.build_lm("mamba", "cuda:1", smoke=True).cuda_graph == "require"  # a failed capture raises
+    cuda1, seen, calls = torch.device("cuda:1"), [], []
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: seen.append((name, device)))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30 if device == cuda1 else 0)
-    calls = []
-    ms, peak = bench.timed(lambda: calls.append(1), bench.Run(cuda1), reps=3, warmup=1)
-    assert len(calls) == 4 and {device for _, device in seen} == {cuda1}
-    assert ms == 2.5 + len(seen) and peak == 3.0
-
-
-def test_mamba_decode_is_timed_after_the_step_that_records_its_cuda_graph(monkeypatch):
-    monkeypatch.setattr(bench, "make", lambda cls, config, device: cls(config).eval())  # "on cuda", made here
-    assert bench.build_lm("mamba", "cuda:1", smoke=True).cuda_graph == "require"  # a failed capture raises
-    model = bench.build_lm("mamba", "cpu", smoke=True)
-    events, step = [], MambaLM.decode_step
-    monkeypatch.setattr(MambaLM, "decode_step", lambda self, *a: events.append("step") or step(self, *a))
-    timed = bench.timed
-    monkeypatch.setattr(bench, "timed", lambda fn, *a, **kw: events.append("timed") or timed(fn, *a, **kw))
-    ids = torch.randint(0, 512, (1, 8))
-    with torch.no_grad():
-        ms, _ = bench.decode(model, ids, steps=3, reps=2, run=bench.Run(torch.device("cpu")))
-    assert events[:2] == ["step", "timed"] and events.count("step") == 1 + 3 * (1 + 2) and ms > 0
+    ms, peak = bench.timed(lambda: calls.append(1) or time.sleep(0.3 if len(calls) == 1 else 0), bench.Run(cuda1))
+    assert len(calls) == 4 and seen.count(("synchronize", cuda1)) == 4 and {d for _, d in seen} == {cuda1}
+    assert ms < 150 and peak == 3.0

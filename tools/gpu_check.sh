@@ -4,10 +4,10 @@
 #   env.txt          the machine, the versions, the commit
 #   mamba_build.log  building mamba_ssm's selective-scan extension for this GPU (its time at the end)
 #   test_scan.log    tests/test_scan.py on the compiled kernels: every failure listed (no -x)
-#   scan.md          tools/bench_scan.py: the scan table (Triton, mamba_ssm, pscan, training memory), row by row
-#   bench.md         python bench.py all --budget (what is left); bench.err its stderr
+#   scan.md          python bench.py scan: the scan table (Triton, mamba_ssm, pscan, training memory), row by row
+#   bench.md         python bench.py mamba llama dass sslalm --budget (what is left); bench.err its stderr
 # The tests run while mamba_ssm builds (CPU work); the scan table follows, so that it has mamba_ssm's column, and is
-# the run's first measurement; bench.py all gets the time that is left.
+# the run's first measurement; the model benchmarks get the time that is left.
 #
 # The device has no network: what it lacks travels in git-ignored folders named in the device tool's `carry`:
 #   .whl/            wheels (soundfile for audio.py, mambapy for test_scan.py):  tools/gpu_check.sh --wheels
@@ -51,8 +51,8 @@ left() { echo $((LIMIT - ($(date +%s) - START))); }
 if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1
     TESTS=(tests/test_scan.py -k "wrong_shapes_name_the_argument and ref")
-    SCAN_ARGS=(--smoke)
-    BENCH_ARGS=(--smoke --device cpu --threads 1)
+    SCAN_ARGS=(--smoke --device cpu)
+    BENCH_ARGS=(--smoke --device cpu)
 else
     export TRITON_INTERPRET=0
     TESTS=(tests/test_scan.py)
@@ -82,7 +82,7 @@ cat "$OUT/env.txt"
 BUILD=""
 if [ "$SMOKE" = 0 ] && [ -d .mamba_ssm_src/csrc/selective_scan ]; then
     echo "== building mamba_ssm's selective_scan_cuda in the background (log: mamba_build.log)"
-    $PY tools/bench_scan.py --build-mamba-ssm .mamba_ssm_src > "$OUT/mamba_build.log" 2>&1 &
+    $PY -c "import bench; bench.build_mamba_ssm()" > "$OUT/mamba_build.log" 2>&1 &
     BUILD=$!
 else
     echo "mamba_ssm: not built (no .mamba_ssm_src; tools/gpu_check.sh --mamba-source)" | tee "$OUT/mamba_build.log"
@@ -100,15 +100,15 @@ if [ -n "$BUILD" ]; then
     tail -n 3 "$OUT/mamba_build.log"
 fi
 
-echo "== tools/bench_scan.py ${SCAN_ARGS[*]}"
-timeout $(($(left) * 2 / 3)) $PY tools/bench_scan.py "${SCAN_ARGS[@]}" 2>&1 | tee "$OUT/scan.md"
+echo "== python bench.py scan ${SCAN_ARGS[*]}"
+timeout $(($(left) * 2 / 3)) $PY bench.py scan "${SCAN_ARGS[@]}" 2>&1 | tee "$OUT/scan.md"
 
 budget=$(($(left) - 60))
 if [ "$SMOKE" = 1 ]; then budget=0; fi
-echo "== python bench.py all --budget $budget ${BENCH_ARGS[*]}"
-timeout $((budget + 50)) $PY bench.py all --budget "$budget" "${BENCH_ARGS[@]}" > "$OUT/bench.md" 2> "$OUT/bench.err"
-status=$?
-cat "$OUT/bench.md"
+echo "== python bench.py mamba llama dass sslalm --budget $budget ${BENCH_ARGS[*]}"
+timeout $((budget + 50)) $PY bench.py mamba llama dass sslalm --budget "$budget" "${BENCH_ARGS[@]}" 2> "$OUT/bench.err" \
+    | tee "$OUT/bench.md"
+status=${PIPESTATUS[0]}
 echo "== bench.py exit status $status; stderr (last lines):"
 grep -v '^\[transformers\]' "$OUT/bench.err" | tail -n 20
 echo "== done in $(($(date +%s) - START)) s"
