@@ -45,17 +45,14 @@ def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor 
                            ("initial_state", initial_state, (batch, dim, dstate))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
-    grouped = []
+    B, C = (M.unsqueeze(1) if M.dim() == 3 else M for M in (B, C))
     for name, M in (("B", B), ("C", C)):
-        M = M.unsqueeze(1) if M.dim() == 3 else M
-        if M.dim() != 4 or M.shape[0] != batch or M.shape[2:] != (dstate, length) or dim % M.shape[1]:
+        if (M.dim() != 4 or M.shape[0] != batch or M.shape[2:] != (dstate, length) or dim % M.shape[1]
+                or M.shape[1] != B.shape[1]):
             raise ValueError(f"{name} must be (batch, N, L) or (batch, G, N, L) with batch={batch}, N={dstate}, "
-                             f"L={length} and G dividing D={dim}; got {tuple(M.shape)}")
-        grouped.append(M)
-    if grouped[0].shape[1] != grouped[1].shape[1]:
-        raise ValueError(f"B and C must have the same number of groups; got {grouped[0].shape[1]} and "
-                         f"{grouped[1].shape[1]}")
-    return grouped[0], grouped[1]
+                             f"L={length} and the same number of groups G in B and C, dividing D={dim}; "
+                             f"got {tuple(M.shape)}")
+    return B, C
 
 
 def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,

@@ -9,21 +9,15 @@ grouped as (batch, G, N, L)), and this module trusts them. Glossary of the kerne
     ds      ∂L/∂s_t    the gradient reaching s_t = C_t h_t, eq. (6), through the gate and skip
     dh      ∂L/∂h_t    through eq. (6) at t and eq. (5) at t + 1                    (BLOCK_N, BLOCK_D)
     g       Ā_t ∂L/∂h_t, what step t hands back to step t - 1                     (BLOCK_N, BLOCK_D)
-    chunk   CHUNK time steps unrolled in the code (their loads issued together)
-    seg     SEG time steps between two states kept for the backward (a multiple of CHUNK)
-    span    the SPAN time steps one program walks (a multiple of SEG); span s covers [s·SPAN, (s+1)·SPAN)
 
-The design (BENCHMARKS.md argues it from the compiled code): one program is one warp, 32 channels of one batch
-element, one per thread; each thread keeps its channel's N states in registers and walks time step by step, CHUNK
-steps unrolled. The channel strides and `unit` (= 1, the factor of the other channel and state offsets) are not
-specialised, so Triton keeps that one layout for every tensor and reads strided views in place. With few warps, time
-is cut into spans run in parallel: a LOCAL launch walks each span from zero and keeps its end state and Σ Δ, then
-every program folds the spans before it into its start (Π_t Ā_t over a span is exp(A Σ_t Δ_t)); the backward does
-the same from the end. For training the forward keeps one state per SEG steps; the backward walks each segment
-forward from it, keeping each chunk's start state in a scratch, then backwards chunk by chunk, recomputing the
-chunk's states in registers (time runs backwards in the loop: no reverse `associative_scan`, whose lowering with a
-non-commutative combine has been reported wrong on GPUs). dB, dC are summed over the warp's channels and added with
-relaxed atomics. N is padded to BLOCK_N (A = 0 there: the padded states stay 0); BLOCK_D divides D / G.
+The design, argued from the compiled code in BENCHMARKS.md: a program is one warp, 32 channels of one batch element,
+one per thread, each keeping its channel's N states in registers and walking time step by step, CHUNK steps
+unrolled. The channel strides and `unit` (= 1) are not specialised, so Triton keeps that one layout for every tensor
+and reads strided views in place. With few warps, time is cut into spans run in parallel: a LOCAL launch keeps each
+span's end state and Σ Δ (Π_t Ā_t over a span is exp(A Σ_t Δ_t)), folded into the start of the spans after it. For
+training one state is kept per SEG steps; the backward recomputes a segment's chunk-start states into a scratch, then
+walks back chunk by chunk (no reverse `associative_scan`: its lowering with a non-commutative combine has been
+reported wrong on GPUs). N is padded to BLOCK_N (A = 0 there: the padded states stay 0); BLOCK_D divides D / G.
 """
 from __future__ import annotations
 
@@ -327,10 +321,10 @@ def _scan_bwd(u_ptr, delta_ptr, z_ptr, dy_ptr, du_ptr, ddelta_ptr, dz_ptr, A_ptr
 
 @dataclass(frozen=True)
 class Plan:
-    """How a scan is cut: CHUNK steps per register tile, SEG per kept state, SPAN per program; channel blocks."""
-    chunk: int
-    seg: int
-    span: int
+    """How a scan is cut along time (span s covers [s·SPAN, (s+1)·SPAN)) and along channels and states."""
+    chunk: int  # CHUNK steps unrolled in the code (their loads issued together)
+    seg: int    # SEG steps between two states kept for the backward, a multiple of CHUNK
+    span: int   # SPAN steps walked by one program, a multiple of SEG
     block_d: int
     block_n: int
 
