@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _check(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
            z: Tensor | None = None, delta_bias: Tensor | None = None,
@@ -214,7 +212,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         return _scan_chunked(u, delta, A, B, C, **args)
     if backend == "triton":
         B, C = _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        if u.dtype not in _TRITON_DTYPES:
+        if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"u must be float32, float16 or bfloat16 for the Triton scan; got {u.dtype}")
         if u.shape[2] == 0:
             raise ValueError("u must have at least one time step (L >= 1) for the Triton scan")

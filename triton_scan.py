@@ -106,6 +106,21 @@ def _advance(h, A, dt, x, Bt):
 
 
 @triton.jit
+def _walk(h, A, bias, u_p, delta_p, B_p, t0, su_t, sv_t, sB_t, length, offs_d, offs_n, mask_n,
+          CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Eqs. (3)-(5) over the CHUNK steps from t0: the state after them, and their states (CHUNK, BLOCK_N, BLOCK_D)."""
+    t = tl.cast(t0, tl.int64)
+    hs = tl.zeros((CHUNK, h.shape[0], h.shape[1]), dtype=tl.float32)
+    for k in tl.static_range(CHUNK):
+        live = offs_d * 0 + t0 + k < length
+        x, dt, _ = _inputs(u_p + t * su_t + k * su_t, delta_p + t * sv_t + k * sv_t, bias, live, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_p + t * sB_t + k * sB_t, mask=mask_n & (offs_n * 0 + t0 + k < length), other=0.0)
+        h = _advance(h, A, dt, x, Bt.to(tl.float32))
+        hs = tl.where(tl.arange(0, CHUNK)[:, None, None] == k, h[None, :, :], hs)
+    return h, hs
+
+
+@triton.jit
 def _fold(h, A, part, dtsum, s, offs_n, cd, dim, DSTATE: tl.constexpr):
     """Carry h across span s whose own result is part[s]: h <- Π_t Ā_t h + part[s], Π_t Ā_t = exp(A Σ_t Δ_t)."""
     decay = tl.exp2(A * (tl.load(dtsum + s * dim + cd) * LOG2E)[None, :])
@@ -236,29 +251,17 @@ def _scan_bwd(u_ptr, delta_ptr, z_ptr, dy_ptr, du_ptr, ddelta_ptr, dz_ptr, A_ptr
             h = tl.load(_nd(kept, offs_n, cd, dim), mask=mask_n[:, None] & later, other=0.0)
             h = tl.where(later, h, h_init)
             for c in range(0, n_chunks):
-                t0 = s_begin + c * CHUNK
-                t = tl.cast(t0, tl.int64)
                 tl.store(scratch + c * BLOCK_N * BLOCK_D + scratch_nd, h)
-                for k in tl.static_range(CHUNK):
-                    live = offs_d * 0 + t0 + k < length
-                    x, dt, _ = _inputs(u_p + t * su_t + k * su_t, delta_p + t * sv_t + k * sv_t, bias, live,
-                                       HAS_BIAS, SOFTPLUS)
-                    Bt = tl.load(B_p + t * sB_t + k * sB_t, mask=mask_n & (offs_n * 0 + t0 + k < length), other=0.0)
-                    h = _advance(h, A, dt, x, Bt.to(tl.float32))
+                h, _ = _walk(h, A, bias, u_p, delta_p, B_p, s_begin + c * CHUNK, su_t, sv_t, sB_t, length, offs_d,
+                             offs_n, mask_n, CHUNK, HAS_BIAS, SOFTPLUS)
 
         for j in range(0, n_chunks):                                       # backward, chunk by chunk
             t0 = s_begin + (n_chunks - 1 - j) * CHUNK
             t = tl.cast(t0, tl.int64)
             if not LOCAL:                                                  # the chunk's states, eq. (5) again
                 h = tl.load(scratch + (n_chunks - 1 - j) * BLOCK_N * BLOCK_D + scratch_nd)
-                hs = tl.zeros((CHUNK, BLOCK_N, BLOCK_D), dtype=tl.float32)
-                for k in tl.static_range(CHUNK):
-                    live = offs_d * 0 + t0 + k < length
-                    x, dt, _ = _inputs(u_p + t * su_t + k * su_t, delta_p + t * sv_t + k * sv_t, bias, live,
-                                       HAS_BIAS, SOFTPLUS)
-                    Bt = tl.load(B_p + t * sB_t + k * sB_t, mask=mask_n & (offs_n * 0 + t0 + k < length), other=0.0)
-                    h = _advance(h, A, dt, x, Bt.to(tl.float32))
-                    hs = tl.where(offs_t[:, None, None] == k, h[None, :, :], hs)
+                _, hs = _walk(h, A, bias, u_p, delta_p, B_p, t0, su_t, sv_t, sB_t, length, offs_d, offs_n, mask_n,
+                              CHUNK, HAS_BIAS, SOFTPLUS)
             for r in tl.static_range(CHUNK - 1, -1, -1):                   # step t = t0 + r, backwards
                 live = offs_d * 0 + t0 + r < length
                 live_n = mask_n & (offs_n * 0 + t0 + r < length)
