@@ -188,7 +188,7 @@ def _scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         hs = _Recurrence.apply(a, dtx[t] * B[t], h, chunk)                     # eqs. (4), (5): b_t = Δ_t x_t B_t
         y[t] = hs @ C[t]                                                       # eq. (6)  y_t = C h_t
         h = hs[-1].view(batch, dim, dstate)
-    y = _finish(y.view(length, batch, dim).permute(1, 2, 0), u, D, z)        # (batch, D, L)
+    y = _finish(y.view(length, batch, dim).permute(1, 2, 0).contiguous(), u, D, z)  # (batch, D, L)
     return (y, h) if return_last_state else y
 
 
