@@ -337,10 +337,8 @@ def plan(batch: int, dim: int, dstate: int, groups: int, length: int, device: to
     """The default tiles; chunk, seg, span may be overridden (small in tests). A chunk is 4 steps (the backward
     holds a chunk's states in registers, 4 N per thread); a state is kept every 128 steps (for N = 16 below 1/8 of
     u's size in fp32); spans: as few as give WARPS_PER_SM warps per SM."""
-    block_n = 1 << max(dstate - 1, 0).bit_length()
-    block_d = 32
-    while (dim // groups) % block_d:
-        block_d //= 2
+    block_n = triton.next_power_of_2(dstate)
+    block_d = math.gcd(32, dim // groups)  # a power of two dividing D / G: a block reads one group of B, C
     chunk = chunk or 4
     seg = seg or 128
     if span is None:
