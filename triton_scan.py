@@ -1,7 +1,7 @@
 """Triton kernels for the selective scan of eqs. (3)-(6): forward, backward and the one-token decode step.
 
-Same arguments and results as `scan.selective_scan_ref`. The tensors arrive checked by `scan.selective_scan` (shapes,
-dtypes; B and C grouped as (batch, G, N, L)): this module trusts them and adds only speed. Glossary of the kernels:
+Same arguments and results as `scan.selective_scan_ref`; the tensors arrive checked by `scan.selective_scan` (B and C
+grouped as (batch, G, N, L)), and this module trusts them. Glossary of the kernels:
     h       h_t        the N states of a block of channels after step t, eq. (5)    (BLOCK_N, BLOCK_D) fp32
     a       Ā_t        exp(Δ_t A), eq. (3), computed as exp2(Δ_t log2(e) A)         (BLOCK_N, BLOCK_D)
     x, dt   x_t, Δ_t   one step's input and time step (after bias and softplus)     (BLOCK_D,)
@@ -9,35 +9,15 @@ dtypes; B and C grouped as (batch, G, N, L)): this module trusts them and adds o
     ds      ∂L/∂s_t    the gradient reaching s_t = C_t h_t, eq. (6), through the gate and skip
     dh      ∂L/∂h_t    through eq. (6) at t and eq. (5) at t + 1                    (BLOCK_N, BLOCK_D)
     g       Ā_t ∂L/∂h_t, what step t hands back to step t - 1                     (BLOCK_N, BLOCK_D)
-    chunk   CHUNK time steps unrolled in the code (their loads issued together)
-    seg     SEG time steps between two states kept for the backward (a multiple of CHUNK)
-    span    the SPAN time steps one program walks (a multiple of SEG); span s covers [s·SPAN, (s+1)·SPAN)
 
-How it is organised:
-- One program is one warp: BLOCK_D = 32 channels of one batch element, one per thread. A thread keeps the N states of
-  its channel in registers and walks time step by step, so eq. (5) is one multiply-add per state and step and the
-  sum over N of eq. (6) stays inside the thread: no shuffles, no shared memory, no barriers in the forward. B_t, C_t
-  are the same for every channel of the warp (one broadcast load). The steps of a chunk are unrolled, so the
-  compiler issues their loads ahead of the arithmetic.
-- The channel strides are run-time arguments that Triton does not specialise (`do_not_specialize`), and so is the
-  `unit` (= 1) that the channel and state offsets of the other buffers are multiplied by: Triton then never learns
-  which axis is contiguous, and every tensor keeps the one layout above (a channel per thread, N in its registers)
-  instead of the layouts its coalescing pass would pick per tensor, with shared-memory conversions between them.
-  So strided views (the Mamba mixer's Δ, z and incoming gradient are transposes) are read in place, without copies.
-- Parallelism: batch · D / 32 warps. When that is below WARPS_PER_SM per multiprocessor, time is split into spans
-  that run in parallel: a first launch (`LOCAL`) walks each span from a zero state and keeps its end state and its
-  Σ Δ; then each program folds the spans before it into its starting state (Π_t Ā_t over a span is
-  exp(A Σ_t Δ_t)) and walks its own span. The backward does the same from the other end with the gradient g.
-- Training memory: the forward keeps the state at every SEG-th step only, (batch, L / SEG - 1, N, D) fp32 (below
-  N / SEG of u's size). The backward walks each segment twice: forward from its kept state, writing the state at each chunk's
-  start to a per-program scratch (one segment's worth, reused, so bounded by the number of programs), then
-  backward chunk by chunk, recomputing the chunk's states in registers. No reverse `associative_scan` is used
-  (Triton's lowering of one with a non-commutative combine has been reported wrong on GPUs): time runs backwards
-  in the loop itself.
-- dB, dC are summed over the warp's channels and added with relaxed fp32 atomics into (batch, G, N, L) buffers;
-  dA, dD and d(delta_bias) are summed over time in registers and written per program, summed by PyTorch.
-- N is padded to BLOCK_N, a power of two, with masks (A = 0 there, so the padded states stay 0). A block of channels
-  lies inside one group of B, C: BLOCK_D is a power of two dividing D / G.
+The design, argued from the compiled code in BENCHMARKS.md: a program is one warp, 32 channels of one batch element,
+one per thread, each keeping its channel's N states in registers and walking time step by step, CHUNK steps
+unrolled. The channel strides and `unit` (= 1) are not specialised, so Triton keeps that one layout for every tensor
+and reads strided views in place. With few warps, time is cut into spans run in parallel: a LOCAL launch keeps each
+span's end state and Σ Δ (Π_t Ā_t over a span is exp(A Σ_t Δ_t)), folded into the start of the spans after it. For
+training one state is kept per SEG steps; the backward recomputes a segment's chunk-start states into a scratch, then
+walks back chunk by chunk (no reverse `associative_scan`: its lowering with a non-commutative combine has been
+reported wrong on GPUs). N is padded to BLOCK_N (A = 0 there: the padded states stay 0); BLOCK_D divides D / G.
 """
 from __future__ import annotations
 
@@ -58,14 +38,9 @@ except ImportError as e:  # scan.py imports this module only when the Triton bac
 LOG2E = tl.constexpr(1.4426950408889634)
 WARPS_PER_SM = 8        # split time into spans while batch · D / 32 is below this many warps per multiprocessor
 SMS_WITHOUT_GPU = 132   # the multiprocessors assumed under TRITON_INTERPRET=1 (an H100 / H200), to plan as on one
-
-# The channel strides (and `unit`) stay run-time values: see the module docstring.
+# Run-time values, never specialised: Triton then cannot tell which axis is contiguous (see the module docstring).
 _CHANNEL_STRIDES = ["su_d", "sv_d", "sz_d", "sy_d", "sg_d", "sr_d", "sq_d", "unit"]
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pieces shared by the kernels
-# ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _delta(raw, SOFTPLUS: tl.constexpr):
@@ -74,18 +49,8 @@ def _delta(raw, SOFTPLUS: tl.constexpr):
         e = tl.exp(tl.minimum(raw, 20.0))
         one_e = 1.0 + e
         log1p = tl.where(one_e == 1.0, e, tl.log(one_e) * (e / (one_e - 1.0)))  # log1p to full precision
-        return tl.where(raw <= 20.0, log1p, raw)
-    else:
-        return raw
-
-
-@triton.jit
-def _delta_grad(raw, SOFTPLUS: tl.constexpr):
-    """dΔ / d(delta + delta_bias): sigmoid(x) for x <= 20, 1 above."""
-    if SOFTPLUS:
-        return tl.where(raw <= 20.0, tl.sigmoid(raw), 1.0)
-    else:
-        return tl.full(raw.shape, 1.0, tl.float32)
+        raw = tl.where(raw <= 20.0, log1p, raw)
+    return raw
 
 
 @triton.jit
@@ -116,9 +81,12 @@ def _dn(ptr, cn, cd, DSTATE: tl.constexpr):
 
 
 @triton.jit
-def _at(ptr, pid_b, s_b, offs, s_i, t0, s_t):
-    """Pointers to step t0 of rows offs (channels, or states of B, C) of a batch element pid_b."""
-    return ptr + pid_b * s_b + offs * s_i + tl.cast(t0, tl.int64) * s_t
+def _rows(u_ptr, delta_ptr, z_ptr, y_ptr, B_ptr, C_ptr, pid_b, offs_d, offs_n, group,
+          su_b, su_d, sv_b, sv_d, sz_b, sz_d, sy_b, sy_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n):
+    """A program's rows at t = 0: its channels of u, delta, z and y (or dy); its group's states of B and C."""
+    return (u_ptr + pid_b * su_b + offs_d * su_d, delta_ptr + pid_b * sv_b + offs_d * sv_d,
+            z_ptr + pid_b * sz_b + offs_d * sz_d, y_ptr + pid_b * sy_b + offs_d * sy_d,
+            B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n, C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n)
 
 
 @triton.jit
@@ -138,16 +106,27 @@ def _advance(h, A, dt, x, Bt):
 
 
 @triton.jit
+def _walk(h, A, bias, u_p, delta_p, B_p, t0, su_t, sv_t, sB_t, length, offs_d, offs_n, mask_n,
+          CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Eqs. (3)-(5) over the CHUNK steps from t0: the state after them, and their states (CHUNK, BLOCK_N, BLOCK_D)."""
+    t = tl.cast(t0, tl.int64)
+    hs = tl.zeros((CHUNK, h.shape[0], h.shape[1]), dtype=tl.float32)
+    for k in tl.static_range(CHUNK):
+        live = offs_d * 0 + t0 + k < length
+        x, dt, _ = _inputs(u_p + t * su_t + k * su_t, delta_p + t * sv_t + k * sv_t, bias, live, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_p + t * sB_t + k * sB_t, mask=mask_n & (offs_n * 0 + t0 + k < length), other=0.0)
+        h = _advance(h, A, dt, x, Bt.to(tl.float32))
+        hs = tl.where(tl.arange(0, CHUNK)[:, None, None] == k, h[None, :, :], hs)
+    return h, hs
+
+
+@triton.jit
 def _fold(h, A, part, dtsum, s, offs_n, cd, dim, DSTATE: tl.constexpr):
     """Carry h across span s whose own result is part[s]: h <- Π_t Ā_t h + part[s], Π_t Ā_t = exp(A Σ_t Δ_t)."""
     decay = tl.exp2(A * (tl.load(dtsum + s * dim + cd) * LOG2E)[None, :])
     return decay * h + tl.load(_nd(part + s * DSTATE * dim, offs_n, cd, dim), mask=offs_n[:, None] < DSTATE,
                                other=0.0)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Forward
-# ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=_CHANNEL_STRIDES)
 def _scan_fwd(u_ptr, delta_ptr, z_ptr, y_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, h0_ptr,
@@ -166,6 +145,9 @@ def _scan_fwd(u_ptr, delta_ptr, z_ptr, y_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_p
     pid_s = tl.program_id(2)
     offs_d, cd, offs_n, cn, mask_n, group, A, Dskip, bias = _program(
         A_ptr, D_ptr, bias_ptr, unit, channels_per_group, DSTATE, BLOCK_N, BLOCK_D, HAS_D, HAS_BIAS)
+    u_p, delta_p, z_p, y_p, B_p, C_p = _rows(u_ptr, delta_ptr, z_ptr, y_ptr, B_ptr, C_ptr, pid_b, offs_d, offs_n, group,
+                                             su_b, su_d, sv_b, sv_d, sz_b, sz_d, sy_b, sy_d, sB_b, sB_g, sB_n, sC_b,
+                                             sC_g, sC_n)
     part = part_ptr + pid_b * n_span * DSTATE * dim                        # (n_span, N, D) of this batch element
     dtsum = dtsum_ptr + pid_b * n_span * dim                               # (n_span, D)
 
@@ -183,28 +165,24 @@ def _scan_fwd(u_ptr, delta_ptr, z_ptr, y_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_p
             if (t0 % SEG == 0) & (t0 > 0):                                 # h_{t0-1}, where segment t0 / SEG starts
                 kept = states_ptr + (pid_b * (n_seg - 1) + t0 // SEG - 1) * DSTATE * dim
                 tl.store(_nd(kept, offs_n, cd, dim), h, mask=mask_n[:, None])
-        u_t0 = _at(u_ptr, pid_b, su_b, offs_d, su_d, t0, su_t)
-        delta_t0 = _at(delta_ptr, pid_b, sv_b, offs_d, sv_d, t0, sv_t)
-        z_t0 = _at(z_ptr, pid_b, sz_b, offs_d, sz_d, t0, sz_t)
-        y_t0 = _at(y_ptr, pid_b, sy_b, offs_d, sy_d, t0, sy_t)
-        B_t0 = _at(B_ptr + group * sB_g, pid_b, sB_b, offs_n, sB_n, t0, sB_t)
-        C_t0 = _at(C_ptr + group * sC_g, pid_b, sC_b, offs_n, sC_n, t0, sC_t)
+        t = tl.cast(t0, tl.int64)                                          # 64-bit offsets along time
         for k in tl.static_range(CHUNK):                                   # step t = t0 + k
             live = offs_d * 0 + t0 + k < length                           # (tensors: t0 may be an int, interpreted)
             live_n = mask_n & (offs_n * 0 + t0 + k < length)
-            x, dt, _ = _inputs(u_t0 + k * su_t, delta_t0 + k * sv_t, bias, live, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_t0 + k * sB_t, mask=live_n, other=0.0).to(tl.float32)
+            x, dt, _ = _inputs(u_p + t * su_t + k * su_t, delta_p + t * sv_t + k * sv_t, bias, live, HAS_BIAS,
+                               SOFTPLUS)
+            Bt = tl.load(B_p + t * sB_t + k * sB_t, mask=live_n, other=0.0).to(tl.float32)
             h = _advance(h, A, dt, x, Bt)                                  # eqs. (3)-(5)
             dt_total += dt
             if not LOCAL:
-                Ct = tl.load(C_t0 + k * sC_t, mask=live_n, other=0.0).to(tl.float32)
+                Ct = tl.load(C_p + t * sC_t + k * sC_t, mask=live_n, other=0.0).to(tl.float32)
                 y = tl.sum(h * Ct[:, None], axis=0)                        # eq. (6)  y = C h
                 if HAS_D:
                     y += Dskip * x                                         # skip D x
                 if HAS_Z:
-                    z = tl.load(z_t0 + k * sz_t, mask=live, other=0.0).to(tl.float32)
+                    z = tl.load(z_p + t * sz_t + k * sz_t, mask=live, other=0.0).to(tl.float32)
                     y *= z * tl.sigmoid(z)                                 # gate y silu(z)
-                tl.store(y_t0 + k * sy_t, y.to(y_ptr.dtype.element_ty), mask=live)
+                tl.store(y_p + t * sy_t + k * sy_t, y.to(y_ptr.dtype.element_ty), mask=live)
 
     if LOCAL:
         tl.store(_nd(part + pid_s * DSTATE * dim, offs_n, cd, dim), h, mask=mask_n[:, None])
@@ -212,10 +190,6 @@ def _scan_fwd(u_ptr, delta_ptr, z_ptr, y_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_p
     elif pid_s == n_span - 1:
         tl.store(_dn(last_ptr + pid_b * dim * DSTATE, cn, cd, DSTATE), h, mask=mask_n[:, None])
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=_CHANNEL_STRIDES)
 def _scan_bwd(u_ptr, delta_ptr, z_ptr, dy_ptr, du_ptr, ddelta_ptr, dz_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
@@ -236,6 +210,14 @@ def _scan_bwd(u_ptr, delta_ptr, z_ptr, dy_ptr, du_ptr, ddelta_ptr, dz_ptr, A_ptr
     pid_s = tl.program_id(2) + (1 if LOCAL else 0)
     offs_d, cd, offs_n, cn, mask_n, group, A, Dskip, bias = _program(
         A_ptr, D_ptr, bias_ptr, unit, channels_per_group, DSTATE, BLOCK_N, BLOCK_D, HAS_D, HAS_BIAS)
+    u_p, delta_p, z_p, dy_p, B_p, C_p = _rows(u_ptr, delta_ptr, z_ptr, dy_ptr, B_ptr, C_ptr, pid_b, offs_d, offs_n,
+                                              group, su_b, su_d, sv_b, sv_d, sz_b, sz_d, sy_b, sy_d, sB_b, sB_g, sB_n,
+                                              sC_b, sC_g, sC_n)
+    du_p = du_ptr + pid_b * sg_b + offs_d * sg_d
+    ddelta_p = ddelta_ptr + pid_b * sr_b + offs_d * sr_d
+    dz_p = dz_ptr + pid_b * sq_b + offs_d * sq_d
+    dB_p = dB_ptr + ((pid_b * n_groups + group) * DSTATE + offs_n) * length  # (batch, G, N, L)
+    dC_p = dC_ptr + ((pid_b * n_groups + group) * DSTATE + offs_n) * length
     offs_t = tl.arange(0, CHUNK)
     part = part_ptr + pid_b * n_span * DSTATE * dim
     dtsum = dtsum_ptr + pid_b * n_span * dim
@@ -269,57 +251,36 @@ def _scan_bwd(u_ptr, delta_ptr, z_ptr, dy_ptr, du_ptr, ddelta_ptr, dz_ptr, A_ptr
             h = tl.load(_nd(kept, offs_n, cd, dim), mask=mask_n[:, None] & later, other=0.0)
             h = tl.where(later, h, h_init)
             for c in range(0, n_chunks):
-                t0 = s_begin + c * CHUNK
                 tl.store(scratch + c * BLOCK_N * BLOCK_D + scratch_nd, h)
-                u_t0 = _at(u_ptr, pid_b, su_b, offs_d, su_d, t0, su_t)
-                delta_t0 = _at(delta_ptr, pid_b, sv_b, offs_d, sv_d, t0, sv_t)
-                B_t0 = _at(B_ptr + group * sB_g, pid_b, sB_b, offs_n, sB_n, t0, sB_t)
-                for k in tl.static_range(CHUNK):
-                    live = offs_d * 0 + t0 + k < length
-                    x, dt, _ = _inputs(u_t0 + k * su_t, delta_t0 + k * sv_t, bias, live, HAS_BIAS, SOFTPLUS)
-                    Bt = tl.load(B_t0 + k * sB_t, mask=mask_n & (offs_n * 0 + t0 + k < length), other=0.0)
-                    h = _advance(h, A, dt, x, Bt.to(tl.float32))
+                h, _ = _walk(h, A, bias, u_p, delta_p, B_p, s_begin + c * CHUNK, su_t, sv_t, sB_t, length, offs_d,
+                             offs_n, mask_n, CHUNK, HAS_BIAS, SOFTPLUS)
 
         for j in range(0, n_chunks):                                       # backward, chunk by chunk
             t0 = s_begin + (n_chunks - 1 - j) * CHUNK
-            u_t0 = _at(u_ptr, pid_b, su_b, offs_d, su_d, t0, su_t)
-            delta_t0 = _at(delta_ptr, pid_b, sv_b, offs_d, sv_d, t0, sv_t)
-            z_t0 = _at(z_ptr, pid_b, sz_b, offs_d, sz_d, t0, sz_t)
-            dy_t0 = _at(dy_ptr, pid_b, sy_b, offs_d, sy_d, t0, sy_t)
-            du_t0 = _at(du_ptr, pid_b, sg_b, offs_d, sg_d, t0, sg_t)
-            ddelta_t0 = _at(ddelta_ptr, pid_b, sr_b, offs_d, sr_d, t0, sr_t)
-            dz_t0 = _at(dz_ptr, pid_b, sq_b, offs_d, sq_d, t0, sq_t)
-            B_t0 = _at(B_ptr + group * sB_g, pid_b, sB_b, offs_n, sB_n, t0, sB_t)
-            C_t0 = _at(C_ptr + group * sC_g, pid_b, sC_b, offs_n, sC_n, t0, sC_t)
-            dB_t0 = dB_ptr + ((pid_b * n_groups + group) * DSTATE + offs_n) * length + t0  # (batch, G, N, L)
-            dC_t0 = dC_ptr + ((pid_b * n_groups + group) * DSTATE + offs_n) * length + t0
+            t = tl.cast(t0, tl.int64)
             if not LOCAL:                                                  # the chunk's states, eq. (5) again
                 h = tl.load(scratch + (n_chunks - 1 - j) * BLOCK_N * BLOCK_D + scratch_nd)
-                hs = tl.zeros((CHUNK, BLOCK_N, BLOCK_D), dtype=tl.float32)
-                for k in tl.static_range(CHUNK):
-                    live = offs_d * 0 + t0 + k < length
-                    x, dt, _ = _inputs(u_t0 + k * su_t, delta_t0 + k * sv_t, bias, live, HAS_BIAS, SOFTPLUS)
-                    Bt = tl.load(B_t0 + k * sB_t, mask=mask_n & (offs_n * 0 + t0 + k < length), other=0.0)
-                    h = _advance(h, A, dt, x, Bt.to(tl.float32))
-                    hs = tl.where(offs_t[:, None, None] == k, h[None, :, :], hs)
+                _, hs = _walk(h, A, bias, u_p, delta_p, B_p, t0, su_t, sv_t, sB_t, length, offs_d, offs_n, mask_n,
+                              CHUNK, HAS_BIAS, SOFTPLUS)
             for r in tl.static_range(CHUNK - 1, -1, -1):                   # step t = t0 + r, backwards
                 live = offs_d * 0 + t0 + r < length
                 live_n = mask_n & (offs_n * 0 + t0 + r < length)
-                x, dt, raw = _inputs(u_t0 + r * su_t, delta_t0 + r * sv_t, bias, live, HAS_BIAS, SOFTPLUS)
-                dy = tl.load(dy_t0 + r * sy_t, mask=live, other=0.0).to(tl.float32)
+                x, dt, raw = _inputs(u_p + t * su_t + r * su_t, delta_p + t * sv_t + r * sv_t, bias, live, HAS_BIAS,
+                                     SOFTPLUS)
+                dy = tl.load(dy_p + t * sy_t + r * sy_t, mask=live, other=0.0).to(tl.float32)
                 ds = dy                                                    # ∂L/∂s, s = C h: through the gate
                 if HAS_Z:
-                    z = tl.load(z_t0 + r * sz_t, mask=live, other=0.0).to(tl.float32)
+                    z = tl.load(z_p + t * sz_t + r * sz_t, mask=live, other=0.0).to(tl.float32)
                     sig = tl.sigmoid(z)
                     ds = dy * z * sig
-                Ct = tl.load(C_t0 + r * sC_t, mask=live_n, other=0.0).to(tl.float32)
+                Ct = tl.load(C_p + t * sC_t + r * sC_t, mask=live_n, other=0.0).to(tl.float32)
                 a = tl.exp2((dt * LOG2E)[None, :] * A)                     # eq. (3)
                 dh = g + Ct[:, None] * ds[None, :]                         # ∂L/∂h_t
                 g = a * dh                                                 # handed to h_{t-1} through eq. (5)
                 if LOCAL:
                     dt_total += dt
                 else:
-                    Bt = tl.load(B_t0 + r * sB_t, mask=live_n, other=0.0).to(tl.float32)
+                    Bt = tl.load(B_p + t * sB_t + r * sB_t, mask=live_n, other=0.0).to(tl.float32)
                     h = tl.sum(tl.where(offs_t[:, None, None] == r, hs, -0.0), axis=0)  # row r: free in registers
                     ah = dh * (h - (dt * x)[None, :] * Bt[:, None])        # ∂L/∂Ā · Ā; Ā h_{t-1} = h_t - B̄x
                     dA_acc += ah * dt[None, :]                             # ∂/∂A of eq. (3)
@@ -328,19 +289,22 @@ def _scan_bwd(u_ptr, delta_ptr, z_ptr, dy_ptr, du_ptr, ddelta_ptr, dz_ptr, A_ptr
                     if HAS_D:
                         du += Dskip * ds
                         dD_acc += ds * x
-                    ddt = tl.where(live, (dhB * x + tl.sum(ah * A, axis=0)) * _delta_grad(raw, SOFTPLUS), 0.0)
+                    ddt = dhB * x + tl.sum(ah * A, axis=0)                 # ∂L/∂Δ
+                    if SOFTPLUS:
+                        ddt *= tl.where(raw <= 20.0, tl.sigmoid(raw), 1.0)  # softplus', 1 above 20
+                    ddt = tl.where(live, ddt, 0.0)
                     dbias_acc += ddt
-                    tl.store(du_t0 + r * sg_t, du.to(du_ptr.dtype.element_ty), mask=live)
-                    tl.store(ddelta_t0 + r * sr_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=live)
+                    tl.store(du_p + t * sg_t + r * sg_t, du.to(du_ptr.dtype.element_ty), mask=live)
+                    tl.store(ddelta_p + t * sr_t + r * sr_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=live)
                     if HAS_Z:
                         y = tl.sum(h * Ct[:, None], axis=0)                # eq. (6) again, for the gate's gradient
                         if HAS_D:
                             y += Dskip * x
                         dz = dy * y * sig * (1.0 + z * (1.0 - sig))        # silu'(z)
-                        tl.store(dz_t0 + r * sq_t, dz.to(dz_ptr.dtype.element_ty), mask=live)
-                    tl.atomic_add(dB_t0 + r, tl.sum(dh * (dt * x)[None, :], axis=1), mask=live_n,
+                        tl.store(dz_p + t * sq_t + r * sq_t, dz.to(dz_ptr.dtype.element_ty), mask=live)
+                    tl.atomic_add(dB_p + t + r, tl.sum(dh * (dt * x)[None, :], axis=1), mask=live_n,
                                   sem="relaxed")                           # ∂/∂B of eq. (4), Σ over channels
-                    tl.atomic_add(dC_t0 + r, tl.sum(h * ds[None, :], axis=1), mask=live_n,
+                    tl.atomic_add(dC_p + t + r, tl.sum(h * ds[None, :], axis=1), mask=live_n,
                                   sem="relaxed")                           # ∂/∂C of eq. (6)
 
     if LOCAL:
@@ -358,16 +322,12 @@ def _scan_bwd(u_ptr, delta_ptr, z_ptr, dy_ptr, du_ptr, ddelta_ptr, dz_ptr, A_ptr
                 tl.store(_dn(dh0_ptr + pid_b * dim * DSTATE, cn, cd, DSTATE), g, mask=mask_n[:, None])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The plan of a call, and the autograd wrapper
-# ----------------------------------------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class Plan:
-    """How a scan is cut: CHUNK steps per register tile, SEG per kept state, SPAN per program; channel blocks."""
-    chunk: int
-    seg: int
-    span: int
+    """How a scan is cut along time (span s covers [s·SPAN, (s+1)·SPAN)) and along channels and states."""
+    chunk: int  # CHUNK steps unrolled in the code (their loads issued together)
+    seg: int    # SEG steps between two states kept for the backward, a multiple of CHUNK
+    span: int   # SPAN steps walked by one program, a multiple of SEG
     block_d: int
     block_n: int
 
@@ -377,10 +337,8 @@ def plan(batch: int, dim: int, dstate: int, groups: int, length: int, device: to
     """The default tiles; chunk, seg, span may be overridden (small in tests). A chunk is 4 steps (the backward
     holds a chunk's states in registers, 4 N per thread); a state is kept every 128 steps (for N = 16 below 1/8 of
     u's size in fp32); spans: as few as give WARPS_PER_SM warps per SM."""
-    block_n = 1 << max(dstate - 1, 0).bit_length()
-    block_d = 32
-    while (dim // groups) % block_d:
-        block_d //= 2
+    block_n = triton.next_power_of_2(dstate)
+    block_d = math.gcd(32, dim // groups)  # a power of two dividing D / G: a block reads one group of B, C
     chunk = chunk or 4
     seg = seg or 128
     if span is None:
@@ -399,8 +357,7 @@ def _strides(t: Tensor | None) -> tuple[int, ...]:
 
 def _given(tensors: list[Tensor | None], ref: Tensor) -> list[Tensor]:
     """The tensors, with a 1-element placeholder for each absent one (its kernel flag says not to read it)."""
-    placeholder = ref.new_empty(1)
-    return [placeholder if t is None else t for t in tensors]
+    return [ref.new_empty(1) if t is None else t for t in tensors]
 
 
 def _on(device: torch.device):
@@ -446,9 +403,8 @@ class _SelectiveScan(torch.autograd.Function):
         dz = torch.empty_like(z) if z is not None else None
         dA = torch.empty(batch * n_span, dim, dstate, **f32)               # per program, summed below
         dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)  # added to by every channel block
-        dD = torch.empty(batch * n_span, dim, **f32) if D is not None else None
-        dbias = torch.empty(batch * n_span, dim, **f32) if delta_bias is not None else None
-        dh0 = torch.empty(batch, dim, dstate, **f32) if initial_state is not None else None
+        dD, dbias = torch.empty(batch * n_span, dim, **f32), torch.empty(batch * n_span, dim, **f32)
+        dh0 = torch.empty(batch, dim, dstate, **f32)
         part, dtsum = torch.empty(batch, n_span, dstate, dim, **f32), torch.empty(batch, n_span, dim, **f32)
         scratch = torch.empty(batch * blocks * n_span, tiles.seg // tiles.chunk, tiles.block_n, tiles.block_d, **f32)
         args = (*_given([u, delta, z, dy, du, ddelta, dz, A, B, C, D, delta_bias, initial_state,
@@ -487,43 +443,28 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     return (y, last) if return_last_state else y
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Decode step
-# ----------------------------------------------------------------------------------------------------------------
-
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                          dim, n_groups, channels_per_group,
                          DSTATE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                          SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_dn = mask_d[:, None] & (offs_n < DSTATE)[None, :]
-    dn = offs_d[:, None] * DSTATE + offs_n[None, :]
-    group = offs_d // channels_per_group                                   # a tile may straddle groups
-    bc = (pid_b * n_groups + group)[:, None] * DSTATE + offs_n[None, :]
-
-    h = tl.load(state_ptr + pid_b * dim * DSTATE + dn, mask=mask_dn, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    raw = tl.load(dt_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        raw += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dt = _delta(raw, SOFTPLUS)
-    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + bc, mask=mask_dn, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + bc, mask=mask_dn, other=0.0).to(tl.float32)
-
-    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv               # eqs. (3)-(5)
-    tl.store(state_ptr + pid_b * dim * DSTATE + dn, h, mask=mask_dn)
-    y = tl.sum(h * Cv, axis=1)                                             # eq. (6)
-    if HAS_D:
-        y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
+    """Eqs. (3)-(6) at one step for the block of channels of program (batch element, block); state updated in place."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d, cd, offs_n, cn, mask_n, group, A, Dskip, bias = _program(
+        A_ptr, D_ptr, bias_ptr, 1, channels_per_group, DSTATE, BLOCK_N, BLOCK_D, HAS_D, HAS_BIAS)
+    state = _dn(state_ptr + pid_b * dim * DSTATE, cn, cd, DSTATE)
+    x, dt, _ = _inputs(x_ptr + pid_b * dim + offs_d, dt_ptr + pid_b * dim + offs_d, bias, offs_d < dim, HAS_BIAS,
+                       SOFTPLUS)
+    bc = (pid_b * n_groups + group) * DSTATE + offs_n
+    Bt = tl.load(B_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
+    h = _advance(tl.load(state, mask=mask_n[:, None], other=0.0), A, dt, x, Bt)  # eqs. (3)-(5)
+    tl.store(state, h, mask=mask_n[:, None])
+    Ct = tl.load(C_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
+    y = tl.sum(h * Ct[:, None], axis=0) + Dskip * x                        # eq. (6), skip D x
     if HAS_Z:
-        z = tl.load(z_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
-    tl.store(y_ptr + pid_b * dim + offs_d, y, mask=mask_d)
+        z = tl.load(z_ptr + pid_b * dim + offs_d).to(tl.float32)
+        y *= z * tl.sigmoid(z)                                             # gate y silu(z)
+    tl.store(y_ptr + pid_b * dim + offs_d, y.to(y_ptr.dtype.element_ty))
 
 
 def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -535,14 +476,12 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     D, dt_bias: (D,). Returns y (batch, D) in x's dtype. Not differentiable (inference only).
     """
     batch, dim = x.shape
-    dstate = A.shape[1]
-    block_n = 1 << max(dstate - 1, 0).bit_length()
-    block_d = 32 if block_n <= 16 else max(1, 512 // block_n)  # 32 channels x N for N <= 16
+    tiles = plan(batch, dim, A.shape[1], B.shape[1], 1, x.device)
     y = torch.empty_like(x)
     tensors = [None if t is None else t.contiguous() for t in (x, dt, A, B, C, D, z, dt_bias)]  # (batch, D): small
     with _on(x.device):
-        _state_update_kernel[(triton.cdiv(dim, block_d), batch)](
-            state, *_given(tensors, x), y, dim, B.shape[1], dim // B.shape[1], DSTATE=dstate, HAS_D=D is not None,
-            HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_D=block_d,
-            BLOCK_N=block_n)
+        _state_update_kernel[(batch, dim // tiles.block_d)](
+            state, *_given(tensors, x), y, dim, B.shape[1], dim // B.shape[1], DSTATE=A.shape[1], HAS_D=D is not None,
+            HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_D=tiles.block_d,
+            BLOCK_N=tiles.block_n, num_warps=1)
     return y
