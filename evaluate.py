@@ -1,11 +1,9 @@
-"""Table I of the paper: LTU's closed-ended evaluation, offline (`python evaluate.py --task esc50`; see --help).
+"""Table I, offline: the protocol of LTU's eval scripts (inference_batch.py, eval/eval_*.py), which the paper follows.
 
-The protocol of LTU's eval scripts (inference_batch.py, eval/eval_*.py), which the paper follows:
   1. Each entry gets one fixed question (PROMPTS) and one answer sampled with the paper's settings (the model's
      defaults, sampling.PAPER_SAMPLING), its clip cut or padded to the training length, 10.24 s.
-  2. Classification: the answer and each label are embedded as 'sound of <text>' by a sentence encoder and compared
-     by cosine similarity: the most similar label is the prediction -> accuracy (micro-F1 for DCASE); for the
-     multi-label sets the similarities are the class scores -> mAP.
+  2. Classification: the answer and each label are embedded as 'sound of <text>' by a sentence encoder; the label
+     most similar (cosine) is the prediction -> accuracy (micro-F1 for DCASE); multi-label: the similarities -> mAP.
   3. Captioning: each clip is answered once per reference caption (one entry each). Trial t scores every clip's
      t-th answer against all of its references; the metrics are averaged over trials.
 Unlike LTU: a local BERT (textenc) stands in for OpenAI's text-embedding-ada-002 (numbers close to Table I's, not
@@ -14,17 +12,16 @@ equal); captions are split on whitespace, not by coco-caption's Java PTB tokeniz
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import hashlib
 import json
 import os
-import socket
 import string
 import sys
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import BinaryIO, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +31,7 @@ import audio
 import checkpoint
 import layout
 import sampling
-from data import CLASSIFY_PROMPT, Clip, at_least, load_esc50, load_eval_json, read_labels, unquote
+from data import CLASSIFY_PROMPT, Clip, at_least, load_esc50, load_eval_json, parse_prefixes, read_labels, unquote
 from metrics import accuracy, bleu, cider_d, mean_average_precision, micro_f1, spice
 from textenc import TextEncoder
 
@@ -131,8 +128,6 @@ def score_captioning(task: str, clips: Sequence[Clip], predictions: dict[str, st
                **{f"bleu_{k + 1}": float(b[k]) for k in range(4)},
                "cider_d": float(np.mean([cider_d(h, refs) for h in hyps])), "spice": None}
     try:
-        if spice_jar is None:
-            raise FileNotFoundError("pass --spice-jar (coco-caption's spice-1.0.jar; needs Java)")
         metrics["spice"] = float(np.mean(spice([a for h in hyps for a in h], refs * len(hyps), spice_jar)))
     except (OSError, RuntimeError) as e:
         metrics["spice_note"] = f"SPICE was not computed: {e}"
@@ -151,16 +146,16 @@ def evaluate(task: str, clips: Sequence[Clip], answer_fn: AnswerFn | None, outpu
     if TASKS[task].kind != "caption":
         class_targets(task, clips, labels)  # every reference names a class, before any inference
     instructions = [PROMPTS[task] or c.instruction for c in clips]
-    predictions, skipped = collect_predictions(clips, instructions, answer_fn, output, batch_size, progress,
-                                               skip_bad=skip_bad, checkpoint_id=checkpoint_id)
-    clips = [c for c in clips if c.key in predictions]
-    if not clips:
-        raise ValueError(f"no clip of the {len(skipped)} could be read (--skip-bad skipped them all)")
+    predictions = collect_predictions(clips, instructions, answer_fn, output, batch_size, progress,
+                                      skip_bad=skip_bad, checkpoint_id=checkpoint_id)
+    answered = [c for c in clips if c.key in predictions]
+    if not answered:
+        raise ValueError(f"no clip of the {len(clips)} could be read (--skip-bad skipped them all)")
     if TASKS[task].kind == "caption":
-        metrics = score_captioning(task, clips, predictions, spice_jar)
+        metrics = score_captioning(task, answered, predictions, spice_jar)
     else:
-        metrics = score_classification(task, clips, predictions, labels, encoder or TextEncoder())
-    return {**metrics, "skipped": len(skipped)}
+        metrics = score_classification(task, answered, predictions, labels, encoder or TextEncoder())
+    return {**metrics, "skipped": len(clips) - len(answered)}
 
 
 def table_row(metrics: dict, name: str = "model") -> str:
@@ -181,41 +176,14 @@ class OutputBusy(ValueError):
     """Another evaluate.py is answering into the same predictions file."""
 
 
-@contextmanager
-def output_lock(output: str):
-    """Hold <output>.lock ("host pid", created exclusively) while `output` is read and appended to. A lock left by
-    a process of this host that has ended is taken over, saying so; any other is OutputBusy."""
-    lock, me = Path(output + ".lock"), f"{socket.gethostname()} {os.getpid()}"
-    try:
-        with open(lock, "x") as f:
-            f.write(me)
-    except FileExistsError:
-        holder = lock.read_text(errors="replace").split()
-        try:
-            if len(holder) == 2 and holder[0] == socket.gethostname() and holder[1].isdigit():
-                os.kill(int(holder[1]), 0)  # signal 0: ProcessLookupError once the holder has ended
-            ended = False
-        except OSError as e:  # PermissionError: it exists, another user's
-            ended = isinstance(e, ProcessLookupError)
-        if not ended:
-            raise OutputBusy(f"{output} is being written by another evaluate.py ({lock}: {' '.join(holder)}); wait "
-                             f"for it, pass another --output, or delete {lock} if that run is gone") from None
-        print(f"note: {lock} was left by process {holder[1]}, which has ended; taking it over", file=sys.stderr)
-        lock.write_text(me)
-    try:
-        yield
-    finally:
-        lock.unlink()
-
-
-def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | None = None) -> dict[str, str]:
-    """The answers in `output` by clip key. A torn last line (a run stopped mid-write) is cut off; answers for
-    another eval set, or (given a checkpoint_id) of another checkpoint, are refused."""
-    with open(output, "a+b") as f:  # created if missing
-        f.seek(0)
-        lines = f.read().split(b"\n")
-        if lines[-1]:  # no newline at the end: a torn record, cut off and answered again
-            f.truncate(f.tell() - len(lines[-1]))
+def read_predictions(f: BinaryIO, output: str, clips: Sequence[Clip],
+                     checkpoint_id: str | None = None) -> dict[str, str]:
+    """The answers in `output` (open as f) by clip key. A torn last line (a run stopped mid-write) is cut off;
+    answers for another eval set, or (given a checkpoint_id) of another checkpoint, are refused."""
+    f.seek(0)
+    lines = f.read().split(b"\n")
+    if lines[-1]:  # no newline at the end: a torn record, cut off and answered again
+        f.truncate(f.tell() - len(lines[-1]))
     audio_ids, done = {c.key: c.audio_id for c in clips}, {}
     for n, line in enumerate(lines[:-1], 1):
         try:
@@ -230,54 +198,53 @@ def read_predictions(output: str, clips: Sequence[Clip], checkpoint_id: str | No
     return done
 
 
-def unreadable(clip: Clip) -> str | None:
-    """Why the model cannot hear `clip` (no file, or audio.dass_input_from_file refuses it), or None."""
-    if clip.path is None:
-        return "no audio file found"
+def readable(clip: Clip) -> bool:
+    """Whether the model can hear `clip` (a file that audio.dass_input_from_file takes); if not, says why."""
     try:
+        if clip.path is None:
+            raise FileNotFoundError("no audio file found")
         audio.dass_input_from_file(clip.path, target_length=None)
+        return True
     except (OSError, ValueError) as e:
-        return str(e)
-    return None
+        print(f"skipped entry {clip.key} ({clip.audio_id}), its audio is unreadable (--skip-bad): {e}", file=sys.stderr)
+        return False
 
 
 def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answer_fn: AnswerFn | None,
                         output: str, batch_size: int = 8, progress: bool = True, *, skip_bad: bool = False,
-                        checkpoint_id: str | None = None) -> tuple[dict[str, str], list[Clip]]:
-    """Answers for all clips: those in `output` (JSONL) are kept, the rest are asked of answer_fn in batches and
+                        checkpoint_id: str | None = None) -> dict[str, str]:
+    """Answers by clip key: those in `output` (JSONL) are kept, the rest are asked of answer_fn in batches and
     appended, one flushed line per clip tagged with checkpoint_id, so that a stopped run resumes where it stopped.
-    skip_bad: clips whose audio cannot be read are left unanswered. Returns (answers by key, the clips skipped)."""
+    skip_bad: clips whose audio cannot be read are left unanswered."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    skipped = []
-    with output_lock(output):
-        done = read_predictions(output, clips, checkpoint_id)
+    with open(output, "a+b") as f:  # created if missing
+        try:  # one writer per file: the flock is freed when its process ends, however it ends
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusy(f"{output} is being written by another evaluate.py: wait for it, or pass another "
+                             "--output") from None
+        done = read_predictions(f, output, clips, checkpoint_id)
         todo = [(c, q) for c, q in zip(clips, instructions, strict=True) if c.key not in done]
         if todo and answer_fn is None:
             raise ValueError(f"{len(todo)} clip(s) have no answer in {output}: pass --checkpoint to run the model")
         if progress:
-            print(f"{output}: {len(done)} of {len(clips)} clips answered, {len(todo)} to ask"
-                  + (", each read first (--skip-bad)" if skip_bad else ""), file=sys.stderr)
+            print(f"{output}: {len(done)} of {len(clips)} clips answered, {len(todo)} to ask", file=sys.stderr)
         if skip_bad:
-            why = {c.key: unreadable(c) for c, _ in todo}
-            skipped = [(c, why[c.key]) for c, _ in todo if why[c.key]]
-            todo = [(c, q) for c, q in todo if not why[c.key]]
+            todo = [(c, q) for c, q in todo if readable(c)]
         elif missing := [c for c, _ in todo if c.path is None]:
             raise FileNotFoundError(f"{len(missing)} audio file(s) not found, e.g. {missing[0].audio_id!r}: pass "
                                     "--audio-root DIR, the folder holding the dataset's audio files (or --skip-bad)")
-        with open(output, "a", encoding="utf-8") as f:
-            for s in range(0, len(todo), batch_size):
-                batch = todo[s:s + batch_size]
-                answers = answer_fn([c.path for c, _ in batch], [q for _, q in batch])
-                for (c, q), a in zip(batch, answers, strict=True):
-                    f.write(json.dumps({"key": c.key, "audio_id": c.audio_id, "instruction": q, "prediction": a,
-                                        "reference": c.reference, "checkpoint": checkpoint_id}) + "\n")
-                    done[c.key] = a
-                f.flush()
-                if progress:
-                    print(f"{min(s + batch_size, len(todo))}/{len(todo)} clips answered", file=sys.stderr)
-    for c, why in skipped:
-        print(f"skipped entry {c.key} ({c.audio_id}), its audio cannot be read (--skip-bad): {why}", file=sys.stderr)
-    return done, [c for c, _ in skipped]
+        for s in range(0, len(todo), batch_size):
+            batch = todo[s:s + batch_size]
+            answers = answer_fn([c.path for c, _ in batch], [q for _, q in batch])
+            for (c, q), a in zip(batch, answers, strict=True):
+                f.write(json.dumps({"key": c.key, "audio_id": c.audio_id, "instruction": q, "prediction": a,
+                                    "reference": c.reference, "checkpoint": checkpoint_id}).encode() + b"\n")
+                done[c.key] = a
+            f.flush()
+            if progress:
+                print(f"{min(s + batch_size, len(todo))}/{len(todo)} clips answered", file=sys.stderr)
+    return done
 
 
 def checkpoint_identity(folder: str) -> str:
@@ -285,9 +252,7 @@ def checkpoint_identity(folder: str) -> str:
     checkpoint.check_model_files(Path(folder))
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
-        with open(Path(folder) / name, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
+        h.update((Path(folder) / name).read_bytes())
     return "sha256:" + h.hexdigest()[:16]
 
 
@@ -299,6 +264,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="LTU eval JSON (default: layout.EVAL_SETS; demo: demo_eval.json by the checkpoint)")
     p.add_argument("--labels", help="label CSV index,mid,display_name (demo: demo_labels.csv by demo_eval.json)")
     p.add_argument("--audio-root", help="folder holding the audio files that the eval JSON names")
+    p.add_argument("--audio-prefix", action="append", default=[], metavar="OLD=NEW", help="rewrite an audio_id's start")
     p.add_argument("--esc50-root", help="ESC-50 in its own layout instead of --data (default: data/ESC-50-master)")
     p.add_argument("--limit", type=at_least(1), help="only the first N entries")
     p.add_argument("--batch-size", type=at_least(1), default=8)
@@ -337,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if a.esc50_root:
         clips, labels = load_esc50(a.esc50_root)
     else:
-        clips = load_eval_json(a.data, a.audio_root, need_instruction=PROMPTS[a.task] is None)
+        clips = load_eval_json(a.data, a.audio_root, parse_prefixes(a.audio_prefix),
+                               need_instruction=PROMPTS[a.task] is None)
         labels = read_labels(a.labels) if TASKS[a.task].kind != "caption" else None
     identity = checkpoint_identity(a.checkpoint) if a.checkpoint else None  # and its files checked whole
     output = a.output or os.path.join(a.checkpoint, f"eval_{a.task}.jsonl")

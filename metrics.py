@@ -1,8 +1,7 @@
 """The metrics of Table I: accuracy, micro-F1 and mAP (classification), BLEU, CIDEr-D and SPICE (captioning).
 
-Hand-written to save heavy dependencies: accuracy, micro-F1 and average precision are a few lines of numpy where
-scikit-learn (a test-only oracle, tests/test_metrics.py) would bring scipy along; BLEU and CIDEr-D are coco-caption's
-definitions (pycocoevalcap) without its Java tokenizer. SPICE runs coco-caption's own jar (it needs Java).
+In numpy (scikit-learn is only the tests' oracle); BLEU and CIDEr-D are coco-caption's definitions (pycocoevalcap)
+without its Java tokenizer; SPICE runs coco-caption's own jar (it needs Java).
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import os
 import subprocess
 import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -105,19 +105,17 @@ def cider_d(hyps: Sequence[str], refs: Sequence[Sequence[str]], n: int = 4, sigm
     return float(np.mean(scores))
 
 
-def spice(hyps: Sequence[str], refs: Sequence[Sequence[str]], jar: str, java: str = "java") -> list[float]:
+def spice(hyps: Sequence[str], refs: Sequence[Sequence[str]], jar: str | None, java: str = "java") -> list[float]:
     """Per-clip SPICE F-scores from coco-caption's spice-1.0.jar, run as coco-caption runs it. OSError (no jar, no
     Java) or RuntimeError (the jar failed): the caller reports SPICE as not computed."""
-    if not os.path.isfile(jar):
-        raise FileNotFoundError(f"SPICE jar not found: {jar}")
+    if jar is None or not os.path.isfile(jar):
+        raise FileNotFoundError(f"SPICE jar not found: {jar or 'pass --spice-jar'} (coco-caption's spice-1.0.jar)")
     with tempfile.TemporaryDirectory() as tmp:
-        inp, out = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
-        with open(inp, "w") as f:
-            json.dump([{"image_id": i, "test": h, "refs": list(r)} for i, (h, r) in enumerate(zip(hyps, refs))], f)
+        inp, out = Path(tmp, "in.json"), Path(tmp, "out.json")
+        inp.write_text(json.dumps([{"image_id": i, "test": h, "refs": r} for i, (h, r) in enumerate(zip(hyps, refs))]))
         cmd = [java, "-jar", "-Xmx8G", os.path.abspath(jar), inp, "-out", out, "-subset", "-silent"]
         run = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(jar)), capture_output=True, text=True)
-        if run.returncode != 0 or not os.path.isfile(out):
+        if run.returncode != 0 or not out.is_file():
             raise RuntimeError(f"SPICE failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
-        with open(out) as f:
-            results = {item["image_id"]: item["scores"]["All"]["f"] for item in json.load(f)}
+        results = {item["image_id"]: item["scores"]["All"]["f"] for item in json.loads(out.read_text())}
     return [float("nan") if results[i] is None else float(results[i]) for i in range(len(hyps))]

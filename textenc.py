@@ -1,9 +1,7 @@
 """The sentence encoder that matches Table I's answers to labels (evaluate.py): BERT as sentence-transformers runs it.
 
-Written here, from PyTorch's transformer layers and the `tokenizers` WordPiece, to keep sentence-transformers (with
-transformers, scikit-learn, scipy) out of the runtime; tests/test_textenc.py checks it against both. It reads a
-sentence-transformers folder (all-MiniLM-L6-v2 by default): BERT's config.json and weights in Hugging Face's layout,
-tokenizer.json or vocab.txt, and the optional sentence_bert_config.json, tokenizer_config.json, 1_Pooling/config.json.
+From PyTorch's transformer layers and the `tokenizers` WordPiece; sentence-transformers and transformers are only the
+tests' oracles. It reads a sentence-transformers folder of BERT, all-MiniLM-L6-v2 by default:
     WordPiece ids [CLS] pieces [SEP] (L,) -> BERT (L, d) -> mean over the tokens, L2-normalised (d,)
 """
 from __future__ import annotations
@@ -51,7 +49,6 @@ HF_NAMES = (("embeddings.word_embeddings", "tok_emb"), ("embeddings.position_emb
             ("encoder.layer.", "encoder.layers."), ("attention.self.", "self_attn.in_proj."),
             ("attention.output.dense", "self_attn.out_proj"), ("attention.output.LayerNorm", "norm1"),
             ("intermediate.dense", "linear1"), ("output.dense", "linear2"), ("output.LayerNorm", "norm2"))
-HF_UNUSED = ("pooler.dense.weight", "pooler.dense.bias", "position_ids")
 
 
 def hf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
@@ -68,7 +65,7 @@ def hf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor, str]]:
             parts[part] = t
             if len(parts) == 3:  # all three read: joined in this order
                 yield f"{head}.in_proj_{kind}", torch.cat([parts["query"], parts["key"], parts["value"]]), file
-        elif not key.endswith(HF_UNUSED):
+        elif not key.endswith(("pooler.dense.weight", "pooler.dense.bias", "position_ids")):
             yield key, t, file
 
 

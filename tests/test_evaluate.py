@@ -236,6 +236,18 @@ def test_cli_demo_uses_checkpoint_files_and_entry_instructions(tmp_path, monkeyp
     assert (step / "eval_demo.jsonl").is_file()
 
 
+def test_cli_audio_prefix_rewrites_ltus_absolute_paths(tmp_path, monkeypatch, capsys):
+    eval_json, labels_csv, root = write_ltu_set(tmp_path, VS, VS, list(range(6)))  # audio_id /elsewhere/clipN.wav
+    fake_sslalm(monkeypatch, VS)
+    fake_checkpoint(tmp_path / "ckpt")
+    argv = ["--task", "vs", "--checkpoint", str(tmp_path / "ckpt"), "--data", eval_json, "--labels", labels_csv]
+    with pytest.raises(FileNotFoundError, match="6 audio file\\(s\\) not found"):  # /elsewhere/ is not here
+        ev.main(argv)
+    ev.main([*argv, "--audio-prefix", f"/elsewhere/={root}/", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == 1.0
+    assert FakeModel.calls[0]["n"] == 6
+
+
 def test_resume_answers_each_clip_once_and_matches_uninterrupted(tmp_path, encoder):
     refs = [VS[i % 6] for i in range(11)]
     tones = [(i * 5) % 6 if i % 3 == 0 else i % 6 for i in range(11)]

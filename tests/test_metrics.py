@@ -114,3 +114,5 @@ def test_spice_reads_the_jar_output(tmp_path):
     assert got == pytest.approx([1.2, 2.3])
     with pytest.raises(FileNotFoundError, match="SPICE jar"):
         metrics.spice(["a"], [["b"]], str(tmp_path / "none.jar"))
+    with pytest.raises(FileNotFoundError, match="pass --spice-jar"):
+        metrics.spice(["a"], [["b"]], None)
