@@ -12,7 +12,6 @@ equal); captions are split on whitespace, not by coco-caption's Java PTB tokeniz
 from __future__ import annotations
 
 import argparse
-import fcntl
 import functools
 import hashlib
 import json
@@ -22,6 +21,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple, Sequence
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): a second writer on one --output goes undetected
+    fcntl = None
 
 import numpy as np
 import torch
@@ -219,7 +223,8 @@ def collect_predictions(clips: Sequence[Clip], instructions: Sequence[str], answ
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "a+b") as f:  # created if missing
         try:  # one writer per file: the flock is freed when its process ends, however it ends
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputBusy(f"{output} is being written by another evaluate.py: wait for it, or pass another "
                              "--output") from None
