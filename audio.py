@@ -59,8 +59,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
     del chunks                                                        # `wave` is now the only copy of the samples
     if not torch.isfinite(wave).all():
         raise ValueError(f"audio file {path}: contains NaN or infinite samples")
-    if sr != sample_rate:
-        wave = resample(wave, sr, sample_rate)
+    wave = resample(wave, sr, sample_rate)                            # unchanged if sr == sample_rate
     if wave.numel() < FRAME_LENGTH * sample_rate // SAMPLE_RATE:
         raise ValueError(f"audio file {path}: too short ({n} samples at {sr} Hz = {1000 * n / sr:.1f} ms); "
                          "one fbank frame needs 25 ms")

@@ -131,9 +131,8 @@ class VSSBlock(nn.Module):
 
     def __init__(self, d: int, d_state: int, mlp_ratio: float):
         super().__init__()
-        self.norm, self.op = nn.LayerNorm(d), SS2D(d, d_state)
+        self.norm, self.op, self.norm2 = nn.LayerNorm(d), SS2D(d, d_state), nn.LayerNorm(d)
         hidden = int(d * mlp_ratio)
-        self.norm2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(d, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, d)))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -102,7 +102,7 @@ class MambaMixer(nn.Module):
         after position L. Padding leaves both untouched: the conv sees zeros, and x = 0 gives Δ·B·x = 0 (eq. (5))."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)          # (B, d_inner, L) each
         keep = 1.0 if mask is None else mask[:, None, :].to(x.dtype)         # (B, 1, L)
-        x = x * keep                        # = HF's zeroing of the mixer input when in_proj has no bias
+        x = x * keep  # = HF's zeroing of the mixer input when in_proj has no bias
         if conv_state is not None:
             conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0)))     # the last d_conv inputs (zeros before 0)
         x = F.silu(self.conv1d(F.pad(x, (self.d_conv - 1, 0)))) * keep       # causal depthwise conv; the bias kept out
