@@ -7,11 +7,9 @@ Glossary (code name -> meaning; paper Fig. 1: "audio (16 kHz) -> fbank (1024 x 1
     dass input  fbank - mean-removed audio, padded/cropped to 1024 frames, normalised with AudioSet statistics
 
 `fbank` reproduces `torchaudio.compliance.kaldi.fbank(w, htk_compat=True, sample_frequency=16000, use_energy=False,
-window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` (what DASS and LTU train with); the tests
-check it against torchaudio's values in tests/fixtures/fbank_kaldi.npz (tools/make_fbank_fixture.py). Unlike the
-official pipeline, a file at another sample rate is resampled instead of being read as if it were 16 kHz. Both are
-written here: the fbank's steps are the paper's input, and with the resampler they save torchaudio, a heavy
-dependency tied to each torch version.
+window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` (what DASS and LTU train with) without
+torchaudio, a heavy dependency tied to each torch version. Unlike the official pipeline, a file at another sample
+rate is resampled instead of being read as if it were 16 kHz.
 """
 from __future__ import annotations
 
@@ -35,7 +33,6 @@ DASS_MEAN, DASS_STD = -4.2677393, 4.5689974  # AudioSet fbank statistics used by
 SILENT_FRAME = -DASS_MEAN / (2 * DASS_STD)  # a zero (padded) fbank frame after normalisation, ≈ 0.467
 DASS_FRAMES = 1024    # 10.24 s: the length DASS was trained on
 MAX_SECONDS = 3600    # longer files are refused by load_audio (see there)
-RESAMPLE_BLOCK = 1 << 18  # values per work tensor in resample (1 MB in float32): bounds its memory
 
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
@@ -55,16 +52,14 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
         raise ValueError(f"audio file {path}: cannot be decoded by soundfile ({e})") from e
     n = sum(len(c) for c in chunks)
     if too_long or n > limit:
-        raise ValueError(f"audio file {path}: longer than {MAX_SECONDS} s (audio.MAX_SECONDS), the longest clip "
-                         "this reads")
+        raise ValueError(f"audio file {path}: longer than {MAX_SECONDS} s (audio.MAX_SECONDS), the longest we read")
     if n == 0:
         raise ValueError(f"audio file {path}: contains no samples")
     wave = torch.from_numpy(np.concatenate(chunks))
     del chunks                                                        # `wave` is now the only copy of the samples
     if not torch.isfinite(wave).all():
         raise ValueError(f"audio file {path}: contains NaN or infinite samples")
-    if sr != sample_rate:
-        wave = resample(wave, sr, sample_rate)
+    wave = resample(wave, sr, sample_rate)                            # unchanged if sr == sample_rate
     if wave.numel() < FRAME_LENGTH * sample_rate // SAMPLE_RATE:
         raise ValueError(f"audio file {path}: too short ({n} samples at {sr} Hz = {1000 * n / sr:.1f} ms); "
                          "one fbank frame needs 25 ms")
@@ -72,18 +67,14 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
 
 
 def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rolloff: float = 0.95,
-             beta: float = 8.0, block: int = RESAMPLE_BLOCK) -> Tensor:
+             beta: float = 8.0, block: int = 1 << 18) -> Tensor:
     """Band-limited resampling of a 1-D signal: (samples,) -> (ceil(samples * new_sr / orig_sr),).
-
     Output j is the input at time t = j * orig_sr / new_sr through a Kaiser-windowed sinc low-pass at `rolloff` x
     the lower Nyquist frequency (to 16 kHz: flat to ~7.2 kHz, below -70 dB from 8 kHz). Few output phases (44.1,
     48, 8 kHz): each phase's filter is tabulated exactly and a block of outputs is one matmul; else (44,101 Hz,
-    primes) it is interpolated between tabulated fractions (error ~1e-7). Work tensors hold about `block` values.
-    """
+    primes) it is interpolated between tabulated fractions (error ~1e-7). Work tensors hold ~`block` floats (1 MB)."""
     if waveform.dim() != 1:
         raise ValueError(f"resample expects a 1-D waveform; got shape {tuple(waveform.shape)}")
-    if orig_sr <= 0 or new_sr <= 0:
-        raise ValueError(f"sample rates must be positive; got {orig_sr} -> {new_sr}")
     g = math.gcd(int(orig_sr), int(new_sr))
     up, down = new_sr // g, orig_sr // g
     n = waveform.numel()
@@ -123,11 +114,9 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
 
 def mel_filterbank() -> Tensor:
     """Kaldi's triangular mel filters: (N_MELS, N_FFT // 2 + 1) float32; the Nyquist bin always gets weight 0.
-
     Filter b rises from mel_low + b*delta to a peak at mel_low + (b+1)*delta and falls to mel_low + (b+2)*delta,
     delta = (mel(nyquist) - mel(LOW_FREQ)) / (N_MELS + 1), with the HTK mel scale mel(f) = 1127 ln(1 + f/700): in
-    float64 for the band edges, float32 for the FFT bins, as Kaldi rounds (else the log energies move by 1e-4).
-    """
+    float64 for the band edges, float32 for the FFT bins, as Kaldi rounds (else the log energies move by 1e-4)."""
     mel_low, mel_high = (1127.0 * math.log(1.0 + f / 700.0) for f in (LOW_FREQ, SAMPLE_RATE / 2))
     delta = (mel_high - mel_low) / (N_MELS + 1)
     b = torch.arange(N_MELS, dtype=torch.float32)[:, None]
@@ -144,13 +133,10 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
     (NaN/inf samples, or samples such as 4e29 whose power overflows float32): every feature would be NaN."""
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"fbank expects {SAMPLE_RATE} Hz audio; got {sample_rate} Hz (use resample first)")
-    if waveform.dim() == 2 and waveform.shape[0] == 1:
-        waveform = waveform[0]
     if waveform.dim() != 1:
         raise ValueError(f"fbank expects a mono waveform (samples,); got shape {tuple(waveform.shape)}")
-    n = waveform.numel()
-    if n < FRAME_LENGTH:
-        raise ValueError(f"waveform of {n} samples is shorter than one fbank frame ({FRAME_LENGTH} samples, 25 ms)")
+    if waveform.numel() < FRAME_LENGTH:
+        raise ValueError(f"waveform of {waveform.numel()} samples is shorter than one fbank frame (25 ms)")
     wave = waveform.float()
     window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float32, device=wave.device)
     mel_fb = mel_filterbank().to(wave.device)                                # (128, 257)

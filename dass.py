@@ -23,6 +23,7 @@ autocast: ~1e-2 on logits); no stochastic depth (a training regulariser); long i
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -83,11 +84,6 @@ def cross_merge(ys: Tensor, H: int, W: int) -> Tensor:
     return row.view(B, d, H, W) + col.view(B, d, W, H).transpose(2, 3)
 
 
-def _fp32(t: Tensor) -> Tensor:
-    """The SSM parameters go to the scan in fp32 even when the model runs in bf16/fp16 (fp64 stays fp64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 class SS2D(nn.Module):
     """The 2-D selective scan: Mamba's selective SSM run along four scan orders of the feature map."""
 
@@ -114,6 +110,7 @@ class SS2D(nn.Module):
         """x: (B, H, W, d) -> (B, H, W, d)."""
         B, H, W, d = x.shape
         L, R, N = H * W, self.dt_rank, self.d_state
+        f32 = torch.promote_types(self.Ds.dtype, torch.float32)  # the SSM parameters in fp32 under bf16 (fp64 stays)
         x = self.in_proj(x).permute(0, 3, 1, 2)                        # (B, d, H, W)
         x = F.silu(self.conv2d(x))
         xs = cross_scan(x)                                             # (B, 4, d, L)
@@ -122,21 +119,11 @@ class SS2D(nn.Module):
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, 4, d, L)   Δ before bias, softplus
         ys = selective_scan(                                           # eqs. (3)-(6), direction k = group k
             xs.reshape(B, 4 * d, L), dts.reshape(B, 4 * d, L),
-            -torch.exp(_fp32(self.A_logs)), Bs, Cs, D=_fp32(self.Ds),
-            delta_bias=_fp32(self.dt_projs_bias).reshape(-1), delta_softplus=True,
+            -torch.exp(self.A_logs.to(f32)), Bs, Cs, D=self.Ds.to(f32),
+            delta_bias=self.dt_projs_bias.to(f32).reshape(-1), delta_softplus=True,
         )                                                              # (B, 4d, L)
         y = cross_merge(ys.view(B, 4, d, L), H, W)                     # (B, d, H, W)
         return self.out_proj(self.out_norm(y.permute(0, 2, 3, 1)))
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(..., d) -> (..., d), with the exact (erf) GELU."""
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class VSSBlock(nn.Module):
@@ -144,8 +131,9 @@ class VSSBlock(nn.Module):
 
     def __init__(self, d: int, d_state: int, mlp_ratio: float):
         super().__init__()
-        self.norm, self.op = nn.LayerNorm(d), SS2D(d, d_state)
-        self.norm2, self.mlp = nn.LayerNorm(d), MLP(d, int(d * mlp_ratio))
+        self.norm, self.op, self.norm2 = nn.LayerNorm(d), SS2D(d, d_state), nn.LayerNorm(d)
+        hidden = int(d * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(d, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, d)))
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, d) -> (B, H, W, d)."""
@@ -197,11 +185,9 @@ class DASS(nn.Module):
         """The feature map the LALM consumes: (B, T, 128) fbank -> (B, 768, 4, ceil(T/32)) (channels, freq, time).
         Inputs longer than `window` frames (a multiple of 32; None: one pass) go in windows encoded independently
         and concatenated along time: memory stays that of one window (one pass over an hour needs tens of GB)."""
-        if x.dim() != 3 or x.shape[-1] != self.config.n_mels:
-            raise ValueError(f"DASS expects a (batch, frames, {self.config.n_mels}) fbank; got {tuple(x.shape)}")
+        if x.dim() != 3 or x.shape[1] == 0 or x.shape[-1] != self.config.n_mels:
+            raise ValueError(f"DASS expects a (batch, frames > 0, {self.config.n_mels}) fbank; got {tuple(x.shape)}")
         T = x.shape[1]
-        if T == 0:
-            raise ValueError("DASS got an input with 0 frames")
         if window is None or T <= window:
             return self._features(x)
         stride = 2 ** (len(self.config.dims) + 1)  # input frames per output time step: 4 x 2 per downsample

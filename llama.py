@@ -1,19 +1,17 @@
 """LLaMA / Vicuna-7B: the frozen language model of the paper's hybrid LALM (DASS + Vicuna-7B, §III-C).
 
-Glossary (code name -> meaning; defaults = Vicuna-7B v1.5):
+Glossary (code name -> meaning; defaults = Vicuna-7B v1.5, i.e. LLaMA-2-7B):
     d       hidden_size, the model width (4096)            H, Hkv  query heads (32), key/value heads (32; fewer for GQA)
     hd      head_dim = d / H (128)                         T       cache length (prompt + new tokens)
     B, L    batch, sequence length                         V       vocabulary size (32000)
     pos     position ids cumsum(attention_mask) - 1 (as HF): a left-padded row sees the positions it would see alone
 
 A block is x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)); attn is causal self-attention with RoPE on q and k in
-Hugging Face's rotate_half convention (the HF checkpoints' q/k weights are permuted for it); mlp is SwiGLU. Module
-names equal the HF state_dict keys (`model.layers.{i}.self_attn.q_proj` ...), which lora.py and the PEFT export use.
+Hugging Face's rotate_half convention (the HF checkpoints' q/k weights are permuted for it); mlp is SwiGLU.
 
-Written here rather than taken from transformers (the tests' oracle) to be read in one sitting and to share the
-cache protocol of sampling.py with mamba.py. Differences from LlamaForCausalLM: without padding, attention is
-PyTorch's SDPA with is_causal=True and no mask, so the flash / memory-efficient kernels can run; a padding query
-attends to itself, so no softmax row is empty (no NaN on any backend); logits are fp32, as in mamba.py.
+Differences from transformers' LlamaForCausalLM (the tests' oracle): without padding, attention is PyTorch's SDPA
+with is_causal=True and no mask, so the flash / memory-efficient kernels can run; a padding query attends to itself,
+so no softmax row is empty (no NaN on any backend); logits are fp32, as in mamba.py.
 """
 from __future__ import annotations
 
@@ -30,7 +28,6 @@ from mamba import RMSNorm  # the same norm; LLaMA rounds where transformers does
 
 @dataclass
 class LlamaConfig:
-    """Defaults: Vicuna-7B v1.5 (LLaMA-2-7B)."""
     hidden_size: int = 4096
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
@@ -42,8 +39,7 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         d, h, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
         if d % h or h % kv:
             raise ValueError(f"hidden_size {d} must be divisible by num_attention_heads {h}, and num_attention_heads "
@@ -93,11 +89,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
                 layer: int = 0) -> Tensor:
@@ -157,7 +152,7 @@ def _positions(attention_mask: Tensor | None, batch: int, length: int, device) -
 
 
 class LlamaLM(nn.Module):
-    """LLaMA causal language model; state_dict keys equal those of transformers' LlamaForCausalLM."""
+    """LLaMA causal LM; module names (`model.layers.{i}.self_attn.q_proj` ...) as in transformers' LlamaForCausalLM."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()

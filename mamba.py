@@ -12,13 +12,10 @@ Glossary (checkpoint names -> paper; defaults = Mamba-2.8B):
     conv_state      the last d_conv inputs of the conv, per layer       (B, d_inner, d_conv)
     ssm_state       h_t of eq. (5), per layer                            (B, d_inner, N)
 
-A block is r <- r + out_proj(scan(silu(conv(x)), Δ, A, B, C, D) · silu(z)) with [x, z] = in_proj(RMSNorm(r)).
-
-Written here rather than imported from mamba_ssm, CUDA-only compiled code whose fused kernels hide the equations.
-Differences from it: the residual stream is always fp32; the conv is plain PyTorch; left padding is masked by
-zeroing the conv's input and output (transformers zeroes the mixer input: the same when in_proj has no bias). On
-CUDA each batch size's decode step is recorded once as a CUDA graph and replayed, as gpt-fast does with
-torch.compile: at batch 1 the ~15 kernel launches per layer, not the arithmetic, set the pace.
+Differences from mamba_ssm (CUDA-only, its fused kernels hide the equations): the residual stream is always fp32;
+the conv is plain PyTorch; left padding is masked by zeroing the conv's input and output (transformers zeroes the
+mixer input: the same when in_proj has no bias). On CUDA each batch size's decode step is recorded once as a CUDA
+graph and replayed, as gpt-fast does with torch.compile: at batch 1 kernel launches, not arithmetic, set the pace.
 """
 from __future__ import annotations
 
@@ -35,7 +32,6 @@ from scan import init_A_and_delta_bias, selective_scan, selective_state_update
 
 @dataclass
 class MambaConfig:
-    """The Mamba LM's shape. Defaults: mamba-2.8b, the paper's ssLALM language model."""
     d_model: int = 2560
     n_layer: int = 64
     vocab_size: int = 50280           # GPT-NeoX's 50277 tokens, padded up to pad_vocab_size_multiple
@@ -105,13 +101,11 @@ class MambaMixer(nn.Module):
         conv_state (B, d_inner, d_conv) and ssm_state (B, d_inner, N), if given, are overwritten with the states
         after position L. Padding leaves both untouched: the conv sees zeros, and x = 0 gives Δ·B·x = 0 (eq. (5))."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)          # (B, d_inner, L) each
-        if mask is not None:
-            x = x * mask[:, None, :].to(x.dtype)  # = HF's zeroing of the mixer input when in_proj has no bias
+        keep = 1.0 if mask is None else mask[:, None, :].to(x.dtype)         # (B, 1, L)
+        x = x * keep  # = HF's zeroing of the mixer input when in_proj has no bias
         if conv_state is not None:
             conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0)))     # the last d_conv inputs (zeros before 0)
-        x = F.silu(self.conv1d(F.pad(x, (self.d_conv - 1, 0))))              # causal depthwise conv  (B, d_inner, L)
-        if mask is not None:
-            x = x * mask[:, None, :].to(x.dtype)                             # the conv's bias must not leak in
+        x = F.silu(self.conv1d(F.pad(x, (self.d_conv - 1, 0)))) * keep       # causal depthwise conv; the bias kept out
         delta, B, C = self._ssm_inputs(x.transpose(1, 2))                    # (B, L, d_inner), (B, L, N), (B, L, N)
         A = -torch.exp(self.A_log.float())                                   # (d_inner, N), negative
         y = selective_scan(x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
@@ -133,8 +127,7 @@ class MambaMixer(nn.Module):
             x = x + self.conv1d.bias.float()
         x = F.silu(x).to(hidden.dtype)
         delta, B, C = self._ssm_inputs(x)                                    # (B, d_inner), (B, N), (B, N)
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(ssm_state, x, delta, A, B, C, self.D.float(), z=z,
+        y = selective_state_update(ssm_state, x, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
                                    dt_bias=self.dt_proj.bias.float(), dt_softplus=True)  # eqs. (3)-(6) at one t
         return self.out_proj(y)
 
@@ -188,8 +181,7 @@ class _GraphedDecode:
 
     def bind(self, cache: MambaCache) -> None:
         """Move cache's state into the graph's buffers, which cache then uses; the cache bound before gets a copy."""
-        if self.owner is not None and self.owner is not cache:
-            old = self.owner
+        if (old := self.owner) is not None and old is not cache:
             old.conv, old.ssm, old.graph = old.conv.clone(), old.ssm.clone(), None
         self.cache.conv.copy_(cache.conv)
         self.cache.ssm.copy_(cache.ssm)
@@ -225,8 +217,7 @@ class MambaLM(nn.Module):
         """mamba_ssm's initialisation, for training from scratch (out_proj scaled as GPT-2's residual projections)."""
         cfg = self.config
         nn.init.normal_(self.backbone.embeddings.weight, std=cfg.initializer_range)
-        for block in self.backbone.layers:
-            m = block.mixer
+        for m in (block.mixer for block in self.backbone.layers):
             for layer in (m.in_proj, m.x_proj, m.conv1d, m.out_proj):
                 layer.reset_parameters()
             m.out_proj.weight /= math.sqrt(cfg.n_layer)

@@ -1,12 +1,9 @@
-"""Write tests/fixtures/fbank_kaldi.npz: torchaudio's Kaldi fbank of test signals, for tests/test_audio.py.
-
-torchaudio is not a dependency of this project, so this runs once, in a separate environment:
+"""Write tests/fixtures/fbank_kaldi.npz: torchaudio's Kaldi fbank of test signals (`wave_<name>`, `fbank_<name>`)
+and, for two of them, the official DASS input (`dass_<name>`: mean removed, fbank, padded or cropped to
+`dass_target_length` frames, normalised). torchaudio is not a dependency here, so this runs in its own environment:
 
     python3 -m venv /tmp/ta && /tmp/ta/bin/pip install torch==2.9.1 torchaudio==2.9.1 numpy
     /tmp/ta/bin/python tools/make_fbank_fixture.py
-
-Per signal: `wave_<name>` (float32, 16 kHz) and `fbank_<name>`; for two signals also `dass_<name>`, the DASS input
-of the official README (mean removed, fbank, zero-padded or cropped to `dass_target_length` frames, normalised).
 """
 from pathlib import Path
 
@@ -46,7 +43,6 @@ def main() -> None:
             f = kaldi_fbank(x - x.mean())
             f = F.pad(f, (0, 0, 0, max(0, DASS_TARGET - len(f))))[:DASS_TARGET]
             arrays[f"dass_{name}"] = ((f + 4.2677393) / (4.5689974 * 2)).numpy()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(OUT, **arrays)
     print(f"wrote {OUT} with torch {torch.__version__}, torchaudio {torchaudio.__version__}")
 
