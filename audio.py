@@ -75,6 +75,8 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
     primes) it is interpolated between tabulated fractions (error ~1e-7). Work tensors hold ~`block` floats (1 MB)."""
     if waveform.dim() != 1:
         raise ValueError(f"resample expects a 1-D waveform; got shape {tuple(waveform.shape)}")
+    if min(orig_sr, new_sr) <= 0 or int(orig_sr) != orig_sr or int(new_sr) != new_sr:
+        raise ValueError(f"sample rates must be positive integers; got {orig_sr} Hz -> {new_sr} Hz")
     g = math.gcd(int(orig_sr), int(new_sr))
     up, down = new_sr // g, orig_sr // g
     n = waveform.numel()
@@ -133,6 +135,8 @@ def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
     (NaN/inf samples, or samples such as 4e29 whose power overflows float32): every feature would be NaN."""
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"fbank expects {SAMPLE_RATE} Hz audio; got {sample_rate} Hz (use resample first)")
+    if waveform.dim() == 2 and waveform.shape[0] == 1:
+        waveform = waveform[0]                                               # (1, samples), as torchaudio's
     if waveform.dim() != 1:
         raise ValueError(f"fbank expects a mono waveform (samples,); got shape {tuple(waveform.shape)}")
     if waveform.numel() < FRAME_LENGTH:
