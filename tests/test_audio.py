@@ -68,6 +68,11 @@ def test_fbank_rejects_bad_input():
         audio.fbank(torch.zeros(16000), sample_rate=44100)
     with pytest.raises(ValueError, match="mono"):
         audio.fbank(torch.zeros(2, 16000))
+    x = torch.randn(16000)
+    assert torch.equal(audio.fbank(x[None]), audio.fbank(x))  # torchaudio's (1, samples) is mono too
+    for rates in ((0, 16000), (16000, -8000), (44100.5, 16000)):
+        with pytest.raises(ValueError, match="positive integers"):
+            audio.resample(x, *rates)
 
 
 def _tone(freq, sr, seconds=1.0):
