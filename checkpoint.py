@@ -1,9 +1,6 @@
-"""Our checkpoints: building the ssLALM from pretrained parts; saving, checking and loading what training produced;
-LoRA adapter files (ours, and PEFT's adapter folder).
-
-A checkpoint folder holds config.json ({"sslalm": the SSLALMConfig fields, "llm_fingerprint": samples of the base
-LLM's weights}) and model.safetensors (the trainable weights only: DASS, the projector and the LoRA adapters). The
-frozen base LLM is read again from the folder the config names, and the fingerprint refuses another base model.
+"""Our checkpoints: the ssLALM built from pretrained parts; a trained model's folder, config.json ({"sslalm": the
+SSLALMConfig fields, "llm_fingerprint": samples of the base LLM}) + model.safetensors (the trainable weights only, the
+base LLM read again from where the config names); LoRA adapter files (ours, and PEFT's adapter folder).
 """
 from __future__ import annotations
 
@@ -67,15 +64,13 @@ def dass_fields(found: DASSConfig, size: str, path: str) -> dict:
 
 
 def save_checkpoint(model: SSLALM, path: str | os.PathLike) -> None:
-    """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is. The config
-    names the base weights by absolute path, or relative to `path` when they lie inside it (so that the folder can
-    be moved as a whole)."""
+    """config.json (written last) + model.safetensors, each flushed to disk before it replaces the old file. The
+    config names the base weights by absolute path, or relative to `path` when they lie inside it (so that the folder
+    can be moved as a whole)."""
     path = Path(path)
     home = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "model.safetensors.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(tmp))
-    os.replace(tmp, path / "model.safetensors")
+    save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(path / "model.tmp"))
     config = asdict(model.config)
     for key in ("llm_weights", "dass_weights", "tokenizer"):
         if config[key]:
@@ -83,7 +78,18 @@ def save_checkpoint(model: SSLALM, path: str | os.PathLike) -> None:
             config[key] = where.relative_to(home).as_posix() if where.is_relative_to(home) else str(where)
     meta = {"sslalm": config, "llm_fingerprint": llm_fingerprint(model.llm)}
     (path / "config.tmp").write_text(json.dumps(meta, indent=2))
+    fsync(path / "model.tmp", path / "config.tmp")
+    os.replace(path / "model.tmp", path / "model.safetensors")
     os.replace(path / "config.tmp", path / "config.json")
+    fsync(path)
+
+
+def fsync(*paths: Path) -> None:
+    """Flush files to disk, or a folder's entries (a rename in it)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
@@ -191,14 +197,12 @@ def fingerprint_mismatch(expected: dict[str, list[float]], found: dict[str, list
 
 def _lora_settings(model: nn.Module) -> dict:
     """The r, alpha, dropout shared by all adapters of model (an error if there are none or they differ)."""
-    mods = lora.lora_modules(model)
-    if not mods:
+    settings = {(m.r, m.alpha, m.dropout) for m in lora.lora_modules(model).values()}
+    if not settings:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters (call add_lora first)")
-    settings = {(m.r, m.alpha, m.dropout) for m in mods.values()}
     if len(settings) > 1:
         raise ValueError(f"adapters with different (r, alpha, dropout) cannot be described by one config: {settings}")
-    r, alpha, dropout = settings.pop()
-    return dict(r=r, alpha=alpha, dropout=dropout)
+    return dict(zip(("r", "alpha", "dropout"), settings.pop()))
 
 
 def _load_adapters(model: nn.Module, tensors: dict, r: int, alpha: float, file: str) -> None:
@@ -243,22 +247,20 @@ def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str |
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
               "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
               "target_modules": targets, "bias": "none", "inference_mode": True}  # PEFT's defaults for the rest
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
     tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in lora.lora_state_dict(model).items()}
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def import_peft(model: nn.Module, directory: str) -> list[str]:
     """Load a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors or adapter_model.bin).
     A model without adapters gets them (add_lora with the config's targets, r, alpha, dropout). Returns the names of
     the wrapped modules. Features of PEFT that lora.py does not implement are refused by name."""
-    config_file = os.path.join(directory, "adapter_config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{directory}: no adapter_config.json")
-    with open(config_file) as f:
-        cfg = json.load(f)
+    directory = Path(directory)
+    config_file = directory / "adapter_config.json"
+    cfg = json.loads(config_file.read_text())  # FileNotFoundError names it
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
     plain = {"bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
@@ -268,8 +270,7 @@ def import_peft(model: nn.Module, directory: str) -> list[str]:
             raise ValueError(f"{config_file}: {field} = {cfg[field]!r} is not supported (only {value!r})")
     if not isinstance(cfg["target_modules"], list):
         raise ValueError(f"{config_file}: target_modules must be a list of names; got {cfg['target_modules']!r}")
-    files = [os.path.join(directory, n) for n in ("adapter_model.safetensors", "adapter_model.bin")]
-    files = [file for file in files if os.path.isfile(file)]
+    files = [str(p) for p in (directory / "adapter_model.safetensors", directory / "adapter_model.bin") if p.is_file()]
     if not files:
         raise FileNotFoundError(f"{directory}: no adapter_model.safetensors or adapter_model.bin")
     tensors = dict(weights.read_tensors(files[0]))

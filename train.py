@@ -6,9 +6,8 @@
     python train.py ... --resume                    # continue the run in --output-dir exactly where it stopped
     python train.py --demo --output-dir demo        # CPU, minutes: synthetic sounds -> a tiny ssLALM (demo.py)
 
-Unlike LTU, an unreadable audio file or an entry without a labelled token stops the run naming the entry (all are
-looked for before training); `--skip-bad` skips and reports them. --output-dir receives config.json +
-model.safetensors (the trained DASS, projector and LoRA weights), log.jsonl and checkpoints/ (trainer.py).
+--output-dir receives config.json + model.safetensors (the trained DASS, projector and LoRA weights), log.jsonl and
+checkpoints/. Every entry's audio and labels are checked before training; `--skip-bad` skips and reports bad ones.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ import layout
 import sslalm
 from data import BadEntry, DataError, OpenAQADataset, at_least, load_openaqa, parse_prefixes
 from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, claim_output, count_parameters,
-                     init_distributed, list_checkpoints, train)
+                     init_distributed, list_checkpoints, rank_world, train)
 
 
 def build_model(args: argparse.Namespace, device: torch.device, say) -> sslalm.SSLALM:
@@ -47,25 +46,22 @@ def build_model(args: argparse.Namespace, device: torch.device, say) -> sslalm.S
 def run_stage(args: argparse.Namespace) -> TrainResult:
     """One stage of the recipe on the real model; the final model in --output-dir."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's worker processes tokenize
-    d = init_distributed()
-    device = torch.device(args.device or (f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"))
+    local_rank = init_distributed()
+    (rank, world), out = rank_world(), Path(args.output_dir)
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.index is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # kernels, CUDA graphs and streams on the chosen GPU
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if d.main else (lambda s: None)
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if rank == 0 else (lambda s: None)
     entries = load_openaqa(args.data)                          # malformed data fails before any model is built
-    out = Path(args.output_dir)
-    claim_output(out, args.resume, args.overwrite, d)           # and a folder holding another run, too
+    claim_output(out, args.resume, args.overwrite)              # and a folder holding another run, too
     model = build_model(args, device, say)
-    names = ("lr", "epochs", "batch_size", "micro_batch", "warmup_steps", "grad_clip", "weight_decay", "max_steps",
-             "seed", "save_every", "keep", "num_workers", "skip_bad", "log_every")
-    cfg = TrainConfig.for_stage(args.stage, **{k: getattr(args, k) for k in names},
-                                trainable=tuple(args.trainable.split(",")) if args.trainable else None)
+    cfg = TrainConfig.for_stage(args.stage, **{k: v for k, v in vars(args).items() if k in TrainConfig.__annotations__})
     model.set_trainable(cfg.trainable)
     model.llm.gradient_checkpointing = args.grad_checkpointing
     trained = count_parameters(p for p in model.parameters() if p.requires_grad)
     say(f"stage {args.stage}: trains {' + '.join(cfg.trainable)} ({trained:,} of "
         f"{sslalm.parameter_table(model)['total']:,} parameters), lr {cfg.lr:g}, {cfg.epochs} epoch(s), batch "
-        f"{cfg.batch_size} = {d.world} process(es) x micro-batch {cfg.micro_batch} x accumulation, "
+        f"{cfg.batch_size} = {world} process(es) x micro-batch {cfg.micro_batch} x accumulation, "
         f"{len(entries):,} entries from {args.data}")
     roots = [r for r in (args.audio_root, Path(args.data).resolve().parent) if r]
     ds = OpenAQADataset(entries, model.encode_example, roots, parse_prefixes(args.audio_prefix),
@@ -74,9 +70,9 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     if model.config.response_only_loss:  # otherwise the prompt's own tokens are labelled: no entry lacks labels
         dropped += ds.check_labels(args.skip_bad)
     res = train(model, ds, sslalm.collate, model.tokenizer.eos_token_id, cfg, out, resume=args.resume,  # EOS pads
-                overwrite=args.overwrite, d=d, device=device)
+                overwrite=args.overwrite, device=device)
     res.bad = dropped + res.bad
-    if d.main:
+    if rank == 0:
         checkpoint.save_checkpoint(model, out)
         report_bad(res.bad)
         say(f"done: {res.steps} steps; the model is in {out} (config.json + model.safetensors)")
@@ -127,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t = p.add_argument_group("recipe (defaults: the --stage's, paper §III-E)")
     t.add_argument("--stage", type=int, choices=sorted(STAGES), help="train this stage only (default: 1 with --data, "
                    "--init-from or --resume; else the four stages in turn, skipping finished ones)")
-    t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
+    t.add_argument("--trainable", type=lambda s: tuple(s.split(",")), help="override the stage's parts, e.g. "
+                   "dass,projector,lora")
     t.add_argument("--lr", type=at_least(0, float, strict=True))
     t.add_argument("--epochs", type=at_least(1))
     t.add_argument("--max-steps", type=at_least(1), help="train exactly this many steps, overriding --epochs")
