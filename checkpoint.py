@@ -32,9 +32,8 @@ class CorruptCheckpoint(ValueError):
 
 
 def build(config: SSLALMConfig, device=None, dtype: torch.dtype | None = None, load_dass: bool = True) -> SSLALM:
-    """The model of Fig. 1 from pretrained parts: DASS from config.dass_weights (unless load_dass is False; without
-    config.dass its shapes are the file's, see `dass_fields`), the LLM (in `dtype`) and its tokenizer from
-    config.llm_weights. A missing path says what to download."""
+    """The model of Fig. 1 from pretrained parts: DASS from config.dass_weights (unless not load_dass), the LLM (in
+    `dtype`) and its tokenizer from config.llm_weights. A missing path says what to download."""
     needed = [("--llm-weights", config.llm_weights, config.llm), ("--dass-weights", config.dass_weights, "dass")]
     for flag, path, kind in needed[:1 + load_dass]:
         if not path or not Path(path).exists():
@@ -94,9 +93,8 @@ def fsync(*paths: Path) -> None:
 
 def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
                     llm_weights: str | None = None, tokenizer: str | None = None) -> SSLALM:
-    """Rebuild a trained model: the base LLM from the path its config names (or from `llm_weights`, if the base
-    weights have moved; they must be the same weights, in any dtype), then the checkpoint's DASS, projector and
-    LoRA weights on top. The result is the trained model exactly, in eval mode."""
+    """The trained model, in eval mode: the base LLM from where its config names (or `llm_weights`: the same weights,
+    in any dtype), then the checkpoint's DASS, projector and LoRA weights on top."""
     path = Path(path)
     check_model_files(path)
     meta = json.loads((path / "config.json").read_text())
@@ -131,8 +129,7 @@ def _resolve(path: str | None, base: Path) -> str | None:
 
 
 def check_model_files(folder: Path) -> None:
-    """config.json and model.safetensors are there and whole (JSON; a safetensors header that covers the file), or
-    FileNotFoundError / CorruptCheckpoint names the file."""
+    """config.json and model.safetensors are there and whole, or FileNotFoundError / CorruptCheckpoint names one."""
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not an ssLALM checkpoint: {name} is missing")
@@ -147,8 +144,7 @@ def check_model_files(folder: Path) -> None:
 
 
 def read_plain(file: Path):
-    """trainer.pt or rng-rank{r}.pt: tensors and plain containers only (weights_only=True), so nothing in the file
-    can run code. A file that is truncated or holds anything else is a CorruptCheckpoint."""
+    """trainer.pt or rng-rank{r}.pt, read with weights_only=True; truncated, or holding objects: CorruptCheckpoint."""
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file; a checkpoint folder is checkpoints/step-N of a run")
     try:
@@ -255,9 +251,8 @@ def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str |
 
 
 def import_peft(model: nn.Module, directory: str) -> list[str]:
-    """Load a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors or adapter_model.bin).
-    A model without adapters gets them (add_lora with the config's targets, r, alpha, dropout). Returns the names of
-    the wrapped modules. Features of PEFT that lora.py does not implement are refused by name."""
+    """Load a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors or .bin), adding the adapters
+    to a model without them; PEFT features lora.py lacks are refused by name. Returns the wrapped modules' names."""
     directory = Path(directory)
     config_file = directory / "adapter_config.json"
     cfg = json.loads(config_file.read_text())  # FileNotFoundError names it
@@ -273,12 +268,8 @@ def import_peft(model: nn.Module, directory: str) -> list[str]:
     files = [str(p) for p in (directory / "adapter_model.safetensors", directory / "adapter_model.bin") if p.is_file()]
     if not files:
         raise FileNotFoundError(f"{directory}: no adapter_model.safetensors or adapter_model.bin")
-    tensors = dict(weights.read_tensors(files[0]))
-    foreign = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
-    if foreign:
-        raise ValueError(f"{files[0]}: keys without the PEFT prefix {PEFT_PREFIX!r}: {foreign[:6]}")
     if not lora.lora_modules(model):
         lora.add_lora(model, tuple(cfg["target_modules"]), cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
-    tensors = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()}
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.read_tensors(files[0])}  # others: unexpected keys
     _load_adapters(model, tensors, cfg["r"], cfg["lora_alpha"], files[0])
     return list(lora.lora_modules(model))

@@ -73,7 +73,7 @@ class MissingFiles(FileNotFoundError):
         super().__init__("\n".join(lines))
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)
 
@@ -114,10 +114,9 @@ def training_defaults(args: argparse.Namespace) -> None:
 
 
 def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: str | Path,
-                   say: Callable[[str], None] = _say) -> Path:
+                   say: Callable[[str], None] = say) -> Path:
     """LTU's four stages (paper §III-E) in order: run_stage(stage, output_dir, init_from) trains stage N into
-    run/stageN from stage N-1's model (stage 1 from the pretrained parts). A finished stage is skipped; an
-    interrupted one is run again by run_stage, which resumes from its checkpoints. Returns the last stage's folder."""
+    run/stageN from stage N-1's model; a finished stage is skipped. Returns the last stage's folder."""
     previous = None
     for stage in STAGE_NUMBERS:
         out = stage_dir(run, stage)
@@ -135,7 +134,7 @@ def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: s
     return previous
 
 
-def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = _say) -> None:
+def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = say) -> None:
     """Fill evaluate.py's unset paths from the layout (the newest finished model under runs/ unless --checkpoint or
     --output; ESC50 or EVAL_SETS' folder); raise MissingFiles naming every default path not found."""
     wanted = []  # (path, a folder's with a final slash; what it is)

@@ -98,11 +98,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def micro_batches(order: Tensor, step: int, batch_size: int, micro_batch: int, world: int,
-                  rank: int) -> list[list[int] | None]:
-    """The passes `rank` makes in step `step` (0-based, within the epoch): the global batch order[step*B : (step+1)*B]
-    is cut into consecutive micro-batches, micro-batch j going to rank j % world; a rank with fewer than rank 0 makes
-    zero passes (None: no data, zero gradients) to join the all-reduce."""
+def micro_batches(order: Tensor, step: int, batch_size: int, micro_batch: int, world: int, rank: int) -> list:
+    """The passes `rank` makes in step `step` of the epoch: micro-batch j of order[step*B : (step+1)*B] goes to rank
+    j % world; a rank with fewer than rank 0 pads with zero passes (None: no data, zero gradients)."""
     chunk = order[step * batch_size:(step + 1) * batch_size].tolist()
     mbs = [chunk[j:j + micro_batch] for j in range(0, len(chunk), micro_batch)]
     return mbs[rank::world] + [None] * (len(mbs[0::world]) - len(mbs[rank::world]))
@@ -121,14 +119,11 @@ def count_parameters(params) -> int:
 
 
 def init_distributed() -> int:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU) when WORLD_SIZE > 1; torch names any
-    variable missing. Returns the local rank."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) if WORLD_SIZE > 1; returns the local rank (the caller
+    makes its GPU current before any collective)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return local
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def rank_world() -> tuple[int, int]:
@@ -156,8 +151,7 @@ class LossOf(nn.Module):
 
 
 def rng_state(device: torch.device) -> dict:
-    """This process's random states (torch's are the only ones training draws from: dropout, the data order), CUDA
-    only for its own device (not every visible GPU: a resume may see fewer)."""
+    """This process's random states: torch's (dropout, the data order) and its own GPU's only (a resume may see one)."""
     s = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
@@ -172,9 +166,7 @@ def set_rng_state(s: dict, device: torch.device) -> None:
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """The complete checkpoints of a run, oldest first (temporary folders of unfinished writes excluded)."""
-    root = Path(output_dir) / "checkpoints"
-    found = root.iterdir() if root.is_dir() else []
-    return sorted(p for p in found if p.name.startswith("step-") and (p / "trainer.pt").is_file())
+    return sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if (p / "trainer.pt").is_file())
 
 
 def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Path, step: int, keep: int,
@@ -223,8 +215,7 @@ def claim_output(out: Path, resume: str | Path | None, overwrite: bool) -> None:
 
 
 def _open_log(out: Path, start: int):
-    """<out>/log.jsonl cut back to the steps up to `start` (a resumed run logs the later steps again; a line torn by
-    a stop mid-write goes too), opened for appending."""
+    """<out>/log.jsonl cut back to the steps up to `start` (and without a line torn by a stop), opened to append."""
     log, kept = out / "log.jsonl", []
     for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
         with suppress(json.JSONDecodeError, KeyError, TypeError):
@@ -245,9 +236,7 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
     (rank, world), device, out = rank_world(), torch.device(device), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     claim_output(out, resume, overwrite)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no parameter requires grad: nothing to train")
+    params = [p for p in model.parameters() if p.requires_grad]  # none: AdamW's "empty parameter list"
     n = len(dataset)
     if n == 0:
         raise DataError("no training entries left")
@@ -320,9 +309,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
 
 def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
             n: int, data_id: dict, device: torch.device) -> tuple[int, int, Tensor, list[BadEntry]]:
-    """Load checkpoint `resume` into the model, the optimizer and the random states; returns (step, order_epoch,
-    order, bad entries so far). "latest": the newest checkpoint in out whose files can all be read (every rank reads
-    every rank's random states, so all fall back alike). Later checkpoints in out are deleted."""
+    """Load checkpoint `resume` ("latest": the newest whose files all read, the same on every rank) into the model,
+    the optimizer and the random states; returns (step, order_epoch, order, bad entries). Later ones are deleted."""
     (rank, world), latest = rank_world(), str(resume) == "latest"
     found = list_checkpoints(out)[::-1] if latest else [Path(resume)]
     if not found:
@@ -374,9 +362,8 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
 
 def _gradient(net: nn.Module, params: list[nn.Parameter], batches, passes: list, cfg: TrainConfig,
               device: torch.device, bad: list[BadEntry], step: int, out: Path) -> tuple[float, float, int]:
-    """Forward and backward of this rank's passes of step `step` (a micro-batch whose every entry is bad becomes a
-    zero pass), leaving the gradient of the step's loss in .grad, clipped. Returns the step's loss, gradient norm
-    (before clipping) and entries over all ranks; raises NonFiniteLoss if the loss or the norm is NaN or infinite."""
+    """This rank's passes of step `step` (an all-bad micro-batch becomes a zero pass), leaving the step's clipped
+    gradient in .grad. Returns the loss, the gradient norm before clipping and the entries, over all ranks."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     sums = torch.zeros(3, dtype=torch.float64)  # sum of micro-batch losses, micro-batches, entries
     for j, mb in enumerate(passes):
