@@ -1,9 +1,6 @@
-"""Our checkpoints: building the ssLALM from pretrained parts; saving, checking and loading what training produced;
-LoRA adapter files (ours, and PEFT's adapter folder).
-
-A checkpoint folder holds config.json ({"sslalm": the SSLALMConfig fields, "llm_fingerprint": samples of the base
-LLM's weights}) and model.safetensors (the trainable weights only: DASS, the projector and the LoRA adapters). The
-frozen base LLM is read again from the folder the config names, and the fingerprint refuses another base model.
+"""Our checkpoints: the ssLALM built from pretrained parts; a trained model's folder, config.json ({"sslalm": the
+SSLALMConfig fields, "llm_fingerprint": samples of the base LLM}) + model.safetensors (the trainable weights only, the
+base LLM read again from where the config names); LoRA adapter files (ours, and PEFT's adapter folder).
 """
 from __future__ import annotations
 
@@ -35,9 +32,8 @@ class CorruptCheckpoint(ValueError):
 
 
 def build(config: SSLALMConfig, device=None, dtype: torch.dtype | None = None, load_dass: bool = True) -> SSLALM:
-    """The model of Fig. 1 from pretrained parts: DASS from config.dass_weights (unless load_dass is False; without
-    config.dass its shapes are the file's, see `dass_fields`), the LLM (in `dtype`) and its tokenizer from
-    config.llm_weights. A missing path says what to download."""
+    """The model of Fig. 1 from pretrained parts: DASS from config.dass_weights (unless not load_dass), the LLM (in
+    `dtype`) and its tokenizer from config.llm_weights. A missing path says what to download."""
     needed = [("--llm-weights", config.llm_weights, config.llm), ("--dass-weights", config.dass_weights, "dass")]
     for flag, path, kind in needed[:1 + load_dass]:
         if not path or not Path(path).exists():
@@ -67,15 +63,13 @@ def dass_fields(found: DASSConfig, size: str, path: str) -> dict:
 
 
 def save_checkpoint(model: SSLALM, path: str | os.PathLike) -> None:
-    """config.json + model.safetensors with the trainable weights only; the base LLM stays where it is. The config
-    names the base weights by absolute path, or relative to `path` when they lie inside it (so that the folder can
-    be moved as a whole)."""
+    """config.json (written last) + model.safetensors, each flushed to disk before it replaces the old file. The
+    config names the base weights by absolute path, or relative to `path` when they lie inside it (so that the folder
+    can be moved as a whole)."""
     path = Path(path)
     home = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "model.safetensors.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(tmp))
-    os.replace(tmp, path / "model.safetensors")
+    save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, str(path / "model.tmp"))
     config = asdict(model.config)
     for key in ("llm_weights", "dass_weights", "tokenizer"):
         if config[key]:
@@ -83,14 +77,24 @@ def save_checkpoint(model: SSLALM, path: str | os.PathLike) -> None:
             config[key] = where.relative_to(home).as_posix() if where.is_relative_to(home) else str(where)
     meta = {"sslalm": config, "llm_fingerprint": llm_fingerprint(model.llm)}
     (path / "config.tmp").write_text(json.dumps(meta, indent=2))
+    fsync(path / "model.tmp", path / "config.tmp")
+    os.replace(path / "model.tmp", path / "model.safetensors")
     os.replace(path / "config.tmp", path / "config.json")
+    fsync(path)
+
+
+def fsync(*paths: Path) -> None:
+    """Flush files to disk, or a folder's entries (a rename in it)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
                     llm_weights: str | None = None, tokenizer: str | None = None) -> SSLALM:
-    """Rebuild a trained model: the base LLM from the path its config names (or from `llm_weights`, if the base
-    weights have moved; they must be the same weights, in any dtype), then the checkpoint's DASS, projector and
-    LoRA weights on top. The result is the trained model exactly, in eval mode."""
+    """The trained model, in eval mode: the base LLM from where its config names (or `llm_weights`: the same weights,
+    in any dtype), then the checkpoint's DASS, projector and LoRA weights on top."""
     path = Path(path)
     check_model_files(path)
     meta = json.loads((path / "config.json").read_text())
@@ -125,8 +129,7 @@ def _resolve(path: str | None, base: Path) -> str | None:
 
 
 def check_model_files(folder: Path) -> None:
-    """config.json and model.safetensors are there and whole (JSON; a safetensors header that covers the file), or
-    FileNotFoundError / CorruptCheckpoint names the file."""
+    """config.json and model.safetensors are there and whole, or FileNotFoundError / CorruptCheckpoint names one."""
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not an ssLALM checkpoint: {name} is missing")
@@ -141,8 +144,7 @@ def check_model_files(folder: Path) -> None:
 
 
 def read_plain(file: Path):
-    """trainer.pt or rng-rank{r}.pt: tensors and plain containers only (weights_only=True), so nothing in the file
-    can run code. A file that is truncated or holds anything else is a CorruptCheckpoint."""
+    """trainer.pt or rng-rank{r}.pt, read with weights_only=True; truncated, or holding objects: CorruptCheckpoint."""
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file; a checkpoint folder is checkpoints/step-N of a run")
     try:
@@ -191,14 +193,12 @@ def fingerprint_mismatch(expected: dict[str, list[float]], found: dict[str, list
 
 def _lora_settings(model: nn.Module) -> dict:
     """The r, alpha, dropout shared by all adapters of model (an error if there are none or they differ)."""
-    mods = lora.lora_modules(model)
-    if not mods:
+    settings = {(m.r, m.alpha, m.dropout) for m in lora.lora_modules(model).values()}
+    if not settings:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters (call add_lora first)")
-    settings = {(m.r, m.alpha, m.dropout) for m in mods.values()}
     if len(settings) > 1:
         raise ValueError(f"adapters with different (r, alpha, dropout) cannot be described by one config: {settings}")
-    r, alpha, dropout = settings.pop()
-    return dict(r=r, alpha=alpha, dropout=dropout)
+    return dict(zip(("r", "alpha", "dropout"), settings.pop()))
 
 
 def _load_adapters(model: nn.Module, tensors: dict, r: int, alpha: float, file: str) -> None:
@@ -243,22 +243,19 @@ def export_peft(model: nn.Module, directory: str, base_model_name_or_path: str |
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
               "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
               "target_modules": targets, "bias": "none", "inference_mode": True}  # PEFT's defaults for the rest
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
     tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in lora.lora_state_dict(model).items()}
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def import_peft(model: nn.Module, directory: str) -> list[str]:
-    """Load a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors or adapter_model.bin).
-    A model without adapters gets them (add_lora with the config's targets, r, alpha, dropout). Returns the names of
-    the wrapped modules. Features of PEFT that lora.py does not implement are refused by name."""
-    config_file = os.path.join(directory, "adapter_config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{directory}: no adapter_config.json")
-    with open(config_file) as f:
-        cfg = json.load(f)
+    """Load a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors or .bin), adding the adapters
+    to a model without them; PEFT features lora.py lacks are refused by name. Returns the wrapped modules' names."""
+    directory = Path(directory)
+    config_file = directory / "adapter_config.json"
+    cfg = json.loads(config_file.read_text())  # FileNotFoundError names it
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
     plain = {"bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
@@ -268,16 +265,11 @@ def import_peft(model: nn.Module, directory: str) -> list[str]:
             raise ValueError(f"{config_file}: {field} = {cfg[field]!r} is not supported (only {value!r})")
     if not isinstance(cfg["target_modules"], list):
         raise ValueError(f"{config_file}: target_modules must be a list of names; got {cfg['target_modules']!r}")
-    files = [os.path.join(directory, n) for n in ("adapter_model.safetensors", "adapter_model.bin")]
-    files = [file for file in files if os.path.isfile(file)]
+    files = [str(p) for p in (directory / "adapter_model.safetensors", directory / "adapter_model.bin") if p.is_file()]
     if not files:
         raise FileNotFoundError(f"{directory}: no adapter_model.safetensors or adapter_model.bin")
-    tensors = dict(weights.read_tensors(files[0]))
-    foreign = [k for k in tensors if not k.startswith(PEFT_PREFIX)]
-    if foreign:
-        raise ValueError(f"{files[0]}: keys without the PEFT prefix {PEFT_PREFIX!r}: {foreign[:6]}")
     if not lora.lora_modules(model):
         lora.add_lora(model, tuple(cfg["target_modules"]), cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
-    tensors = {k[len(PEFT_PREFIX):]: v for k, v in tensors.items()}
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.read_tensors(files[0])}  # others: unexpected keys
     _load_adapters(model, tensors, cfg["r"], cfg["lora_alpha"], files[0])
     return list(lora.lora_modules(model))

@@ -1,6 +1,5 @@
-"""The default layout of weights, data and runs (relative to the current directory; drawn in the README), with which
-`python train.py --size small --llm mamba` and `python evaluate.py --task esc50` need no other flag. Every path stays
-overridable with the commands' flags; default paths not found raise MissingFiles, listing what to download.
+"""The default layout of weights, data and runs, relative to the current directory (drawn in the README): the paths
+train.py and evaluate.py take when their flags do not name others.
 """
 from __future__ import annotations
 
@@ -74,22 +73,15 @@ class MissingFiles(FileNotFoundError):
         super().__init__("\n".join(lines))
 
 
-def _shown(path: Path, folder: bool = False) -> str:
-    return path.as_posix() + ("/" if folder else "")
-
-
-def _say(line: str) -> None:
+def say(line: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)
 
 
 def training_defaults(args: argparse.Namespace) -> None:
-    """Fill train.py's unset paths from the layout; raise MissingFiles naming every default path not found.
-
-    Without --stage: --output-dir is the run folder runs/<size>-<llm>; only unfinished stages need their data, only
-    stage 1 DASS and the LLM. With --stage N: runs/<size>-<llm>/stageN, <data-dir>/stageN.json, and --init-from stage
-    N-1's folder if finished. With --data given, missing weights are left to the loader, after the data is checked.
-    """
+    """Fill train.py's unset paths from the layout; raise MissingFiles naming every default path not found. Without
+    --stage, only unfinished stages need their data, only stage 1 DASS and the LLM; with --stage N, --init-from is
+    stage N-1's folder if finished; with --data given, missing weights are left to the loader."""
     from_layout = args.stage is None or args.data is None  # the data too comes from the layout
     run = Path(args.output_dir) if args.stage is None and args.output_dir else RUNS / f"{args.size}-{args.llm}"
     if args.stage is None:
@@ -108,24 +100,23 @@ def training_defaults(args: argparse.Namespace) -> None:
         if dass.is_file():
             args.dass_weights = str(dass)
         elif from_layout:
-            missing.append((_shown(dass), weights.WHERE_TO_GET["dass"]))
+            missing.append((str(dass), weights.WHERE_TO_GET["dass"]))
     llms = [WEIGHTS / "mamba-2.8b-hf", WEIGHTS / "mamba-2.8b"] if args.llm == "mamba" else [WEIGHTS / "vicuna-7b-v1.5"]
     found = [p for p in llms if p.is_dir()]  # Mamba in the Hugging Face format first, then in the original one
     if args.llm_weights is None and found:
         args.llm_weights = str(found[0])
     elif args.llm_weights is None and builds and from_layout:
-        missing.append((" or ".join(_shown(p, True) for p in llms), weights.WHERE_TO_GET[args.llm]))
-    missing += [(_shown(stage_file(args.data_dir, s)), f"LTU's OpenAQA {STAGE_SOURCES[s]} ({LTU_DATA}), with its "
+        missing.append((" or ".join(f"{p}/" for p in llms), weights.WHERE_TO_GET[args.llm]))
+    missing += [(str(stage_file(args.data_dir, s)), f"LTU's OpenAQA {STAGE_SOURCES[s]} ({LTU_DATA}), with its "
                  "audio (16 kHz)") for s in stages if not stage_file(args.data_dir, s).is_file()]
     if missing:
         raise MissingFiles(missing, "--dass-weights, --llm-weights, --data-dir (or --stage N --data FILE)")
 
 
 def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: str | Path,
-                   say: Callable[[str], None] = _say) -> Path:
+                   say: Callable[[str], None] = say) -> Path:
     """LTU's four stages (paper §III-E) in order: run_stage(stage, output_dir, init_from) trains stage N into
-    run/stageN from stage N-1's model (stage 1 from the pretrained parts). A finished stage is skipped; an
-    interrupted one is run again by run_stage, which resumes from its checkpoints. Returns the last stage's folder."""
+    run/stageN from stage N-1's model; a finished stage is skipped. Returns the last stage's folder."""
     previous = None
     for stage in STAGE_NUMBERS:
         out = stage_dir(run, stage)
@@ -143,35 +134,33 @@ def run_curriculum(run_stage: Callable[[int, Path, Path | None], object], run: s
     return previous
 
 
-def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = _say) -> None:
+def evaluation_defaults(args: argparse.Namespace, say: Callable[[str], None] = say) -> None:
     """Fill evaluate.py's unset paths from the layout (the newest finished model under runs/ unless --checkpoint or
     --output; ESC50 or EVAL_SETS' folder); raise MissingFiles naming every default path not found."""
-    missing = []
+    wanted = []  # (path, a folder's with a final slash; what it is)
     if args.checkpoint is None and args.output is None:
         newest = newest_model()
         if newest is None:
-            missing.append((_shown(RUNS, True) + "<run>/stageN", "no finished model: train one with "
-                            "`python train.py --size small --llm mamba`"))
+            wanted.append((f"{RUNS}/<run>/stageN", "no finished model: train one with `python train.py --size small "
+                           "--llm mamba`"))
         else:
             args.checkpoint = str(newest)
-            say(f"model: {newest} (the newest finished model under {_shown(RUNS, True)}; --checkpoint picks another)")
-    wanted = []  # (path, is a folder, what it is)
+            say(f"model: {newest} (the newest finished model under {RUNS}/; --checkpoint picks another)")
     if args.task == "esc50" and not (args.esc50_root or args.data):
         args.esc50_root = str(ESC50)
         what = "ESC-50 (github.com/karolpiczak/ESC-50) unpacked as data/ESC-50-master"
-        wanted = [(ESC50 / "meta" / "esc50.csv", False, what), (ESC50 / "audio", True, what)]
+        wanted += [(f"{ESC50}/meta/esc50.csv", what), (f"{ESC50}/audio/", what)]
     elif args.task in EVAL_SETS and not args.data:
         name, data_json, labels = EVAL_SETS[args.task]
         folder = DATA / name
         args.data = str(folder / data_json)
-        wanted = [(folder / data_json, False, f"LTU's eval data {data_json} ({LTU_DATA}, 'LTU Evaluation Data')")]
+        wanted.append((args.data, f"LTU's eval data {data_json} ({LTU_DATA}, 'LTU Evaluation Data')"))
         if labels and not args.labels:
             args.labels = str(folder / labels)
-            wanted.append((folder / labels, False, f"LTU's src/ltu/eval/labels/{labels} ({LTU_DATA})"))
+            wanted.append((args.labels, f"LTU's src/ltu/eval/labels/{labels} ({LTU_DATA})"))
         if not args.audio_root:
             args.audio_root = str(folder / "audio")
-            wanted.append((folder / "audio", True, "the clips at 16 kHz, named as the JSON's audio_id"))
-    missing += [(_shown(p, folder), what) for p, folder, what in wanted
-                if not (p.is_dir() if folder else p.is_file())]
+            wanted.append((f"{folder}/audio/", "the clips at 16 kHz, named as the JSON's audio_id"))
+    missing = [(path, what) for path, what in wanted if not Path(path).exists()]
     if missing:
         raise MissingFiles(missing, "--checkpoint, --esc50-root, --data, --labels, --audio-root")

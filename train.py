@@ -5,10 +5,6 @@
     torchrun --nproc_per_node 8 train.py ...        # the same training, data-parallel over 8 GPUs
     python train.py ... --resume                    # continue the run in --output-dir exactly where it stopped
     python train.py --demo --output-dir demo        # CPU, minutes: synthetic sounds -> a tiny ssLALM (demo.py)
-
-Unlike LTU, an unreadable audio file or an entry without a labelled token stops the run naming the entry (all are
-looked for before training); `--skip-bad` skips and reports them. --output-dir receives config.json +
-model.safetensors (the trained DASS, projector and LoRA weights), log.jsonl and checkpoints/ (trainer.py).
 """
 from __future__ import annotations
 
@@ -26,46 +22,38 @@ import layout
 import sslalm
 from data import BadEntry, DataError, OpenAQADataset, at_least, load_openaqa, parse_prefixes
 from trainer import (STAGES, NonFiniteLoss, TrainConfig, TrainResult, claim_output, count_parameters,
-                     init_distributed, list_checkpoints, train)
-
-
-def build_model(args: argparse.Namespace, device: torch.device, say) -> sslalm.SSLALM:
-    """The model a stage starts from: the previous stage's output (--init-from), or the pretrained parts."""
-    dtype = torch.bfloat16 if device.type == "cuda" else None  # the frozen LLM in bf16 on GPU; trained parts fp32
-    if args.init_from:
-        say(f"stage {args.stage}: starting from {args.init_from} (its config names the base weights)")
-        return checkpoint.load_checkpoint(args.init_from, device=device, dtype=dtype, llm_weights=args.llm_weights,
-                                          tokenizer=args.tokenizer)
-    if args.stage > 1:
-        say(f"note: stage {args.stage} without --init-from starts from a new projector and new LoRA adapters")
-    extra = {"audio_frames": args.audio_frames} if args.audio_frames else {}
-    config = sslalm.SSLALMConfig.paper(args.size, args.llm, dass_weights=args.dass_weights,
-                                       llm_weights=args.llm_weights, tokenizer=args.tokenizer, **extra)
-    return checkpoint.build(config, device=device, dtype=dtype)
+                     init_distributed, list_checkpoints, rank_world, train)
 
 
 def run_stage(args: argparse.Namespace) -> TrainResult:
-    """One stage of the recipe on the real model; the final model in --output-dir."""
+    """One stage of the recipe, from the previous stage's output (--init-from) or the pretrained parts; the final
+    model in --output-dir."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's worker processes tokenize
-    d = init_distributed()
-    device = torch.device(args.device or (f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"))
+    local_rank, out, say = init_distributed(), Path(args.output_dir), layout.say
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.index is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # kernels, CUDA graphs and streams on the chosen GPU
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if d.main else (lambda s: None)
     entries = load_openaqa(args.data)                          # malformed data fails before any model is built
-    out = Path(args.output_dir)
-    claim_output(out, args.resume, args.overwrite, d)           # and a folder holding another run, too
-    model = build_model(args, device, say)
-    names = ("lr", "epochs", "batch_size", "micro_batch", "warmup_steps", "grad_clip", "weight_decay", "max_steps",
-             "seed", "save_every", "keep", "num_workers", "skip_bad", "log_every")
-    cfg = TrainConfig.for_stage(args.stage, **{k: getattr(args, k) for k in names},
-                                trainable=tuple(args.trainable.split(",")) if args.trainable else None)
+    claim_output(out, args.resume, args.overwrite)              # and a folder holding another run, too
+    dtype = torch.bfloat16 if device.type == "cuda" else None  # the frozen LLM in bf16 on GPU; trained parts fp32
+    if args.init_from:
+        say(f"stage {args.stage}: starting from {args.init_from} (its config names the base weights)")
+        model = checkpoint.load_checkpoint(args.init_from, device=device, dtype=dtype, llm_weights=args.llm_weights,
+                                           tokenizer=args.tokenizer)
+    else:
+        if args.stage > 1:
+            say(f"note: stage {args.stage} without --init-from starts from a new projector and new LoRA adapters")
+        config = sslalm.SSLALMConfig.paper(args.size, args.llm, dass_weights=args.dass_weights,
+                                           llm_weights=args.llm_weights, tokenizer=args.tokenizer,
+                                           audio_frames=args.audio_frames)
+        model = checkpoint.build(config, device=device, dtype=dtype)
+    cfg = TrainConfig.for_stage(args.stage, **{k: v for k, v in vars(args).items() if k in TrainConfig.__annotations__})
     model.set_trainable(cfg.trainable)
     model.llm.gradient_checkpointing = args.grad_checkpointing
     trained = count_parameters(p for p in model.parameters() if p.requires_grad)
     say(f"stage {args.stage}: trains {' + '.join(cfg.trainable)} ({trained:,} of "
         f"{sslalm.parameter_table(model)['total']:,} parameters), lr {cfg.lr:g}, {cfg.epochs} epoch(s), batch "
-        f"{cfg.batch_size} = {d.world} process(es) x micro-batch {cfg.micro_batch} x accumulation, "
+        f"{cfg.batch_size} = {rank_world()[1]} process(es) x micro-batch {cfg.micro_batch} x accumulation, "
         f"{len(entries):,} entries from {args.data}")
     roots = [r for r in (args.audio_root, Path(args.data).resolve().parent) if r]
     ds = OpenAQADataset(entries, model.encode_example, roots, parse_prefixes(args.audio_prefix),
@@ -74,9 +62,9 @@ def run_stage(args: argparse.Namespace) -> TrainResult:
     if model.config.response_only_loss:  # otherwise the prompt's own tokens are labelled: no entry lacks labels
         dropped += ds.check_labels(args.skip_bad)
     res = train(model, ds, sslalm.collate, model.tokenizer.eos_token_id, cfg, out, resume=args.resume,  # EOS pads
-                overwrite=args.overwrite, d=d, device=device)
+                overwrite=args.overwrite, device=device)
     res.bad = dropped + res.bad
-    if d.main:
+    if rank_world()[0] == 0:
         checkpoint.save_checkpoint(model, out)
         report_bad(res.bad)
         say(f"done: {res.steps} steps; the model is in {out} (config.json + model.safetensors)")
@@ -105,7 +93,7 @@ def curriculum_stage(args: argparse.Namespace, stage: int, out: Path, init_from:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demo", action="store_true", help="synthetic sounds -> a tiny ssLALM on CPU in minutes")
-    p.add_argument("--output-dir", help="default: runs/SIZE-LLM/stageN (without --stage: the run folder runs/SIZE-LLM)")
+    p.add_argument("--output-dir", help="default: runs/SIZE-LLM/stageN (without --stage: runs/SIZE-LLM; --demo: demo)")
     p.add_argument("--seed", type=int, default=0)
     m = p.add_argument_group("model")
     m.add_argument("--size", choices=("small", "medium"), default="small", help="DASS size")
@@ -114,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--llm-weights", help="folder of the LLM (state-spaces/mamba-2.8b-hf or lmsys/vicuna-7b-v1.5)")
     m.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model (default: in --llm-weights)")
     m.add_argument("--init-from", help="the previous stage's output dir (its config names the base weights)")
-    m.add_argument("--audio-frames", type=at_least(1), help="fbank frames per clip (default 1024)")
+    m.add_argument("--audio-frames", type=at_least(1), default=sslalm.SSLALMConfig.audio_frames, help="fbank frames")
     m.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM blocks in backward")
     d = p.add_argument_group("data")
     d.add_argument("--data", help="the stage's OpenAQA JSON file (default: DATA_DIR/stageN.json)")
@@ -127,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t = p.add_argument_group("recipe (defaults: the --stage's, paper §III-E)")
     t.add_argument("--stage", type=int, choices=sorted(STAGES), help="train this stage only (default: 1 with --data, "
                    "--init-from or --resume; else the four stages in turn, skipping finished ones)")
-    t.add_argument("--trainable", help="override the stage's parts, e.g. dass,projector,lora")
+    t.add_argument("--trainable", type=lambda s: tuple(s.split(",")), help="the parts, e.g. dass,projector,lora")
     t.add_argument("--lr", type=at_least(0, float, strict=True))
     t.add_argument("--epochs", type=at_least(1))
     t.add_argument("--max-steps", type=at_least(1), help="train exactly this many steps, overriding --epochs")
@@ -147,8 +135,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "holds another run (deletes its checkpoints, log and model)")
     c.add_argument("--log-every", type=at_least(1), default=10, help="steps between progress lines")
     args = p.parse_args(argv)
-    if args.demo and not args.output_dir:
-        p.error("--demo needs --output-dir")
     if args.stage is None and (args.data or args.init_from or args.resume):
         args.stage = 1  # one stage's flags: stage 1 unless --stage says otherwise
     if args.overwrite and args.stage is None and not args.demo:
@@ -161,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.demo:
-            demo.run_demo(args.output_dir, seed=args.seed)  # its sizes: demo.DemoConfig
+            demo.run_demo(args.output_dir or "demo", seed=args.seed)  # its sizes: demo.DemoConfig
         else:
             layout.training_defaults(args)
             if args.stage is not None:

@@ -1,10 +1,5 @@
-"""The training loop of LTU's four-stage recipe (paper §III-E, STAGES): data-parallel, resumable, failing loudly.
-
-Global batch 256, AdamW without weight decay, 100 warm-up steps then a linear decay, gradient clipping at 1.0, bf16
-autocast on GPU (following LTU). A step's global batch is cut into micro-batches dealt to the ranks round-robin; its
-loss is the mean of their losses (as Hugging Face's Trainer, which LTU used), so 1 or N processes train alike.
-Checkpoints, checkpoints/step-NNNNNNN/: the model's files, trainer.pt and rng-rank{r}.pt (plain data), written into
-a temporary folder renamed when complete. A resume is exact (bit-identical losses on CPU).
+"""The training loop of LTU's four-stage recipe (paper §III-E, STAGES): data-parallel and resumable. A step's loss is
+the mean of its micro-batches' losses (as Hugging Face's Trainer, which LTU used), so 1 or N processes train alike.
 """
 from __future__ import annotations
 
@@ -27,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint
-from checkpoint import CorruptCheckpoint, check_model_files, read_plain
+from checkpoint import CorruptCheckpoint, check_model_files, fsync, read_plain
 from data import BadEntry, DataError, collate_checked
 
 STAGES = {  # stage -> (trainable parts, learning rate, epochs): LTU's recipe, paper §III-E
@@ -103,15 +98,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)  # the last, smaller global batch is kept
-
-
-def micro_batches(order: Tensor, step: int, batch_size: int, micro_batch: int, world: int,
-                  rank: int) -> list[list[int] | None]:
-    """The passes `rank` makes in step `step` (0-based, within the epoch): the global batch order[step*B : (step+1)*B]
-    is cut into consecutive micro-batches, micro-batch j going to rank j % world; a rank with fewer than rank 0 makes
-    zero passes (None: no data, zero gradients) to join the all-reduce."""
+def micro_batches(order: Tensor, step: int, batch_size: int, micro_batch: int, world: int, rank: int) -> list:
+    """The passes `rank` makes in step `step` of the epoch: micro-batch j of order[step*B : (step+1)*B] goes to rank
+    j % world; a rank with fewer than rank 0 pads with zero passes (None: no data, zero gradients)."""
     chunk = order[step * batch_size:(step + 1) * batch_size].tolist()
     mbs = [chunk[j:j + micro_batch] for j in range(0, len(chunk), micro_batch)]
     return mbs[rank::world] + [None] * (len(mbs[0::world]) - len(mbs[rank::world]))
@@ -129,42 +118,27 @@ def count_parameters(params) -> int:
     return sum(p.numel() for p in params)
 
 
-@dataclass
-class Dist:
-    """This process among the data-parallel ones (a single process: rank 0 of 1)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed() -> Dist:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK; NCCL on GPUs, gloo on CPU), or a
-    single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
-        raise ValueError(f"WORLD_SIZE={world} but RANK or MASTER_ADDR is not set: launch data-parallel runs with "
-                         "torchrun (or set RANK, MASTER_ADDR, MASTER_PORT for every process), or unset WORLD_SIZE")
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
+def init_distributed() -> int:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) if WORLD_SIZE > 1; returns the local rank (the caller
+    makes its GPU current before any collective)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(rank, world, local)
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 without a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class LossOf(nn.Module):
-    """What DistributedDataParallel wraps: the model's loss on a batch; for batch None (a zero pass) a zero whose
-    gradient is zero for every trained parameter, so that a rank without data still joins the all-reduce."""
+    """What DistributedDataParallel wraps: the model's loss; for batch None (a zero pass) a zero with zero gradients,
+    so that a rank without data still joins the all-reduce."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -177,8 +151,7 @@ class LossOf(nn.Module):
 
 
 def rng_state(device: torch.device) -> dict:
-    """This process's random states (torch's are the only ones training draws from: dropout, the data order), CUDA
-    only for its own device (not every visible GPU: a resume may see fewer)."""
+    """This process's random states: torch's (dropout, the data order) and its own GPU's only (a resume may see one)."""
     s = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
@@ -193,62 +166,56 @@ def set_rng_state(s: dict, device: torch.device) -> None:
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """The complete checkpoints of a run, oldest first (temporary folders of unfinished writes excluded)."""
-    root = Path(output_dir) / "checkpoints"
-    found = root.iterdir() if root.is_dir() else []
-    return sorted(p for p in found if p.name.startswith("step-") and (p / "trainer.pt").is_file())
+    return sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if (p / "trainer.pt").is_file())
 
 
-def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Path, step: int, d: Dist,
-                    keep: int, device: torch.device = torch.device("cpu")) -> Path:
-    """Write checkpoint `step` into a temporary folder that is renamed when complete (a crash mid-write leaves no
-    checkpoint that looks whole; one cut short by a power loss is passed over by resume "latest"); keep the newest
-    `keep`."""
+def save_checkpoint(model: nn.Module, trainer_state: dict, output_dir: str | Path, step: int, keep: int,
+                    device: torch.device = torch.device("cpu")) -> Path:
+    """Write checkpoint `step` into a temporary folder, flushed to disk and then renamed (a crash or a power loss
+    leaves no checkpoint that looks whole); keep the newest `keep`."""
+    rank = rank_world()[0]
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    if d.main:
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    d.barrier()
-    torch.save(rng_state(device), tmp / f"rng-rank{d.rank}.pt")
-    d.barrier()
-    if d.main:
+    barrier()
+    torch.save(rng_state(device), tmp / f"rng-rank{rank}.pt")
+    barrier()
+    if rank == 0:
         checkpoint.save_checkpoint(model, tmp)
         torch.save(trainer_state, tmp / "trainer.pt")
+        fsync(*tmp.iterdir(), tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
+        fsync(root)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
-    d.barrier()
+    barrier()
     return final
 
 
-def claim_output(out: Path, resume: str | Path | None, overwrite: bool, d: Dist) -> None:
+def claim_output(out: Path, resume: str | Path | None, overwrite: bool) -> None:
     """A new run (resume None) refuses a folder holding another run's files (RUN_FILES; an empty log.jsonl does not
     count): its checkpoints would be rotated with the new ones and its log mixed in. overwrite deletes them first."""
-    if resume is not None:
-        if overwrite:
-            raise ValueError("--resume continues the run in the output folder, --overwrite starts afresh: pass one")
-        return
-    held = [name for name in RUN_FILES if (out / name).exists()
-            and not (name == "log.jsonl" and (out / name).stat().st_size == 0)]
+    if resume is not None and overwrite:
+        raise ValueError("--resume continues the run in the output folder, --overwrite starts afresh: pass one")
+    held = [n for n in RUN_FILES if resume is None and (out / n).exists()
+            and (n != "log.jsonl" or (out / n).stat().st_size)]
     if held and not overwrite:
         raise OutputInUse(f"{out} holds another run ({', '.join(held)}): pass --resume to continue it, --overwrite "
                           "to start afresh (deletes them), or another --output-dir")
     if held:
-        d.barrier()  # every rank has looked before rank 0 deletes
-        if d.main:
+        barrier()  # every rank has looked before rank 0 deletes
+        if rank_world()[0] == 0:
             print(f"--overwrite: deleting {', '.join(held)} in {out}", file=sys.stderr)
             for path in (out / name for name in held):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        d.barrier()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        barrier()
 
 
 def _open_log(out: Path, start: int):
-    """<out>/log.jsonl cut back to the steps up to `start` (a resumed run logs the later steps again; a line torn by
-    a stop mid-write goes too), opened for appending."""
+    """<out>/log.jsonl cut back to the steps up to `start` (and without a line torn by a stop), opened to append."""
     log, kept = out / "log.jsonl", []
     for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
         with suppress(json.JSONDecodeError, KeyError, TypeError):
@@ -261,24 +228,19 @@ def _open_log(out: Path, start: int):
 
 def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable[[list[dict], int], dict],
           pad_id: int, cfg: TrainConfig, output_dir: str | Path, *, resume: str | Path | None = None,
-          overwrite: bool = False, d: Dist | None = None, device: torch.device | str = "cpu",
+          overwrite: bool = False, device: torch.device | str = "cpu",
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train `model`'s parameters that require grad (model(**batch) -> a micro-batch's mean loss) on `dataset`.
-
-    resume: a checkpoint folder, or "latest" (the newest readable one in output_dir); without it output_dir must
-    hold no other run (OutputInUse) unless overwrite. A dataset's .fingerprint() is checked on resume. on_step(step,
-    loss) runs after every step. Raises NonFiniteLoss at a NaN/inf loss or gradient norm (that step unsaved), and
-    DataError at a bad entry unless cfg.skip_bad."""
-    d, device, out = d or Dist(), torch.device(device), Path(output_dir)
+    resume: a checkpoint folder, or "latest" (the newest readable one in output_dir); on_step(step, loss) runs after
+    every step. Raises NonFiniteLoss at a NaN/inf loss or gradient norm, DataError at a bad entry unless skip_bad."""
+    (rank, world), device, out = rank_world(), torch.device(device), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    claim_output(out, resume, overwrite, d)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no parameter requires grad: nothing to train")
+    claim_output(out, resume, overwrite)
+    params = [p for p in model.parameters() if p.requires_grad]  # none: AdamW's "empty parameter list"
     n = len(dataset)
     if n == 0:
         raise DataError("no training entries left")
-    per_epoch = steps_per_epoch(n, cfg.batch_size)
+    per_epoch = math.ceil(n / cfg.batch_size)  # the last, smaller global batch is kept
     total = per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     result = TrainResult()
@@ -286,37 +248,35 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                "file": getattr(dataset, "source", None)}
     if resume is None:
         step, order_epoch, order = 0, 0, epoch_order(n, cfg.seed, 0)
-        torch.manual_seed(cfg.seed + 7919 * d.rank)  # the CPU and every CUDA device
+        torch.manual_seed(cfg.seed + 7919 * rank)  # the CPU and every CUDA device
     else:
-        step, order_epoch, order, result.bad = _resume(resume, out, model, opt, cfg, n, data_id, d, device)
+        step, order_epoch, order, result.bad = _resume(resume, out, model, opt, cfg, n, data_id, device)
     net: nn.Module = LossOf(model)
-    if d.world > 1:  # rank 0's weights are broadcast to every rank; gradients are averaged in the last pass
+    if world > 1:  # rank 0's weights are broadcast to every rank; gradients are averaged in the last pass
         net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
 
     def state() -> dict:
-        return {"step": step, "epoch": step // per_epoch, "step_in_epoch": step % per_epoch,
-                "order_epoch": order_epoch, "order": order, "optimizer": opt.state_dict(), "n_entries": n,
-                "data": data_id, "world": d.world, "total_steps": total, "config": dataclasses.asdict(cfg),
+        return {"step": step, "order_epoch": order_epoch, "order": order, "optimizer": opt.state_dict(),
+                "n_entries": n, "data": data_id, "world": world, "config": dataclasses.asdict(cfg),
                 "bad": [dataclasses.asdict(b) for b in result.bad]}
 
     model.train()
     start, t0, seen = step, time.time(), 0
-    with (_open_log(out, step) if d.main else nullcontext()) as log:  # log.jsonl on rank 0
+    with (_open_log(out, step) if rank == 0 else nullcontext()) as log:  # log.jsonl on rank 0
         while step < total:
             epoch = step // per_epoch
             if order_epoch != epoch:
                 order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
             first = step - epoch * per_epoch
-            plan = [micro_batches(order, s, cfg.batch_size, cfg.micro_batch, d.world, d.rank)
+            plan = [micro_batches(order, s, cfg.batch_size, cfg.micro_batch, world, rank)
                     for s in range(first, min(per_epoch, first + total - step))]
             batches = iter(torch.utils.data.DataLoader(  # this epoch's micro-batches; zero passes read nothing
                 dataset, batch_sampler=[mb for passes in plan for mb in passes if mb is not None],
                 num_workers=cfg.num_workers, collate_fn=partial(collate_checked, collate=collate, pad_id=pad_id),
                 generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda"))
             for passes in plan:
-                loss, gnorm, samples = _gradient(net, params, batches, passes, cfg, d, device, result.bad, step + 1,
-                                                 out)
+                loss, gnorm, samples = _gradient(net, params, batches, passes, cfg, device, result.bad, step + 1, out)
                 lr = lr_at(step + 1, cfg.lr, cfg.warmup_steps, total)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -333,14 +293,14 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
                     print(f"{cfg.name} | step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {seen / dt:.1f} "
                           f"samples/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", file=sys.stderr)
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    result.checkpoint = save_checkpoint(model, state(), out, step, d, cfg.keep, device)
+                    result.checkpoint = save_checkpoint(model, state(), out, step, cfg.keep, device)
                 if on_step is not None:
                     on_step(step, loss)
             del batches  # the loader's worker processes end with the epoch
-        result.checkpoint = save_checkpoint(model, state(), out, step, d, cfg.keep, device)
+        result.checkpoint = save_checkpoint(model, state(), out, step, cfg.keep, device)
     result.steps = step
-    if d.world > 1:  # the bad entries met by every rank
-        parts = [None] * d.world
+    if world > 1:  # the bad entries met by every rank
+        parts = [None] * world
         dist.all_gather_object(parts, result.bad)
         result.bad = [b for part in parts for b in part]
     result.bad = list({b.index: b for b in result.bad}.values())
@@ -348,11 +308,10 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, collate: Callable
 
 
 def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
-            n: int, data_id: dict, d: Dist, device: torch.device) -> tuple[int, int, Tensor, list[BadEntry]]:
-    """Load checkpoint `resume` into the model, the optimizer and the random states; returns (step, order_epoch,
-    order, bad entries so far). "latest": the newest checkpoint in out whose files can all be read (every rank reads
-    every rank's random states, so all fall back alike). Later checkpoints in out are deleted."""
-    latest = str(resume) == "latest"
+            n: int, data_id: dict, device: torch.device) -> tuple[int, int, Tensor, list[BadEntry]]:
+    """Load checkpoint `resume` ("latest": the newest whose files all read, the same on every rank) into the model,
+    the optimizer and the random states; returns (step, order_epoch, order, bad entries). Later ones are deleted."""
+    (rank, world), latest = rank_world(), str(resume) == "latest"
     found = list_checkpoints(out)[::-1] if latest else [Path(resume)]
     if not found:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
@@ -367,7 +326,7 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
         except CorruptCheckpoint as e:
             if not latest:
                 raise
-            if d.main:
+            if rank == 0:
                 print(f"warning: {e}; falling back to the checkpoint before it", file=sys.stderr)
     else:
         raise CorruptCheckpoint(f"--resume: none of the {len(found)} checkpoints in {out / 'checkpoints'} can be read")
@@ -384,28 +343,27 @@ def _resume(resume: str | Path, out: Path, model: nn.Module, opt: torch.optim.Op
             raise ValueError(f"--resume {ckpt}: it was trained with {key} {st['config'][key]}, now {key} is "
                              f"{getattr(cfg, key)}; the data order and the schedule depend on it")
     later = [p for p in list_checkpoints(out) if int(p.name[len("step-"):]) > st["step"]]
-    if later and d.main:  # a continuation that is replaced: "latest" and the rotation must not pick them up
+    if later and rank == 0:  # a continuation that is replaced: "latest" and the rotation must not pick them up
         print(f"note: resuming at step {st['step']}, the later {', '.join(p.name for p in later)} are deleted",
               file=sys.stderr)
         for p in later:
             shutil.rmtree(p)
-    d.barrier()
+    barrier()
     checkpoint.load_trainable(model, ckpt)
     opt.load_state_dict(st["optimizer"])
-    if st["world"] == d.world:
-        set_rng_state(rng[d.rank], device)
+    if st["world"] == world:
+        set_rng_state(rng[rank], device)
     else:  # the data order and the weights continue exactly; dropout's random states start afresh
-        torch.manual_seed(cfg.seed + st["step"] + 7919 * d.rank)
-    if d.main:
+        torch.manual_seed(cfg.seed + st["step"] + 7919 * rank)
+    if rank == 0:
         print(f"resumed from {ckpt} at step {st['step']}", file=sys.stderr)
     return st["step"], st["order_epoch"], st["order"], [BadEntry(**b) for b in st["bad"]]
 
 
-def _gradient(net: nn.Module, params: list[nn.Parameter], batches, passes: list, cfg: TrainConfig, d: Dist,
+def _gradient(net: nn.Module, params: list[nn.Parameter], batches, passes: list, cfg: TrainConfig,
               device: torch.device, bad: list[BadEntry], step: int, out: Path) -> tuple[float, float, int]:
-    """Forward and backward of this rank's passes of step `step` (a micro-batch whose every entry is bad becomes a
-    zero pass), leaving the gradient of the step's loss in .grad, clipped. Returns the step's loss, gradient norm
-    (before clipping) and entries over all ranks; raises NonFiniteLoss if the loss or the norm is NaN or infinite."""
+    """This rank's passes of step `step` (an all-bad micro-batch becomes a zero pass), leaving the step's clipped
+    gradient in .grad. Returns the loss, the gradient norm before clipping and the entries, over all ranks."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     sums = torch.zeros(3, dtype=torch.float64)  # sum of micro-batch losses, micro-batches, entries
     for j, mb in enumerate(passes):
@@ -426,7 +384,8 @@ def _gradient(net: nn.Module, params: list[nn.Parameter], batches, passes: list,
             loss.backward()
         if batch is not None:
             sums[0] += loss.detach().double().cpu()
-    if d.world > 1:
+    world = rank_world()[1]
+    if world > 1:
         sums = sums.to(params[0].device)
         dist.all_reduce(sums)
     loss_sum, n_mb, samples = sums.tolist()
@@ -436,7 +395,7 @@ def _gradient(net: nn.Module, params: list[nn.Parameter], batches, passes: list,
     # (sum over all ranks) / world in .grad (a single process: its own sum), hence the factor world / n_mb.
     for p in params:
         if p.grad is not None:
-            p.grad.mul_(d.world / n_mb)
+            p.grad.mul_(world / n_mb)
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
     loss = loss_sum / n_mb
     if not (math.isfinite(loss) and math.isfinite(gnorm)):

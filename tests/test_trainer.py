@@ -1,6 +1,7 @@
 """trainer.py: the training loop's bookkeeping (schedule, resume, NaN stop, atomic checkpoints, per-rank random
 states, data-parallel arithmetic with DistributedDataParallel) on a small stand-in model."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,7 @@ def test_lr_schedule():
 def test_micro_batches_deal_the_global_batch():
     order = trainer.epoch_order(23, seed=5, epoch=1)
     assert sorted(order.tolist()) == list(range(23)) and not torch.equal(order, trainer.epoch_order(23, 5, 0))
-    for step in range(trainer.steps_per_epoch(23, 8)):
+    for step in range(3):  # 23 entries: 8 + 8 + 7
         one = trainer.micro_batches(order, step, 8, 3, world=1, rank=0)
         two = [trainer.micro_batches(order, step, 8, 3, world=2, rank=r) for r in range(2)]
         assert len(two[0]) == len(two[1]) and one[0::2] == two[0]  # rank 1 pads with zero passes
@@ -189,7 +190,7 @@ def test_resume_continues_exactly(tmp_path):
     a, b = params_of(full_model), params_of(resumed_model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     st = torch.load(tmp_path / "cut" / "checkpoints" / "step-0000004" / "trainer.pt", weights_only=True)
-    assert (st["epoch"], st["step_in_epoch"]) == (1, 1) and torch.equal(st["order"], trainer.epoch_order(11, 3, 1))
+    assert (st["step"], st["order_epoch"]) == (4, 1) and torch.equal(st["order"], trainer.epoch_order(11, 3, 1))
     logged = [json.loads(x)["loss"] for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert logged == full.losses                # one line per step: the log was cut back to the checkpoint's step
 
@@ -207,7 +208,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in load_file(str(ckpts[-1] / "model.safetensors")).values())
 
 
-def test_checkpoint_write_is_atomic(tmp_path):
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     class FailingSave(StandIn):
         fail = False
 
@@ -218,16 +219,20 @@ def test_checkpoint_write_is_atomic(tmp_path):
                 raise OSError("disk full")
 
     m = FailingSave()
-    opt_state = {"step": 1}
-    trainer.save_checkpoint(m, opt_state, tmp_path, 1, trainer.Dist(), keep=5)
+    synced, fsync, root = [], os.fsync, (tmp_path / "checkpoints").resolve()
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    trainer.save_checkpoint(m, {"step": 1}, tmp_path, 1, keep=5)
+    tmp = root / ".tmp-step-0000001"  # every file and the folder reach the disk before the rename, then the rename
+    assert sorted(synced[:-2]) == sorted(str(tmp / n) for n in os.listdir(root / "step-0000001"))
+    assert len(synced) == 6 and synced[-2:] == [str(tmp), str(root)]
     m.fail = True
     with pytest.raises(OSError, match="disk full"):
-        trainer.save_checkpoint(m, {"step": 2}, tmp_path, 2, trainer.Dist(), keep=5)
+        trainer.save_checkpoint(m, {"step": 2}, tmp_path, 2, keep=5)
     assert [p.name for p in trainer.list_checkpoints(tmp_path)] == ["step-0000001"]
     assert not (tmp_path / "checkpoints" / "step-0000002").exists()
     m.fail = False
     for s in (2, 3, 4):
-        trainer.save_checkpoint(m, {"step": s}, tmp_path, s, trainer.Dist(), keep=2)
+        trainer.save_checkpoint(m, {"step": s}, tmp_path, s, keep=2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] and \
         sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
 
@@ -287,8 +292,7 @@ def _dp_worker(rank, world, tmp, bad):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
         model = StandIn(dropout=0.0, seed=rank)  # different inits: rank 0's weights are broadcast
-        res = trainer.train(model, MemoryData(13, bad=bad), pad_collate, 0, dp_cfg(), f"{tmp}/run",
-                            d=trainer.Dist(rank, world))
+        res = trainer.train(model, MemoryData(13, bad=bad), pad_collate, 0, dp_cfg(), f"{tmp}/run")
         if rank == 0:
             torch.save({"losses": res.losses, "params": params_of(model), "bad": sorted(b.index for b in res.bad)},
                        f"{tmp}/result.pt")
@@ -318,7 +322,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, bad):
 def test_data_parallel_without_torchrun_says_what_is_missing(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(ValueError, match="RANK or MASTER_ADDR is not set: launch data-parallel runs with torchrun"):
+    with pytest.raises(ValueError, match="environment variable RANK expected, but not set"):
         trainer.init_distributed()
 
 
