@@ -1,6 +1,5 @@
 """The command line of the models: `ask` a trained ssLALM about a clip, count the `params` of Fig. 1's parts,
 `generate` text with a base LLM folder (Mamba or LLaMA), `tag` a clip with DASS.
---device cuda:1 makes that device the current one before anything is loaded (Triton, CUDA graphs run there).
 """
 from __future__ import annotations
 
@@ -18,12 +17,11 @@ import sampling
 import weights
 from sslalm import build_meta, parameter_table
 
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SAMPLING_FLAGS = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # generate's
 
 
 def use_device(name: str) -> torch.device:
-    """torch.device(name); a CUDA device with an index becomes the current CUDA device."""
+    """torch.device(name); cuda:N becomes the current CUDA device first (Triton kernels and CUDA graphs run there)."""
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
@@ -34,9 +32,8 @@ def ask(args) -> None:
     device = use_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model = checkpoint.load_checkpoint(args.checkpoint, device=device, dtype=dtype, llm_weights=args.llm_weights)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    print(model.answer([args.clip], [" ".join(args.question)], greedy=args.greedy,
-                       max_new_tokens=args.max_new_tokens, generator=generator)[0])
+    print(model.answer([args.clip], [" ".join(args.question)], greedy=args.greedy, max_new_tokens=args.max_new_tokens,
+                       generator=torch.Generator(device).manual_seed(args.seed))[0])
 
 
 def params(args) -> None:
@@ -90,7 +87,6 @@ def parser() -> argparse.ArgumentParser:
     p_ask.add_argument("clip", help="an audio file (any length; resampled to 16 kHz)")
     p_ask.add_argument("question", nargs="+", help="the question (e.g. 'What can you hear?')")
     p_ask.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
-    p_ask.add_argument("--max-new-tokens", type=int, default=sampling.MAX_NEW_TOKENS)
     p = sub.add_parser("params", help="trainable and total parameters per part, as in the paper (§III-E)")
     p.add_argument("--size", choices=("small", "medium"), default="small")
     p.add_argument("--llm", choices=("mamba", "llama"), default="mamba")
@@ -98,7 +94,6 @@ def parser() -> argparse.ArgumentParser:
     p_gen = sub.add_parser("generate", help="continue a text prompt with a Mamba or LLaMA checkpoint folder")
     p_gen.add_argument("--model", required=True, help="folder with config.json, the weights and the tokenizer")
     p_gen.add_argument("--prompt", required=True)
-    p_gen.add_argument("--max-new-tokens", type=int, default=100)
     for name, kind in SAMPLING_FLAGS.items():
         p_gen.add_argument("--" + name.replace("_", "-"), type=kind, default=sampling.PAPER_SAMPLING[name])
     p_gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA")
@@ -107,11 +102,12 @@ def parser() -> argparse.ArgumentParser:
     p_tag.add_argument("--weights", required=True, help="DASS_small.pth / DASS_medium.pth, ours, or the HF port")
     p_tag.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name); default: class indices")
     p_tag.add_argument("--top", type=int, default=5)
-    for p in (p_ask, p_gen):
+    for p, max_new_tokens in ((p_ask, sampling.MAX_NEW_TOKENS), (p_gen, 100)):
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
         p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
         p.add_argument("--seed", type=int, default=0)
     for p in (p_ask, p_gen, p_tag):
-        p.add_argument("--device", default=DEFAULT_DEVICE)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap
 
 
