@@ -29,11 +29,10 @@ def use_device(name: str) -> torch.device:
 
 
 def ask(args) -> None:
-    device = use_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    model = checkpoint.load_checkpoint(args.checkpoint, device=device, dtype=dtype, llm_weights=args.llm_weights)
+    dtype = torch.bfloat16 if args.device.type == "cuda" else None
+    model = checkpoint.load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, llm_weights=args.llm_weights)
     print(model.answer([args.clip], [" ".join(args.question)], greedy=args.greedy, max_new_tokens=args.max_new_tokens,
-                       generator=torch.Generator(device).manual_seed(args.seed))[0])
+                       generator=torch.Generator(args.device).manual_seed(args.seed))[0])
 
 
 def params(args) -> None:
@@ -47,17 +46,16 @@ def params(args) -> None:
 
 
 def generate(args) -> None:
-    device = use_device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
     kind = weights.llm_kind(args.model)
     tokenizer = weights.TOKENIZERS[kind](args.model)
-    model = weights.LOADERS[kind](args.model, dtype=dtype, device=device)
+    model = weights.LOADERS[kind](args.model, dtype=dtype, device=args.device)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt is empty")
-    new = model.generate(torch.tensor([prompt], device=device), max_new_tokens=args.max_new_tokens,
+    new = model.generate(torch.tensor([prompt], device=args.device), max_new_tokens=args.max_new_tokens,
                          do_sample=not args.greedy, eos_token_id=tokenizer.eos_token_id,
-                         generator=torch.Generator(device).manual_seed(args.seed),
+                         generator=torch.Generator(args.device).manual_seed(args.seed),
                          **{name: getattr(args, name) for name in SAMPLING_FLAGS})[0].tolist()
     if tokenizer.eos_token_id in new:
         new = new[:new.index(tokenizer.eos_token_id)]
@@ -65,16 +63,14 @@ def generate(args) -> None:
 
 
 def tag(args) -> None:
-    device = use_device(args.device)
-    model = weights.load_dass(args.weights).to(device).eval()
+    model = weights.load_dass(args.weights).to(args.device).eval()
     labels = data.read_labels(args.labels) if args.labels else [f"class {i}" for i in range(model.config.n_classes)]
     if len(labels) != model.config.n_classes:
-        raise ValueError(f"label file {args.labels} has {len(labels)} labels; the model has "
-                         f"{model.config.n_classes} classes")
+        raise ValueError(f"{args.labels} has {len(labels)} labels; DASS has {model.config.n_classes} classes")
     x = audio.dass_input_from_file(args.audio, target_length=None)  # (T, 128), a short clip padded with silence
     x = F.pad(x, (0, 0, 0, max(0, audio.DASS_FRAMES - len(x))), value=audio.SILENT_FRAME)
     with torch.no_grad():
-        scores = torch.sigmoid(model(x[None].to(device)))[0].float().cpu()  # multi-label: independent sigmoids
+        scores = torch.sigmoid(model(x[None].to(args.device)))[0].float().cpu()  # multi-label: independent sigmoids
     for s, i in zip(*scores.topk(min(args.top, len(labels)))):
         print(f"{s.item():.3f}  {labels[i]}")
 
@@ -96,7 +92,6 @@ def parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--prompt", required=True)
     for name, kind in SAMPLING_FLAGS.items():
         p_gen.add_argument("--" + name.replace("_", "-"), type=kind, default=sampling.PAPER_SAMPLING[name])
-    p_gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA")
     p_tag = sub.add_parser("tag", help="the top AudioSet labels of a clip, by DASS")
     p_tag.add_argument("audio", help="audio file (any format and sample rate soundfile reads)")
     p_tag.add_argument("--weights", required=True, help="DASS_small.pth / DASS_medium.pth, ours, or the HF port")
@@ -114,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if "device" in args:
+            args.device = use_device(args.device)  # before anything is loaded
         {"ask": ask, "params": params, "generate": generate, "tag": tag}[args.command](args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,8 +42,7 @@ def left_pad(rows: list[Tensor], seen: list[list[int]]) -> tuple[Tensor, Tensor,
 def check_attention_mask(attention_mask: Tensor | None, batch: int, length: int, prompt: bool = False) -> None:
     """attention_mask (batch, length): 1 at real positions; a prompt to generate after must be left-padded."""
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
-        raise ValueError(f"attention_mask must be (batch, length) = {(batch, length)}; "
-                         f"got {tuple(attention_mask.shape)}")
+        raise ValueError(f"attention_mask must be (batch, length) {(batch, length)}, not {tuple(attention_mask.shape)}")
     if attention_mask is not None and prompt and length and not attention_mask[:, -1].bool().all():
         raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row")
 
@@ -90,10 +89,9 @@ def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | Non
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              eos_token_id: int | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, seen_ids: Tensor | None = None) -> Tensor:
-    """The prompt inputs_embeds (B, P, d) then input_ids (B, L) (either may be absent), left-padded as
-    attention_mask (B, P + L) marks -> up to max_new_tokens new tokens (B, T). Seen for the repetition penalty:
-    seen_ids (B, S) (entries < 0: padding) or input_ids, and every new token. A row that has produced eos_token_id
-    gets pad_token_id (default: the EOS) from then on; generation stops when every row has."""
+    """The prompt inputs_embeds (B, P, d) then input_ids (B, L) (either may be absent), left-padded as attention_mask
+    (B, P + L) marks -> up to max_new_tokens new tokens (B, T). seen_ids (B, S): the ids the repetition penalty counts
+    (< 0: none; default input_ids). After eos_token_id a row gets pad_token_id (default: EOS); all rows done: stop."""
     embeds = join(model, input_ids, inputs_embeds)
     batch, length = embeds.shape[:2]
     logits, cache = model.prefill(embeds, attention_mask, length + max_new_tokens)

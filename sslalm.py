@@ -68,9 +68,6 @@ class SSLALMConfig:
             raise ValueError(f"unknown SSLALM config fields {sorted(unknown)}")
         return cls(**d)
 
-    def dass_config(self) -> DASSConfig:
-        return DASSConfig(**self.dass) if self.dass else getattr(DASSConfig, self.size)()
-
 
 class SSLALM(nn.Module):
     """Fig. 1's model; parts not given are built with random weights (pretrained ones: checkpoint.build)."""
@@ -82,7 +79,8 @@ class SSLALM(nn.Module):
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
         LM, LMConfig = LLMS[config.llm]
-        self.dass = dass if dass is not None else DASS(config.dass_config())
+        dass_config = DASSConfig(**config.dass) if config.dass else getattr(DASSConfig, config.size)()
+        self.dass = dass if dass is not None else DASS(dass_config)
         if "head" in self.dass.classifier:  # the LALM uses DASS "with the classification layer removed" (§III-B)
             del self.dass.classifier["head"]
         self.llm = llm if llm is not None else LM(LMConfig(**config.llm_config))
@@ -101,9 +99,8 @@ class SSLALM(nn.Module):
 
     def forward(self, fbank: Tensor, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None
                 ) -> Tensor:
-        """fbank (B, T, 128); input_ids, labels (B, L) right-padded (labels IGNORE_INDEX where there is no loss)
-        -> the mean next-token cross-entropy of the labelled text tokens (§III-D). attention_mask is accepted for
-        symmetry with the data: right padding needs no mask in a causal model."""
+        """fbank (B, T, 128); input_ids, labels (B, L) right-padded, labels IGNORE_INDEX where there is no loss (the
+        attention_mask is not needed: causal) -> the mean next-token cross-entropy of the labelled tokens (§III-D)."""
         audio_emb = self.audio_tokens(fbank)                            # (B, n, d)
         embeds = sampling.join(self.llm, input_ids, audio_emb)          # audio prefix, then the prompt (B, n + L, d)
         logits = self.llm(inputs_embeds=embeds)                         # (B, n + L, V)
@@ -169,9 +166,8 @@ class SSLALM(nn.Module):
         return new.tolist()
 
     def prepare_audio(self, clip, crop: bool = False) -> Tensor:
-        """A path, a waveform (S,) at 16 kHz or a DASS input (T, 128) -> the DASS input (T', 128). Shorter clips
-        are padded with silence to audio_frames, as in training; longer ones keep all their frames (audio tokens
-        in proportion to the duration), or their first audio_frames with crop=True (LTU's evaluation)."""
+        """A path, a waveform (S,) at 16 kHz or a DASS input (T, 128) -> the DASS input (T', 128): padded with silence
+        to audio_frames as in training; a longer clip kept whole, or cut there with crop=True (LTU's evaluation)."""
         if isinstance(clip, (str, os.PathLike)):
             clip = audio.dass_input_from_file(clip, target_length=None)  # errors name the file
         if clip.dim() == 1:

@@ -114,8 +114,7 @@ def folder_tensors(path: str, device=None) -> Iterator[tuple[str, Tensor, str]]:
 
 def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    Path(path, "config.json").write_text(json.dumps(config, indent=2))
     save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
 
@@ -139,10 +138,8 @@ def mamba_config(path: str) -> MambaConfig:
     else:
         raise ValueError(f"{path}: neither an HF Mamba config (hidden_size, ...) nor a mamba_ssm one (d_model, ...)")
     refuse_unsupported(c, need, path)
-    fields = {k: v for k, v in c.items() if k in {*HF_MAMBA.values(), "pad_vocab_size_multiple"}}
-    if fields.get("dt_rank") == "auto":
-        fields["dt_rank"] = 0  # ceil(d_model / 16)
-    return MambaConfig(**fields)
+    keep = {*HF_MAMBA.values(), "pad_vocab_size_multiple"}
+    return MambaConfig(**{k: 0 if v == "auto" else v for k, v in c.items() if k in keep})  # dt_rank "auto": 0
 
 
 def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> MambaLM:
@@ -182,15 +179,13 @@ def llama_config(path: str) -> LlamaConfig:
     cfg = json.loads(Path(path).read_text())
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     need = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-            "rope type": "default"}
+            "rope type": "default", "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"]}
     refuse_unsupported(cfg | {"rope type": rope.get("rope_type", rope.get("type", "default"))}, need, path)
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    config = LlamaConfig(**{k: cfg[k] for k in required}, num_key_value_heads=cfg.get("num_key_value_heads"),
-                         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                         rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
-                         max_position_embeddings=cfg.get("max_position_embeddings", 2048))
-    refuse_unsupported(cfg, {"head_dim": config.head_dim}, path)  # = hidden_size / num_attention_heads
-    return config
+    return LlamaConfig(**{k: cfg[k] for k in required}, num_key_value_heads=cfg.get("num_key_value_heads"),
+                       rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                       rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                       max_position_embeddings=cfg.get("max_position_embeddings", 2048))
 
 
 def load_llama(path: str, dtype: torch.dtype | None = None, device=None) -> LlamaLM:
@@ -317,13 +312,12 @@ def _read_dass(path: Path) -> tuple[dict[str, Tensor], Path, DASSConfig | None]:
     if state and all(k.startswith("module.v.") for k in state):  # the official DataParallel checkpoint
         state = {k.removeprefix("module.v."): v for k, v in state.items()}
     elif any(k.startswith("dass.") for k in state):  # the Hugging Face port
-        renamed = {}
-        for key, value in state.items():
+        port, state = state, {}
+        for key, value in port.items():
             for pattern, ours in HF_DASS.items():
                 key = re.sub(pattern, ours, key)
             grouped = key.endswith(("op.x_proj_weight", "op.dt_projs_weight"))  # the port's 1x1 convs (K rows, cols)
-            renamed[key] = value.reshape(4, -1, value.shape[-1]) if grouped else value  # (K, rows, cols), K = 4 scans
-        state = renamed
+            state[key] = value.reshape(4, -1, value.shape[-1]) if grouped else value  # (K, rows, cols), K = 4 scans
     return state, path, DASSConfig(**json.loads(meta["config"])) if "config" in meta else None
 
 

@@ -157,10 +157,12 @@ def test_generation_with_the_decode_cache_equals_generation_without(bases, llm):
     clips = [torch.randn(128, 128, generator=g), torch.randn(300, 128, generator=g)]  # 8 and 10 audio tokens
     questions = ["What can you hear?", "Write an audio caption describing the sound."]
     cached = model.generate(clips, questions, greedy=True, max_new_tokens=12)
-    for clip, question, row in zip(clips, questions, cached):
+    eos = model.tokenizer.eos_token_id
+    padded = model.generate(clips, questions, greedy=True, max_new_tokens=12, pad_token_id=eos + 1)  # after EOS
+    for clip, question, row, pad_row in zip(clips, questions, cached, padded):
         expected = _generate_without_cache(model, clip, question, 12)
-        eos = model.tokenizer.eos_token_id
         assert row[:len(expected)] == expected and all(t == eos for t in row[len(expected):])
+        assert pad_row == expected + [eos + 1] * (len(row) - len(expected))
 
 
 def test_checkpoint_round_trip_recreates_the_trained_model(bases, tmp_path):
