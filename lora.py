@@ -3,7 +3,7 @@
     y = W0 x + (α/r)·B A dropout(x);  merged: W = W0 + (α/r)·B A
 W0 is the frozen `weight` (out, in); A is `lora_A` (r, in), Kaiming-uniform at start; B is `lora_B` (out, r), zero
 at start. The paper: r = 8, α = 16 (`PAPER_LORA`) on LLaMA's q_proj and k_proj (4,194,304 parameters for Vicuna-7B)
-and on Mamba's in_proj (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`. State_dict keys: PEFT's without the adapter
+and on Mamba's in_proj (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`. The adapter keys are PEFT's without the adapter
 name. Written here rather than taken from PEFT (the test oracle): the layer shows the paper's update.
 """
 from __future__ import annotations
