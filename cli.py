@@ -1,6 +1,5 @@
 """The command line of the models: `ask` a trained ssLALM about a clip, count the `params` of Fig. 1's parts,
 `generate` text with a base LLM folder (Mamba or LLaMA), `tag` a clip with DASS.
---device cuda:1 makes that device the current one before anything is loaded (Triton, CUDA graphs run there).
 """
 from __future__ import annotations
 
@@ -18,12 +17,11 @@ import sampling
 import weights
 from sslalm import build_meta, parameter_table
 
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SAMPLING_FLAGS = {"temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float}  # generate's
 
 
 def use_device(name: str) -> torch.device:
-    """torch.device(name); a CUDA device with an index becomes the current CUDA device."""
+    """torch.device(name); cuda:N becomes the current CUDA device first (Triton kernels and CUDA graphs run there)."""
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
@@ -31,12 +29,10 @@ def use_device(name: str) -> torch.device:
 
 
 def ask(args) -> None:
-    device = use_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    model = checkpoint.load_checkpoint(args.checkpoint, device=device, dtype=dtype, llm_weights=args.llm_weights)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    print(model.answer([args.clip], [" ".join(args.question)], greedy=args.greedy,
-                       max_new_tokens=args.max_new_tokens, generator=generator)[0])
+    dtype = torch.bfloat16 if args.device.type == "cuda" else None
+    model = checkpoint.load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, llm_weights=args.llm_weights)
+    print(model.answer([args.clip], [" ".join(args.question)], greedy=args.greedy, max_new_tokens=args.max_new_tokens,
+                       generator=torch.Generator(args.device).manual_seed(args.seed))[0])
 
 
 def params(args) -> None:
@@ -50,17 +46,16 @@ def params(args) -> None:
 
 
 def generate(args) -> None:
-    device = use_device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
     kind = weights.llm_kind(args.model)
     tokenizer = weights.TOKENIZERS[kind](args.model)
-    model = weights.LOADERS[kind](args.model, dtype=dtype, device=device)
+    model = weights.LOADERS[kind](args.model, dtype=dtype, device=args.device)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt is empty")
-    new = model.generate(torch.tensor([prompt], device=device), max_new_tokens=args.max_new_tokens,
+    new = model.generate(torch.tensor([prompt], device=args.device), max_new_tokens=args.max_new_tokens,
                          do_sample=not args.greedy, eos_token_id=tokenizer.eos_token_id,
-                         generator=torch.Generator(device).manual_seed(args.seed),
+                         generator=torch.Generator(args.device).manual_seed(args.seed),
                          **{name: getattr(args, name) for name in SAMPLING_FLAGS})[0].tolist()
     if tokenizer.eos_token_id in new:
         new = new[:new.index(tokenizer.eos_token_id)]
@@ -68,16 +63,14 @@ def generate(args) -> None:
 
 
 def tag(args) -> None:
-    device = use_device(args.device)
-    model = weights.load_dass(args.weights).to(device).eval()
+    model = weights.load_dass(args.weights).to(args.device).eval()
     labels = data.read_labels(args.labels) if args.labels else [f"class {i}" for i in range(model.config.n_classes)]
     if len(labels) != model.config.n_classes:
-        raise ValueError(f"label file {args.labels} has {len(labels)} labels; the model has "
-                         f"{model.config.n_classes} classes")
+        raise ValueError(f"{args.labels} has {len(labels)} labels; DASS has {model.config.n_classes} classes")
     x = audio.dass_input_from_file(args.audio, target_length=None)  # (T, 128), a short clip padded with silence
     x = F.pad(x, (0, 0, 0, max(0, audio.DASS_FRAMES - len(x))), value=audio.SILENT_FRAME)
     with torch.no_grad():
-        scores = torch.sigmoid(model(x[None].to(device)))[0].float().cpu()  # multi-label: independent sigmoids
+        scores = torch.sigmoid(model(x[None].to(args.device)))[0].float().cpu()  # multi-label: independent sigmoids
     for s, i in zip(*scores.topk(min(args.top, len(labels)))):
         print(f"{s.item():.3f}  {labels[i]}")
 
@@ -90,7 +83,6 @@ def parser() -> argparse.ArgumentParser:
     p_ask.add_argument("clip", help="an audio file (any length; resampled to 16 kHz)")
     p_ask.add_argument("question", nargs="+", help="the question (e.g. 'What can you hear?')")
     p_ask.add_argument("--llm-weights", help="the base LLM's folder, if it has moved since training")
-    p_ask.add_argument("--max-new-tokens", type=int, default=sampling.MAX_NEW_TOKENS)
     p = sub.add_parser("params", help="trainable and total parameters per part, as in the paper (§III-E)")
     p.add_argument("--size", choices=("small", "medium"), default="small")
     p.add_argument("--llm", choices=("mamba", "llama"), default="mamba")
@@ -98,26 +90,27 @@ def parser() -> argparse.ArgumentParser:
     p_gen = sub.add_parser("generate", help="continue a text prompt with a Mamba or LLaMA checkpoint folder")
     p_gen.add_argument("--model", required=True, help="folder with config.json, the weights and the tokenizer")
     p_gen.add_argument("--prompt", required=True)
-    p_gen.add_argument("--max-new-tokens", type=int, default=100)
     for name, kind in SAMPLING_FLAGS.items():
         p_gen.add_argument("--" + name.replace("_", "-"), type=kind, default=sampling.PAPER_SAMPLING[name])
-    p_gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA")
     p_tag = sub.add_parser("tag", help="the top AudioSet labels of a clip, by DASS")
     p_tag.add_argument("audio", help="audio file (any format and sample rate soundfile reads)")
     p_tag.add_argument("--weights", required=True, help="DASS_small.pth / DASS_medium.pth, ours, or the HF port")
     p_tag.add_argument("--labels", help="class_labels_indices.csv (index,mid,display_name); default: class indices")
     p_tag.add_argument("--top", type=int, default=5)
-    for p in (p_ask, p_gen):
+    for p, max_new_tokens in ((p_ask, sampling.MAX_NEW_TOKENS), (p_gen, 100)):
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
         p.add_argument("--greedy", action="store_true", help="argmax decoding instead of the paper's sampling")
         p.add_argument("--seed", type=int, default=0)
     for p in (p_ask, p_gen, p_tag):
-        p.add_argument("--device", default=DEFAULT_DEVICE)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if "device" in args:
+            args.device = use_device(args.device)  # before anything is loaded
         {"ask": ask, "params": params, "generate": generate, "tag": tag}[args.command](args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

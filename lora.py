@@ -3,9 +3,8 @@
     y = W0 x + (α/r)·B A dropout(x);  merged: W = W0 + (α/r)·B A
 W0 is the frozen `weight` (out, in); A is `lora_A` (r, in), Kaiming-uniform at start; B is `lora_B` (out, r), zero
 at start. The paper: r = 8, α = 16 (`PAPER_LORA`) on LLaMA's q_proj and k_proj (4,194,304 parameters for Vicuna-7B)
-and on Mamba's in_proj (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`. The state_dict keys are the model's own plus
-PEFT's adapter keys without the adapter name. Adapters stay fp32 on a bf16 model, as in PEFT (the test oracle).
-Written here rather than taken from PEFT: the layer shows the paper's update, and PEFT would wrap our models.
+and on Mamba's in_proj (6,553,600 for Mamba-2.8B): `PAPER_TARGETS`. The adapter keys are PEFT's without the adapter
+name. Written here rather than taken from PEFT (the test oracle): the layer shows the paper's update.
 """
 from __future__ import annotations
 
@@ -60,8 +59,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def add_lora(model: nn.Module, targets: tuple[str, ...] = PAPER_TARGETS["llama"], r: int = PAPER_LORA["r"],
              alpha: float = PAPER_LORA["alpha"], dropout: float = PAPER_LORA["dropout"]) -> list[str]:
-    """Wrap every nn.Linear whose name is, or ends with, one of targets; freeze every other parameter of model.
-    Returns the wrapped module names."""
+    """Wrap every nn.Linear named by targets (see is_target), freeze the rest of model -> the wrapped names."""
     found = [(name, m) for name, m in model.named_modules() if name and is_target(name, targets)]
     for name, m in found:
         if isinstance(m, LoRALinear):
@@ -72,8 +70,7 @@ def add_lora(model: nn.Module, targets: tuple[str, ...] = PAPER_TARGETS["llama"]
         raise ValueError(f"no module of {type(model).__name__} is named {targets}")
     for name, m in found:
         parent, _, child = name.rpartition(".")
-        wrapped = LoRALinear(m, r, alpha, dropout).train(m.training)  # keep eval mode
-        setattr(model.get_submodule(parent), child, wrapped)
+        setattr(model.get_submodule(parent), child, LoRALinear(m, r, alpha, dropout).train(m.training))
     model.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)

@@ -4,7 +4,7 @@ The paper (§III-D) samples with `PAPER_SAMPLING`. The logits are processed as t
 order (repetition penalty, temperature, top-k, top-p), so greedy decoding gives the same tokens. A model takes part
 by providing embed(input_ids (B, L)) -> (B, L, d); prefill(inputs_embeds (B, L, d), attention_mask (B, L) or None,
 max_length) -> (last logits (B, V), a cache with room for max_length positions); decode_step(token (B,), cache)
--> logits (B, V), advancing the cache in place. (transformers' `generate` drives its own classes and caches only.)
+-> logits (B, V), advancing the cache in place.
 """
 from __future__ import annotations
 
@@ -40,11 +40,9 @@ def left_pad(rows: list[Tensor], seen: list[list[int]]) -> tuple[Tensor, Tensor,
 
 
 def check_attention_mask(attention_mask: Tensor | None, batch: int, length: int, prompt: bool = False) -> None:
-    """attention_mask, 1 at real positions and 0 at padding, must be (batch, length); a prompt to generate after
-    must be left-padded (its last position real in every row), or its last logits would come from padding."""
+    """attention_mask (batch, length): 1 at real positions; a prompt to generate after must be left-padded."""
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
-        raise ValueError(f"attention_mask must be (batch, length) = {(batch, length)}; "
-                         f"got {tuple(attention_mask.shape)}")
+        raise ValueError(f"attention_mask must be (batch, length) {(batch, length)}, not {tuple(attention_mask.shape)}")
     if attention_mask is not None and prompt and length and not attention_mask[:, -1].bool().all():
         raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row")
 
@@ -89,27 +87,25 @@ def next_token(logits: Tensor, seen: Tensor | None = None, do_sample: bool = Fal
 def generate(model, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
              attention_mask: Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             seen_ids: Tensor | None = None) -> Tensor:
-    """The prompt inputs_embeds (B, P, d) then input_ids (B, L) (either may be absent), left-padded as
-    attention_mask (B, P + L) marks -> up to max_new_tokens new tokens (B, T). Seen for the repetition penalty:
-    seen_ids (B, S) (entries < 0: padding) or input_ids, and every new token. A row that has produced eos_token_id
-    gets it again from then on; generation stops when every row has."""
+             eos_token_id: int | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, seen_ids: Tensor | None = None) -> Tensor:
+    """The prompt inputs_embeds (B, P, d) then input_ids (B, L) (either may be absent), left-padded as attention_mask
+    (B, P + L) marks -> up to max_new_tokens new tokens (B, T). seen_ids (B, S): the ids the repetition penalty counts
+    (< 0: none; default input_ids). After eos_token_id a row gets pad_token_id (default: EOS); all rows done: stop."""
     embeds = join(model, input_ids, inputs_embeds)
     batch, length = embeds.shape[:2]
     logits, cache = model.prefill(embeds, attention_mask, length + max_new_tokens)
     seen = seen_ids if seen_ids is not None else input_ids
     seen = seen if seen is not None else embeds.new_zeros(batch, 0, dtype=torch.long)
+    start = seen.shape[1]  # the new tokens are appended to seen
     finished = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
-    tokens = []
     for step in range(max_new_tokens):
         token = next_token(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
         if eos_token_id is not None:
-            token = token.masked_fill(finished, eos_token_id)
+            token = token.masked_fill(finished, eos_token_id if pad_token_id is None else pad_token_id)
             finished |= token == eos_token_id
-        tokens.append(token)
         seen = torch.cat([seen, token[:, None]], dim=1)
         if finished.all() or step == max_new_tokens - 1:
             break
         logits = model.decode_step(token, cache)
-    return torch.stack(tokens, dim=1) if tokens else embeds.new_zeros(batch, 0, dtype=torch.long)
+    return seen[:, start:]  # (B, T)

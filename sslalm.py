@@ -9,9 +9,6 @@ Fig. 1, box by box (B = batch, T = fbank frames, d = the LLM's width):
     audio tokens prefixed to the prompt's embeddings         SSLALM.forward / answer     (B, n_audio + L, d)
     the frozen LLM with LoRA adapters (§III-C)               llm (mamba.MambaLM or llama.LlamaLM + lora.py)
     next-token cross-entropy on the text tokens (§III-D)     SSLALM.forward
-
-Trainable (green in Fig. 1): DASS, the projector and the LoRA adapters. Table I's variants: DASS small or medium x
-LLaMA (the "hybrid LALM") or Mamba (the "ssLALM"). Prompt, loss and text cutoff follow LTU, as the paper does.
 """
 from __future__ import annotations
 
@@ -38,8 +35,7 @@ LLMS = {"mamba": (MambaLM, MambaConfig), "llama": (LlamaLM, LlamaConfig)}  # the
 
 @dataclass
 class SSLALMConfig:
-    """Everything needed to rebuild the model, saved in a checkpoint's config.json. Defaults: the paper's small
-    ssLALM. Relative paths are resolved against the checkpoint folder when a checkpoint is loaded."""
+    """Everything needed to rebuild the model (a checkpoint's config.json). Defaults: the paper's small ssLALM."""
     size: str = "small"                     # DASS size: "small" or "medium" (or "custom": see `dass`)
     llm: str = "mamba"                      # "mamba" (ssLALM) or "llama" (hybrid LALM)
     dass: dict = field(default_factory=dict)        # DASSConfig fields; empty = DASSConfig.<size>()
@@ -68,38 +64,31 @@ class SSLALMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SSLALMConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
+        if unknown := set(d) - {f.name for f in fields(cls)}:
             raise ValueError(f"unknown SSLALM config fields {sorted(unknown)}")
         return cls(**d)
 
-    def dass_config(self) -> DASSConfig:
-        return DASSConfig(**self.dass) if self.dass else getattr(DASSConfig, self.size)()
-
-    def targets(self) -> tuple[str, ...]:
-        return self.lora_targets or lora.PAPER_TARGETS[self.llm]
-
 
 class SSLALM(nn.Module):
-    """Fig. 1: DASS -> conv + linear projector -> audio tokens prefixed to the prompt -> the LLM with LoRA. Parts
-    left out are built with random weights (pretrained parts and checkpoints: checkpoint.py)."""
+    """Fig. 1's model; parts not given are built with random weights (pretrained ones: checkpoint.build)."""
 
-    PARTS = ("dass", "projector", "lora")  # what training may update; the LLM stays frozen
+    PARTS = ("dass", "projector", "lora")  # trainable (green in Fig. 1); the LLM stays frozen
 
     def __init__(self, config: SSLALMConfig, dass: DASS | None = None, llm: nn.Module | None = None,
                  tokenizer=None):
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
         LM, LMConfig = LLMS[config.llm]
-        self.dass = dass if dass is not None else DASS(config.dass_config())
+        dass_config = DASSConfig(**config.dass) if config.dass else getattr(DASSConfig, config.size)()
+        self.dass = dass if dass is not None else DASS(dass_config)
         if "head" in self.dass.classifier:  # the LALM uses DASS "with the classification layer removed" (§III-B)
             del self.dass.classifier["head"]
         self.llm = llm if llm is not None else LM(LMConfig(**config.llm_config))
         width = self.dass.config.dims[-1]  # 768 for DASS small and medium
         self.audio_conv = nn.Conv2d(width, width, kernel_size=3, stride=2, padding=1)
         self.audio_proj = nn.Linear(width, self.llm.hidden_size)
-        lora.add_lora(self.llm, targets=config.targets(), r=config.lora_r, alpha=config.lora_alpha,
-                      dropout=config.lora_dropout)  # and freezes the LLM
+        targets = config.lora_targets or lora.PAPER_TARGETS[config.llm]
+        lora.add_lora(self.llm, targets, config.lora_r, config.lora_alpha, config.lora_dropout)  # freezes the LLM
 
     def audio_tokens(self, fbank: Tensor) -> Tensor:
         """fbank (B, T, 128) DASS input -> audio tokens (B, 2 ceil(T/64), d): 32 tokens for T = 1024."""
@@ -110,9 +99,8 @@ class SSLALM(nn.Module):
 
     def forward(self, fbank: Tensor, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None
                 ) -> Tensor:
-        """fbank (B, T, 128); input_ids, labels (B, L) right-padded (labels IGNORE_INDEX where there is no loss)
-        -> the mean next-token cross-entropy of the labelled text tokens (§III-D). attention_mask is accepted for
-        symmetry with the data: right padding needs no mask in a causal model."""
+        """fbank (B, T, 128); input_ids, labels (B, L) right-padded, labels IGNORE_INDEX where there is no loss (the
+        attention_mask is not needed: causal) -> the mean next-token cross-entropy of the labelled tokens (§III-D)."""
         audio_emb = self.audio_tokens(fbank)                            # (B, n, d)
         embeds = sampling.join(self.llm, input_ids, audio_emb)          # audio prefix, then the prompt (B, n + L, d)
         logits = self.llm(inputs_embeds=embeds)                         # (B, n + L, V)
@@ -153,8 +141,7 @@ class SSLALM(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if id(p) in keep}
 
     def answer(self, clips: list, instructions: list[str], **kw) -> list[str]:
-        """Answer one instruction per clip (a file path, a 16 kHz waveform or a (T, 128) DASS input) in one batch;
-        keyword arguments as `generate`."""
+        """Answer one instruction per clip (see `prepare_audio`) in one batch; keyword arguments as `generate`."""
         eos = self.tokenizer.eos_token_id
         return [self.tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids).strip()
                 for ids in self.generate(clips, instructions, **kw)]
@@ -162,9 +149,8 @@ class SSLALM(nn.Module):
     @torch.no_grad()
     def generate(self, clips: list, instructions: list[str], *, max_new_tokens: int = sampling.MAX_NEW_TOKENS,
                  greedy: bool = False, crop: bool = False, **settings) -> list[list[int]]:
-        """The answer tokens for one instruction per clip, batched with left padding and the LLM's decode cache.
-        Sampling: sampling.PAPER_SAMPLING, but for `settings` (temperature, top_k, top_p, repetition_penalty,
-        generator); greedy=True takes the argmax. crop: see `prepare_audio`."""
+        """The answer tokens for one instruction per clip, batched with left padding. Sampling: PAPER_SAMPLING but
+        for `settings` (temperature, top_k, top_p, repetition_penalty, generator); greedy=True: the argmax."""
         if len(clips) != len(instructions):
             raise ValueError(f"got {len(clips)} clips and {len(instructions)} instructions")
         settings = {**sampling.PAPER_SAMPLING, **settings, **({"do_sample": False} if greedy else {})}
@@ -180,9 +166,8 @@ class SSLALM(nn.Module):
         return new.tolist()
 
     def prepare_audio(self, clip, crop: bool = False) -> Tensor:
-        """A path, a waveform (S,) at 16 kHz or a DASS input (T, 128) -> the DASS input (T', 128). Shorter clips
-        are padded with silence to audio_frames, as in training; longer ones keep all their frames (audio tokens
-        in proportion to the duration), or their first audio_frames with crop=True (LTU's evaluation)."""
+        """A path, a waveform (S,) at 16 kHz or a DASS input (T, 128) -> the DASS input (T', 128): padded with silence
+        to audio_frames as in training; a longer clip kept whole, or cut there with crop=True (LTU's evaluation)."""
         if isinstance(clip, (str, os.PathLike)):
             clip = audio.dass_input_from_file(clip, target_length=None)  # errors name the file
         if clip.dim() == 1:
@@ -191,8 +176,7 @@ class SSLALM(nn.Module):
             raise ValueError(f"a clip must be a path, a waveform (S,) or a DASS input (T, {audio.N_MELS}); "
                              f"got shape {tuple(clip.shape)}")
         frames = self.config.audio_frames
-        if clip.shape[0] < frames:
-            return F.pad(clip, (0, 0, 0, frames - clip.shape[0]), value=audio.SILENT_FRAME)
+        clip = F.pad(clip, (0, 0, 0, max(0, frames - len(clip))), value=audio.SILENT_FRAME)
         return clip[:frames] if crop else clip
 
 

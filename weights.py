@@ -1,5 +1,4 @@
-"""The public checkpoint formats of the pretrained parts, read and written strictly (`load_state`), each tensor read
-into a model built on the meta device (never held twice):
+"""The public checkpoint formats of the pretrained parts, loaded strictly into models built on the meta device:
     Mamba      a Hugging Face folder (state-spaces/mamba-2.8b-hf) or a mamba_ssm one (state-spaces/mamba-2.8b)
     LLaMA      a Hugging Face folder (lmsys/vicuna-7b-v1.5), transformers 4.x or 5.x config names
     DASS       the official DASS_small.pth / DASS_medium.pth (keys module.v.*), the Hugging Face port (keys dass.*,
@@ -35,14 +34,11 @@ WHERE_TO_GET = {
 }
 
 
-# ---- Strict loading, and the Hugging Face folder layout ----------------------------------------------------------
 def load_state(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], source: str, *,
-               names: Iterable[str] | None = None, dtype: torch.dtype | None = None, fp32: tuple[str, ...] = ()
-               ) -> None:
+               names: Iterable[str] | None = None, dtype: torch.dtype | None = None, fp32: tuple = ()) -> None:
     """Put tensors (key, tensor, its file) into the parameters of `model` named `names` (default: all), each once
-    with its shape, else one ValueError listing every missing, unexpected, repeated or mis-shaped key (strict, as
-    nanoGPT / llama2.c). A meta parameter becomes the tensor cast to dtype (None: as stored; names ending with one of
-    `fp32`: fp32); any other is copied into, keeping its dtype and device."""
+    with its shape, else one ValueError listing every bad key. A meta parameter becomes the tensor in dtype (None: as
+    stored; fp32 for names ending with one of `fp32`), never held twice; any other is copied into."""
     params = dict(model.named_parameters())
     wanted = set(params) if names is None else set(names)
     seen: dict[str, str] = {}  # key -> the file it was read from
@@ -64,8 +60,7 @@ def load_state(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], sou
             setattr(model.get_submodule(module), leaf, nn.Parameter(value, requires_grad=params[key].requires_grad))
         else:
             seen[key] = where
-            with torch.no_grad():
-                params[key].copy_(tensor)
+            params[key].detach().copy_(tensor)
     problems = {"missing keys": sorted(wanted - set(seen)), **problems}
     listed = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
               for what, keys in problems.items() if keys]
@@ -74,7 +69,6 @@ def load_state(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], sou
 
 
 def config_file(path: str, what: str) -> str:
-    """path/config.json, or FileNotFoundError saying that `what` (e.g. "a Mamba checkpoint folder") was expected."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no config.json ({what} is expected)")
@@ -82,14 +76,12 @@ def config_file(path: str, what: str) -> str:
 
 
 def refuse_unsupported(config: dict, need: dict, source: str) -> None:
-    """A config field that asks for what is not built here (an absent field is taken as supported) is an error."""
     for key, want in need.items():
         if config.get(key, want) != want:
             raise ValueError(f"{source}: {key} = {config[key]!r} is not supported (only {want!r})")
 
 
 def weight_files(path: str) -> list[str]:
-    """The folder's weight files in the first of LAYOUTS found (transformers' order), shards as its index lists."""
     for name in LAYOUTS:
         file = os.path.join(path, name)
         if os.path.isfile(file) and name.endswith(".index.json"):
@@ -100,10 +92,9 @@ def weight_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path}: no weights (expected {', '.join(LAYOUTS[:-1])} or {LAYOUTS[-1]})")
 
 
-def read_tensors(file: str, device: torch.device | str | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Yield (key, tensor) from one .safetensors or .bin file, one tensor at a time, on device (default: CPU).
-    A .bin file is memory-mapped and each tensor leaves the mapping as it is yielded."""
-    device = torch.device("cpu" if device is None else device)
+def read_tensors(file: str, device: torch.device | str = "cpu") -> Iterator[tuple[str, Tensor]]:
+    """Yield (key, tensor) from one .safetensors or .bin file, one tensor at a time, on device. A .bin file is
+    memory-mapped and each tensor leaves the mapping as it is yielded."""
     if file.endswith(".safetensors"):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for key in f.keys():
@@ -116,21 +107,18 @@ def read_tensors(file: str, device: torch.device | str | None = None) -> Iterato
 
 
 def folder_tensors(path: str, device=None) -> Iterator[tuple[str, Tensor, str]]:
-    """(key, tensor, file) for every tensor of the folder's weight files, for `load_state`."""
     for file in weight_files(path):
-        for key, tensor in read_tensors(file, device):
+        for key, tensor in read_tensors(file, device or "cpu"):
             yield key, tensor, file
 
 
 def save_weights(state: dict[str, Tensor], path: str, config: dict) -> None:
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    Path(path, "config.json").write_text(json.dumps(config, indent=2))
     save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
 
 
-# ---- Mamba -------------------------------------------------------------------------------------------------------
 # transformers' MambaConfig fields -> ours; mamba_ssm's config.json uses our names (the SSM's inside ssm_cfg)
 HF_MAMBA = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size",
             "state_size": "d_state", "expand": "expand", "conv_kernel": "d_conv", "time_step_rank": "dt_rank",
@@ -139,7 +127,6 @@ HF_MAMBA = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_siz
 
 
 def mamba_config(path: str) -> MambaConfig:
-    """config.json in either format: transformers' (hidden_size, ...) or mamba_ssm's (d_model, ...)."""
     c = json.loads(Path(path).read_text())
     if "hidden_size" in c:  # transformers' names -> ours; the vocabulary is stored padded
         c = {HF_MAMBA.get(k, k): v for k, v in c.items()} | {"pad_vocab_size_multiple": 1}
@@ -151,16 +138,13 @@ def mamba_config(path: str) -> MambaConfig:
     else:
         raise ValueError(f"{path}: neither an HF Mamba config (hidden_size, ...) nor a mamba_ssm one (d_model, ...)")
     refuse_unsupported(c, need, path)
-    fields = {k: v for k, v in c.items() if k in {*HF_MAMBA.values(), "pad_vocab_size_multiple"}}
-    if fields.get("dt_rank") == "auto":
-        fields["dt_rank"] = 0  # ceil(d_model / 16)
-    return MambaConfig(**fields)
+    keep = {*HF_MAMBA.values(), "pad_vocab_size_multiple"}
+    return MambaConfig(**{k: 0 if v == "auto" else v for k, v in c.items() if k in keep})  # dt_rank "auto": 0
 
 
 def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> MambaLM:
-    """A Mamba checkpoint folder (either format) -> MambaLM in eval mode, parameters trainable. dtype None keeps the
-    stored dtype; A_log and D stay fp32 (as mamba_ssm keeps them). A stored lm_head.weight must equal the
-    embedding (the head is tied)."""
+    """A Mamba checkpoint folder (either format) -> MambaLM in eval mode, in dtype (None: as stored; A_log and D stay
+    fp32, as in mamba_ssm). A stored lm_head.weight must equal the embedding (the head is tied)."""
     with torch.device("meta"):
         model = MambaLM(mamba_config(config_file(path, "a Mamba checkpoint folder")))
     heads = []
@@ -181,7 +165,6 @@ def load_mamba(path: str, dtype: torch.dtype | None = None, device=None) -> Mamb
 
 
 def mamba_hf_config(c: MambaConfig) -> dict:
-    """config.json in transformers' MambaConfig field names (what MambaForCausalLM.from_pretrained reads)."""
     return {hf: getattr(c, ours) for hf, ours in HF_MAMBA.items()} | dict(
         architectures=["MambaForCausalLM"], model_type="mamba", intermediate_size=c.d_inner, hidden_act="silu",
         residual_in_fp32=True, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -192,21 +175,17 @@ def save_mamba(model: MambaLM, path: str) -> None:
     save_weights(model.state_dict(), path, mamba_hf_config(model.config) | {"dtype": dtype})
 
 
-# ---- LLaMA -------------------------------------------------------------------------------------------------------
 def llama_config(path: str) -> LlamaConfig:
-    """A Hugging Face LLaMA config.json (transformers 4.x or 5.x field names)."""
     cfg = json.loads(Path(path).read_text())
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     need = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-            "rope type": "default"}
+            "rope type": "default", "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"]}
     refuse_unsupported(cfg | {"rope type": rope.get("rope_type", rope.get("type", "default"))}, need, path)
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    config = LlamaConfig(**{k: cfg[k] for k in required}, num_key_value_heads=cfg.get("num_key_value_heads"),
-                         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                         rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
-                         max_position_embeddings=cfg.get("max_position_embeddings", 2048))
-    refuse_unsupported(cfg, {"head_dim": config.head_dim}, path)  # = hidden_size / num_attention_heads
-    return config
+    return LlamaConfig(**{k: cfg[k] for k in required}, num_key_value_heads=cfg.get("num_key_value_heads"),
+                       rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                       rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                       max_position_embeddings=cfg.get("max_position_embeddings", 2048))
 
 
 def load_llama(path: str, dtype: torch.dtype | None = None, device=None) -> LlamaLM:
@@ -240,9 +219,7 @@ def llm_kind(path: str) -> str:
     return kind
 
 
-# ---- Tokenizers --------------------------------------------------------------------------------------------------
 def tokenizer_file(path: str, name: str, llm: str) -> str:
-    """path itself, or path/name if path is a folder; FileNotFoundError saying where to get it if absent."""
     file = os.path.join(path, name) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"tokenizer {file} not found: the LLM folder should hold {name} "
@@ -291,7 +268,6 @@ def load_tokenizer(config) -> MambaTokenizer | LlamaTokenizer:
     return TOKENIZERS[config.llm](config.tokenizer or config.llm_weights or ".")
 
 
-# ---- DASS --------------------------------------------------------------------------------------------------------
 # the Hugging Face port's key names -> ours (its conversion script's renames of the official module.v.*, undone)
 HF_PATCH = {"0": "0", "1": "2", "3": "5", "4": "7"}  # patch_embeddings.projection.i -> patch_embed.j
 HF_DASS = {r"^head\.": "classifier.head.", r"^dass\.norm\.": "classifier.norm.", r"^dass\.": "",
@@ -311,7 +287,6 @@ def load_dass(path: str | Path, config: DASSConfig | None = None) -> DASS:
 
 
 def save_dass(model: DASS, path: str | Path) -> None:
-    """Write the weights (our key layout) and the config (in the metadata) to one safetensors file."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "dass", "config": json.dumps(asdict(model.config))})
@@ -323,12 +298,10 @@ def _read_dass(path: Path) -> tuple[dict[str, Tensor], Path, DASSConfig | None]:
         path = Path(weight_files(str(path))[0])  # the HF port's folder
     if not path.is_file():
         raise FileNotFoundError(f"DASS weights {path}: no such file ({WHERE_TO_GET['dass']})")
-    config = None
+    meta = {}
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-        if "config" in meta:
-            config = DASSConfig(**json.loads(meta["config"]))
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -339,14 +312,13 @@ def _read_dass(path: Path) -> tuple[dict[str, Tensor], Path, DASSConfig | None]:
     if state and all(k.startswith("module.v.") for k in state):  # the official DataParallel checkpoint
         state = {k.removeprefix("module.v."): v for k, v in state.items()}
     elif any(k.startswith("dass.") for k in state):  # the Hugging Face port
-        renamed = {}
-        for key, value in state.items():
+        port, state = state, {}
+        for key, value in port.items():
             for pattern, ours in HF_DASS.items():
                 key = re.sub(pattern, ours, key)
             grouped = key.endswith(("op.x_proj_weight", "op.dt_projs_weight"))  # the port's 1x1 convs (K rows, cols)
-            renamed[key] = value.reshape(4, -1, value.shape[-1]) if grouped else value  # (K, rows, cols), K = 4 scans
-        state = renamed
-    return state, path, config
+            state[key] = value.reshape(4, -1, value.shape[-1]) if grouped else value  # (K, rows, cols), K = 4 scans
+    return state, path, DASSConfig(**json.loads(meta["config"])) if "config" in meta else None
 
 
 def _infer_dass_config(state: dict[str, Tensor], path: Path) -> DASSConfig:

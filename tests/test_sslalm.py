@@ -163,6 +163,23 @@ def test_generation_with_the_decode_cache_equals_generation_without(bases, llm):
         assert row[:len(expected)] == expected and all(t == eos for t in row[len(expected):])
 
 
+def test_a_finished_row_gets_the_pad_token_until_every_row_has_finished():
+    class Count:  # a stub language model: the next token is the last one + 1
+        def embed(self, ids):
+            return torch.nn.functional.one_hot(ids, 8).float()
+
+        def prefill(self, embeds, attention_mask, max_length):
+            return self.decode_step(embeds[:, -1].argmax(dim=-1), None), None
+
+        def decode_step(self, token, cache):
+            return torch.nn.functional.one_hot((token + 1) % 8, 8).float()
+
+    ids = torch.tensor([[1, 2], [3, 4]])
+    assert sampling.generate(Count(), ids, max_new_tokens=6, eos_token_id=6).tolist() == [[3, 4, 5, 6], [5, 6, 6, 6]]
+    padded = sampling.generate(Count(), ids, max_new_tokens=6, eos_token_id=6, pad_token_id=0)  # as transformers'
+    assert padded.tolist() == [[3, 4, 5, 6], [5, 6, 0, 0]]
+
+
 def test_checkpoint_round_trip_recreates_the_trained_model(bases, tmp_path):
     torch.manual_seed(0)
     model = checkpoint.build(_config(bases, "small", "llama"))
