@@ -32,7 +32,7 @@ def write_clips(folder, n):
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, message", [
-    ({"drop": "output"}, "missing key(s) ['output']"),
+    ({"drop": "output"}, "lacks the key(s) ['output']"),
     ({"task": 3}, "'task' must be a string"),
     ({"instruction": "  "}, "'instruction' is empty"),
     ({"input": None}, "'input' must be a string"),
