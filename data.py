@@ -18,8 +18,7 @@ import audio
 from sslalm import IGNORE_INDEX
 
 OPENAQA_KEYS = ("instruction", "input", "audio_id", "dataset", "task", "output")
-# LTU's classification question: asked of every classification clip in Table I (evaluate.PROMPTS) and in the demo
-CLASSIFY_PROMPT = "Close-ended question: Write an audio caption describing the sound."
+CLASSIFY_PROMPT = "Close-ended question: Write an audio caption describing the sound."  # LTU's, Table I's, the demo's
 
 
 class DataError(ValueError):
@@ -27,9 +26,9 @@ class DataError(ValueError):
 
 
 # ---- OpenAQA JSON files ------------------------------------------------------------------------------------------
-
-def read_entries(path: str | Path, what: str) -> list:
-    """The non-empty JSON list in `path`; `what` says what the file should be, for the error messages."""
+def read_entries(path: str | Path, what: str, required: tuple[str, ...], nonempty: tuple[str, ...]) -> list[dict]:
+    """The non-empty JSON list of objects in `path` (`what` it should be), each with the string keys `required` (and a
+    string instruction, if any), its keys `nonempty` not blank; an error names the file and the first bad entry."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; expected {what}")
@@ -43,12 +42,6 @@ def read_entries(path: str | Path, what: str) -> list:
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of entries, got "
                         f"{'an empty list' if data == [] else 'a ' + type(data).__name__}")
-    return data
-
-
-def check_entries(path: str | Path, data: list, required: tuple[str, ...], nonempty: tuple[str, ...]) -> None:
-    """DataError naming the file and the entry for the first entry that is not an object with the string keys
-    `required` (and a string instruction, if any) whose keys `nonempty` are not blank. Other keys are ignored."""
     for i, e in enumerate(data):
         if not isinstance(e, dict):
             raise DataError(f"{path}: entry {i} is a {type(e).__name__}, not an object with the keys {OPENAQA_KEYS}")
@@ -62,22 +55,20 @@ def check_entries(path: str | Path, data: list, required: tuple[str, ...], nonem
         for k in nonempty:
             if not e[k].strip():
                 raise DataError(f"{path}: entry {i}: {k!r} is empty{named}")
+    return data
 
 
 def load_openaqa(path: str | Path) -> list[dict]:
     """An OpenAQA training file: a list of question-answer pairs, objects with the six string keys `OPENAQA_KEYS`."""
-    data = read_entries(path, f"an OpenAQA JSON file (a list of objects with the keys {', '.join(OPENAQA_KEYS)})")
-    check_entries(path, data, OPENAQA_KEYS, ("instruction", "audio_id", "output"))
-    return data
+    return read_entries(path, f"an OpenAQA JSON file (a list of objects with the keys {', '.join(OPENAQA_KEYS)})",
+                        OPENAQA_KEYS, ("instruction", "audio_id", "output"))
 
 
 # ---- Where the audio is ------------------------------------------------------------------------------------------
-
 def parse_prefixes(specs: Sequence[str]) -> list[tuple[str, str]]:
     """['OLD=NEW', ...] -> [(OLD, NEW), ...] for `resolve_audio`."""
-    for s in specs:
-        if "=" not in s:
-            raise DataError(f"--audio-prefix expects OLD=NEW, got {s!r}")
+    if bad := [s for s in specs if "=" not in s]:
+        raise DataError(f"--audio-prefix expects OLD=NEW, got {bad[0]!r}")
     return [tuple(s.split("=", 1)) for s in specs]
 
 
@@ -86,10 +77,7 @@ def audio_candidates(audio_id: str, roots: Sequence[str | Path],
     """The files an audio_id may name, in the order tried: after the first matching prefix rewrite OLD -> NEW, an
     absolute path as it is; under each root (--audio-root, the JSON's folder) the path (a leading '/' dropped) and
     its file name alone (LTU's absolute paths from another machine); last, a relative path from the working folder."""
-    for old, new in prefixes:
-        if audio_id.startswith(old):
-            audio_id = new + audio_id[len(old):]
-            break
+    audio_id = next((new + audio_id[len(old):] for old, new in prefixes if audio_id.startswith(old)), audio_id)
     given = Path(audio_id)
     out = [given] if given.is_absolute() else []
     for root in roots:
@@ -106,10 +94,8 @@ def resolve_audio(audio_id: str, roots: Sequence[str | Path],
 
 
 # ---- Label CSVs --------------------------------------------------------------------------------------------------
-
 def read_labels(path: str | Path) -> list[str]:
-    """Class names by index from a label CSV with the header index,mid,display_name (AudioSet's
-    class_labels_indices.csv, LTU's eval/labels/ files), each `unquote`d."""
+    """Class names by index from a label CSV, header index,mid,display_name (AudioSet's, LTU's eval/labels/)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label CSV not found: {path}. Expected a CSV with the header index,mid,display_name "
@@ -133,14 +119,12 @@ def read_labels(path: str | Path) -> list[str]:
 
 
 def unquote(name: str) -> str:
-    """A name without the matching quotes around it ("Dog" or 'Dog' -> Dog): LTU's files quote some names with "
-    and some with ' (the csv module removes the first kind only)."""
+    """A name without matching quotes around it ("Dog" or 'Dog' -> Dog: LTU's CSVs have both; csv removes only ")."""
     name = name.strip()
     return name[1:-1] if len(name) >= 2 and name[0] == name[-1] and name[0] in "'\"" else name
 
 
 # ---- Evaluation sets ---------------------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class Clip:
     """One eval entry. `key` (its position in the eval list) identifies it in the predictions JSONL."""
@@ -153,22 +137,19 @@ class Clip:
 
 def load_eval_json(path: str | Path, audio_root: str | Path | None = None,
                    prefixes: Sequence[tuple[str, str]] = (), need_instruction: bool = False) -> list[Clip]:
-    """LTU's eval JSON: a list of OpenAQA objects with a non-empty audio_id, an output, and with need_instruction (a
-    task that asks each entry its own question) a non-empty instruction; all checked before any is used. The audio
-    is looked up under audio_root, then next to the JSON (`audio_candidates`)."""
-    data = read_entries(path, "LTU's eval data: a JSON list of objects with the keys "
-                              f"{', '.join(OPENAQA_KEYS)} (e.g. esc50.json from LTU's eval set)")
+    """LTU's eval JSON: OpenAQA objects with an audio_id, an output, and with need_instruction (a task asking each
+    entry its own question) an instruction. The audio is looked for under audio_root, then next to the JSON."""
     asked = ("instruction",) if need_instruction else ()
-    check_entries(path, data, ("audio_id", "output") + asked, ("audio_id",) + asked)
+    data = read_entries(path, f"LTU's eval data: a JSON list of objects with the keys {', '.join(OPENAQA_KEYS)} "
+                        "(e.g. esc50.json from LTU's eval set)", ("audio_id", "output") + asked, ("audio_id",) + asked)
     roots = [r for r in (audio_root, Path(path).resolve().parent) if r]
     found = [resolve_audio(e["audio_id"], roots, prefixes) for e in data]
-    return [Clip(str(i), e["audio_id"], e["output"], e.get("instruction", ""), f and str(f))
+    return [Clip(str(i), e["audio_id"], e["output"], e.get("instruction", ""), None if f is None else str(f))
             for i, (e, f) in enumerate(zip(data, found))]
 
 
 def load_esc50(root: str | Path) -> tuple[list[Clip], list[str]]:
-    """ESC-50's own layout: root/meta/esc50.csv (filename,fold,target,category,...) and root/audio/*.wav.
-    Returns the clips and the class names by target index."""
+    """ESC-50's own layout (root/meta/esc50.csv, root/audio/*.wav) -> its clips and class names by target index."""
     root = Path(root)
     meta = root / "meta" / "esc50.csv"
     if not meta.is_file() or not (root / "audio").is_dir():
@@ -185,7 +166,6 @@ def load_esc50(root: str | Path) -> tuple[list[Clip], list[str]]:
 
 
 # ---- Training examples -------------------------------------------------------------------------------------------
-
 @dataclass
 class BadEntry:
     """An entry training cannot use: its audio is missing or undecodable, or no token of its text is labelled."""
@@ -207,12 +187,10 @@ def labelled_tokens(labels: Sequence[int]) -> int:
 
 class OpenAQADataset(torch.utils.data.Dataset):
     """OpenAQA entries -> examples {"fbank": (T, 128), "input_ids": list, "labels": list, "index": int, "file": str}.
-
-    encode(instruction, output, input) -> (input_ids, labels) is the model's prompt format (`SSLALM.encode_example`).
-    The audio (`resolve_audio`) becomes the DASS input (`audio_frames` frames, all when None), or is taken from
-    `cache` (path -> DASS input). A missing or undecodable file gives a `BadEntry`, which training raises or, with
-    skip_bad, skips; `check_files` and `check_labels` find bad entries up front, naming `source` (the JSON file).
-    """
+    encode(instruction, output, input) -> (input_ids, labels): the prompt format (`SSLALM.encode_example`). The audio
+    (`resolve_audio`) becomes the DASS input (`audio_frames` frames, all when None) unless `cache` (path -> input)
+    has it. A missing or undecodable file gives a `BadEntry`, which training raises or, with skip_bad, skips;
+    `check_files` and `check_labels` find bad entries up front, naming `source` (the JSON file)."""
 
     def __init__(self, entries: list[dict], encode: Callable[[str, str, str], tuple[list[int], list[int]]],
                  roots: Sequence[str | Path] = (), prefixes: Sequence[tuple[str, str]] = (),
@@ -227,15 +205,15 @@ class OpenAQADataset(torch.utils.data.Dataset):
 
     def check_files(self, skip_bad: bool) -> list[BadEntry]:
         """Entries without an audio file: a DataError naming them and the files looked for, or dropped with skip_bad."""
-        bad = [BadEntry(i, " or ".join(map(str, audio_candidates(self.entries[i]["audio_id"], self.roots,
-                                                                   self.prefixes))), "no such audio file")
-               for i, p in zip(self.index, self.paths) if p is None]
+        missing = [i for i, p in zip(self.index, self.paths) if p is None]
+        looked = [audio_candidates(self.entries[i]["audio_id"], self.roots, self.prefixes) for i in missing]
+        bad = [BadEntry(i, " or ".join(map(str, c)), "no such audio file") for i, c in zip(missing, looked)]
         return self._drop(bad, skip_bad, "no audio file", "Set --audio-root (relative paths) or --audio-prefix "
                                                           "OLD=NEW (absolute paths)")
 
     def check_labels(self, skip_bad: bool) -> list[BadEntry]:
         """Entries without a labelled token: a DataError naming them, or dropped (and returned) with skip_bad."""
-        texts = [(i, self.entries[i]) for i in self.index]
+        texts = ((i, self.entries[i]) for i in self.index)
         bad = [BadEntry(i, e["audio_id"], NO_LABEL) for i, e in texts
                if not labelled_tokens(self.encode(e["instruction"], e["output"], e["input"])[1])]
         return self._drop(bad, skip_bad, NO_LABEL, "Shorten their text")
@@ -285,10 +263,8 @@ def collate_checked(items: list, collate: Callable[[list[dict], int], dict], pad
 
 
 # ---- Numbers on the command line (train.py, evaluate.py) ---------------------------------------------------------
-
 def at_least(low: float, kind: type = int, strict: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number of `kind` >= low (> low with strict); argparse names the option in its
-    error ("argument --batch-size: must be an integer >= 1, got 0")."""
+    """An argparse type: a finite `kind` >= low (> low with strict), else "argument --x: must be an integer >= 1"."""
     def parse(text: str):
         value = kind(text)  # ValueError: argparse's "invalid <name> value"
         if not math.isfinite(value) or value < low or strict and value == low:

@@ -1,13 +1,10 @@
-"""The embedded demo: the paper's whole pipeline on a CPU in a few minutes, with nothing downloaded (README: "Set up,
-run the demo, test"). `run_demo` takes its six steps: synthetic sound QA data in OpenAQA's JSON format, a byte-level
-BPE, a tiny Mamba LM and a tiny DASS pretrained on it (each step says what it stands in for), stages 1 and 2 of LTU's
-recipe through the real run's code, and a check on held-out clips. The output folder can be moved as a whole.
+"""The embedded demo (README: "Set up, run the demo, test"), the paper's pipeline on a CPU in minutes in six steps:
+synthetic sound QA data in OpenAQA's format, a byte-level BPE, a tiny Mamba LM and a tiny DASS pretrained on it (each
+step says what it stands in for), stages 1 and 2 of LTU's recipe through the real run's code, a held-out check.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -22,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 
 import audio
 import checkpoint
@@ -31,12 +27,14 @@ import weights
 from dass import DASS, DASSConfig
 from data import CLASSIFY_PROMPT, OpenAQADataset, load_eval_json, load_openaqa
 from mamba import MambaConfig, MambaLM
-from trainer import TrainConfig, count_parameters, lr_at, train
+from trainer import TrainConfig, lr_at, train
 
 
-say = functools.partial(print, file=sys.stderr, flush=True)
+def say(text: str = "") -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 # ---- part 1: a synthetic sound question-answer set in OpenAQA format ----------------------------------------------
-
 class Sound(NamedTuple):
     display: str  # the class's display name, the answer to the classification prompt
     kind: str     # a tone, a noise, a sweep, clicks or silence
@@ -127,10 +125,9 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
     demo_labels.csv (the held-out clips and labels for `evaluate.py --task demo`). Returns the JSON and CSV paths."""
     out = Path(out_dir).resolve()
     rng = np.random.default_rng(seed)
-    paths = {"train": out / "data" / "demo_train.json", "cla": out / "data" / "demo_cla.json",
-             "clips": out / "data" / "demo_clips.json", "eval": out / "demo_eval.json",
-             "labels": out / "demo_labels.csv"}
-    clips, train, cla, evals = [], [], [], []
+    paths = {k: out / "data" / f"demo_{k}.json" for k in ("train", "cla", "clips")}
+    paths |= {"eval": out / "demo_eval.json", "labels": out / "demo_labels.csv"}
+    clips, train, evals = [], [], []
     for split, per_class in (("train", clips_per_class), ("eval", eval_per_class)):
         (out / "data" / split).mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
@@ -149,18 +146,15 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
     cla = [e for e in train if e["task"] == "cla_label"]
     for key, obj in (("train", train), ("cla", cla), ("clips", clips), ("eval", evals)):
         paths[key].write_text(json.dumps(obj, indent=1))
-    with open(paths["labels"], "w", newline="") as f:
-        csv.writer(f).writerows([("index", "mid", "display_name")] +
-                                [(i, f"/demo/{cls}", s.display) for i, (cls, s) in enumerate(DEMO_CLASSES.items())])
+    paths["labels"].write_text("index,mid,display_name\n" + "".join(  # the display names have no comma or quote
+        f"{i},/demo/{cls},{s.display}\n" for i, (cls, s) in enumerate(DEMO_CLASSES.items())))
     if verbose:
         say(f"      {len(DEMO_CLASSES)} classes: {', '.join(s.display for s in DEMO_CLASSES.values())}")
-        say(f"      {len(train) // 4} training clips x 4 questions = {len(train)} QA pairs, e.g. "
-            f"{train[0]['instruction']!r} -> {train[0]['output']!r}; {len(evals)} held-out clips in demo_eval.json")
+        say(f"      {len(train) // 4} training clips x 4 questions = {len(train)} QA pairs, {len(evals)} held out")
     return paths
 
 
 # ---- part 2: a tokenizer, a tiny Mamba LM and a tiny DASS pretrained on the demo's data, then the recipe ----------
-
 @dataclass
 class DemoConfig:
     """Sizes and lengths of `python train.py --demo`; the defaults take a few minutes on 2 CPU cores."""
@@ -171,11 +165,10 @@ class DemoConfig:
     lm_layers: int = 2
     lm_d_state: int = 4                # N (16 in Mamba-2.8B): the CPU scan's cost grows with it
     lm_steps: int = 1200               # text-only pretraining of the tiny LM
-    lm_lr: float = 3e-3
     dass_dims: tuple[int, ...] = (8, 16, 32, 64)
     dass_depths: tuple[int, ...] = (0, 1, 1, 1)  # no blocks at the first (longest-scan) stage: CPU time
     dass_steps: int = 600              # classifier pretraining of the tiny DASS
-    dass_lr: float = 3e-3
+    pretrain_lr: float = 3e-3          # of the tiny LM and DASS
     audio_frames: int = 304            # 3.04 s: every demo clip fits, so training and answering see the same input
     batch_size: int = 32               # also the batch of the two pretrainings
     micro_batch: int = 16
@@ -186,14 +179,6 @@ class DemoConfig:
     response_only_loss: bool = True    # the loss on the answers only (the paper: on the whole text)
     warmup_steps: int = 10
     check_clips: int | None = None     # held-out clips answered at the end (None: all)
-
-
-def demo_texts(entries: list[dict]) -> list[str]:
-    """The LM's text: each QA pair in the ssLALM's prompt format, ended by EOS, after a description of its clip (the
-    answer to "What can you hear?") where the ssLALM will put the audio tokens."""
-    described = {e["audio_id"]: e["output"] for e in entries if e["task"] == "open-ended question"}
-    return [f"{described[e['audio_id']]}\n{sslalm.prompt_text(e['instruction'])}{e['output']}<|endoftext|>"
-            for e in entries]
 
 
 def train_demo_tokenizer(texts: list[str], path: str | Path, vocab_size: int) -> None:
@@ -212,8 +197,7 @@ def pretrain(model: nn.Module, loss_fn: Callable[[list[int]], Tensor], n: int, s
     """The pretrainings' loop: batches of random indices into n examples, AdamW, warm-up and linear decay, clip 1."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    t0, avg = time.time(), None
+    t0 = time.time()
     for step in range(1, steps + 1):
         loss = loss_fn(torch.randint(n, (cfg.batch_size,), generator=g).tolist())
         opt.zero_grad(set_to_none=True)
@@ -222,86 +206,65 @@ def pretrain(model: nn.Module, loss_fn: Callable[[list[int]], Tensor], n: int, s
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, cfg.warmup_steps, steps)
         opt.step()
-        avg = loss.item() if avg is None else 0.9 * avg + 0.1 * loss.item()
         if step % 100 == 0 or step == steps:
-            say(f"      {name} step {step}/{steps}  loss {avg:.3f}  ({time.time() - t0:.0f} s)")
-    model.eval()
-
-
-def pretrain_demo_lm(texts: list[str], tokenizer, cfg: DemoConfig, seed: int, out: Path) -> MambaLM:
-    """Next-token training of a tiny Mamba LM from scratch on `texts`; saved in the HF format in `out`."""
-    torch.manual_seed(seed)
-    lm = MambaLM(MambaConfig(d_model=cfg.lm_d_model, n_layer=cfg.lm_layers, d_state=cfg.lm_d_state,
-                             vocab_size=tokenizer.tokenizer.get_vocab_size()))
-    seqs = [torch.tensor(tokenizer.encode(t)) for t in texts]
-
-    def loss_fn(idx: list[int]) -> Tensor:
-        labels = pad_sequence([seqs[i] for i in idx], batch_first=True, padding_value=-100)  # (B, L)
-        logits = lm(labels.masked_fill(labels < 0, tokenizer.eos_token_id))[:, :-1]          # (B, L - 1, V)
-        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
-
-    pretrain(lm, loss_fn, len(seqs), cfg.lm_steps, cfg.lm_lr, cfg, seed, "LM")
-    weights.save_mamba(lm, str(out))
-    return lm
-
-
-def pretrain_demo_dass(clips: list[dict], fbank: dict[Path, Tensor], cfg: DemoConfig, seed: int,
-                       path: Path) -> DASS:
-    """A tiny DASS trained from scratch to tag the clips (their DASS inputs in `fbank`) with their class and loudness
-    (a softmax over the first 12 outputs, one over the last 2); saved head included, like a published DASS."""
-    torch.manual_seed(seed)
-    k = len(DEMO_CLASSES)
-    model = DASS(DASSConfig(dims=cfg.dass_dims, depths=cfg.dass_depths, n_classes=len(DEMO_TAGS)))
-    x = torch.stack([fbank[Path(c["file"])] for c in clips])                        # (n, T, 128)
-    cls = torch.tensor([DEMO_TAGS.index(c["class"]) for c in clips])
-    loud = torch.tensor([DEMO_TAGS.index(c["loudness"]) - k if c["loudness"] in DEMO_TAGS else -100 for c in clips])
-
-    def loss_fn(idx: list[int]) -> Tensor:
-        logits = model(x[idx])                                                      # (B, 14)
-        return F.cross_entropy(logits[:, :k], cls[idx]) + F.cross_entropy(logits[:, k:], loud[idx])
-
-    pretrain(model, loss_fn, len(clips), cfg.dass_steps, cfg.dass_lr, cfg, seed, "DASS")
-    weights.save_dass(model, path)
-    return model
+            say(f"      {name} step {step}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f} s)")
 
 
 def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 0) -> dict:
     """The whole demo, the final checkpoint in output_dir. Returns (and writes to demo_result.json) the timings and
     the exact-match accuracy of the answers (the paper's sampling) on the held-out clips."""
     cfg = cfg or DemoConfig()
-    out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    times, t_all, t = {}, time.time(), time.time()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        times[name], t = time.time() - t, time.time()
-
+    out = Path(output_dir).resolve()  # made by make_demo_data
+    stamps = [("start", time.time())]  # (the step that ends, when)
     say(f"[1/6] Data: synthetic sounds with questions and answers, in OpenAQA's JSON format -> {out}/data")
     paths = make_demo_data(out, cfg.clips_per_class, cfg.eval_per_class, seed)
     entries, cla = load_openaqa(paths["train"]), load_openaqa(paths["cla"])
     clips = [{**c, "file": str(paths["clips"].parent / c["file"])} for c in json.loads(paths["clips"].read_text())]
     fbank = {Path(c["file"]): audio.dass_input_from_file(c["file"], cfg.audio_frames) for c in clips}  # (T, 128)
-    lap("data")
+    stamps.append(("data", time.time()))
 
     say("[2/6] Tokenizer: a byte-level BPE (the kind GPT-NeoX's is, which Mamba uses) learnt from the demo's text")
     llm_dir = out / "llm"
     llm_dir.mkdir(exist_ok=True)
-    texts = demo_texts(entries)
+    described = {e["audio_id"]: e["output"] for e in entries if e["task"] == "open-ended question"}
+    texts = [f"{described[e['audio_id']]}\n{sslalm.prompt_text(e['instruction'])}{e['output']}<|endoftext|>"
+             for e in entries]  # each QA pair after a description of its clip, where the ssLALM puts audio tokens
     train_demo_tokenizer(texts, llm_dir / "tokenizer.json", cfg.vocab_size)
     tok = weights.MambaTokenizer(str(llm_dir / "tokenizer.json"))
     say(f"[3/6] Language model: Mamba-2.8B was pretrained on the Pile; here a tiny Mamba (d_model {cfg.lm_d_model}, "
-        f"{cfg.lm_layers} layers, N {cfg.lm_d_state}) learns the demo's text from scratch, each QA pair after a "
-        "description of its clip:\n      " + texts[0].replace("\n", "\\n"))
-    pretrain_demo_lm(texts, tok, cfg, seed, llm_dir)
-    lap("lm")
+        f"{cfg.lm_layers} layers, N {cfg.lm_d_state}) learns the demo's text from scratch: {texts[0]!r}")
+    torch.manual_seed(seed)
+    lm = MambaLM(MambaConfig(d_model=cfg.lm_d_model, n_layer=cfg.lm_layers, d_state=cfg.lm_d_state,
+                             vocab_size=tok.tokenizer.get_vocab_size()))
+    seqs = [torch.tensor(tok.encode(text)) for text in texts]
 
-    say(f"[4/6] Audio encoder: DASS was trained to tag AudioSet clips; no DASS this small exists, so a tiny one "
-        f"(dims {cfg.dass_dims}, depths {cfg.dass_depths}) learns to tag the demo's training clips with their class "
-        "and loudness")
+    def lm_loss(idx: list[int]) -> Tensor:  # next-token prediction
+        labels = nn.utils.rnn.pad_sequence([seqs[i] for i in idx], batch_first=True, padding_value=-100)  # (B, L)
+        logits = lm(labels.masked_fill(labels < 0, tok.eos_token_id))[:, :-1]                          # (B, L-1, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+
+    pretrain(lm, lm_loss, len(seqs), cfg.lm_steps, cfg.pretrain_lr, cfg, seed, "LM")
+    weights.save_mamba(lm, str(llm_dir))                 # in Hugging Face's format
+    stamps.append(("lm", time.time()))
+
+    say(f"[4/6] Audio encoder: DASS was trained to tag AudioSet clips; here a tiny one (dims {cfg.dass_dims}, depths "
+        f"{cfg.dass_depths}) learns to tag the demo's training clips with their class and loudness")
+    torch.manual_seed(seed)
+    dass = DASS(DASSConfig(dims=cfg.dass_dims, depths=cfg.dass_depths, n_classes=len(DEMO_TAGS)))
+    tagged = [c for c in clips if c["split"] == "train"]
+    x = torch.stack([fbank[Path(c["file"])] for c in tagged])                       # (n, T, 128)
+    k = len(DEMO_CLASSES)  # a softmax over the first k outputs (the class), one over the rest (the loudness)
+    cls = torch.tensor([DEMO_TAGS.index(c["class"]) for c in tagged])
+    loud = torch.tensor([DEMO_TAGS.index(c["loudness"]) - k if c["loudness"] in DEMO_TAGS else -100 for c in tagged])
+
+    def dass_loss(idx: list[int]) -> Tensor:
+        logits = dass(x[idx])                                                       # (B, 14)
+        return F.cross_entropy(logits[:, :k], cls[idx]) + F.cross_entropy(logits[:, k:], loud[idx])
+
+    pretrain(dass, dass_loss, len(tagged), cfg.dass_steps, cfg.pretrain_lr, cfg, seed, "DASS")
     dass_file = out / "dass" / "dass_demo.safetensors"
-    dass = pretrain_demo_dass([c for c in clips if c["split"] == "train"], fbank, cfg, seed, dass_file)
-    lap("dass")
+    weights.save_dass(dass, dass_file)                    # head included, like a published DASS
+    stamps.append(("dass", time.time()))
 
     say("[5/6] ssLALM, the paper's recipe: DASS -> Conv2d + Linear projector -> audio tokens before the prompt -> "
         "frozen LM + LoRA")
@@ -314,18 +277,15 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
         f"; a clip's {cfg.audio_frames} fbank frames -> {2 * math.ceil(cfg.audio_frames / 64)} audio tokens")
     common = dict(batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, warmup_steps=cfg.warmup_steps, seed=seed,
                   save_every=0, keep=1, num_workers=0, log_every=25)
-    for stage, data, parts, lr, epochs in ((1, cla, ("projector",), cfg.stage1_lr, cfg.stage1_epochs),
-                                           (2, entries, ("dass", "projector", "lora"), cfg.stage2_lr,
-                                            cfg.stage2_epochs)):
+    for stage, qa, parts, lr, epochs in ((1, cla, ("projector",), cfg.stage1_lr, cfg.stage1_epochs),
+                                         (2, entries, ("dass", "projector", "lora"), cfg.stage2_lr, cfg.stage2_epochs)):
         if epochs > 0:
             model.set_trainable(parts)
-            ds = OpenAQADataset(data, model.encode_example, [paths["train"].parent], audio_frames=cfg.audio_frames,
-                                cache=fbank)
-            say(f"      stage {stage}: {len(ds)} QA pairs; trains {' + '.join(parts)} "
-                f"({count_parameters(p for p in model.parameters() if p.requires_grad):,} parameters), lr {lr:g}")
+            ds = OpenAQADataset(qa, model.encode_example, [out / "data"], audio_frames=cfg.audio_frames, cache=fbank)
+            say(f"      stage {stage}: {len(ds)} QA pairs train {' + '.join(parts)}, lr {lr:g}, the rest is frozen")
             tc = TrainConfig(lr=lr, epochs=epochs, trainable=parts, name=f"stage {stage}", **common)
             train(model, ds, sslalm.collate, tok.eos_token_id, tc, out / f"stage{stage}", overwrite=True)
-            lap(f"stage{stage}")
+            stamps.append((f"stage{stage}", time.time()))
     checkpoint.save_checkpoint(model, out)
 
     evals = load_eval_json(paths["eval"])
@@ -339,13 +299,13 @@ def run_demo(output_dir: str | Path, cfg: DemoConfig | None = None, seed: int = 
     for q in ("What can you hear?", "Is the sound loud or quiet?"):
         a = model.answer([clip], [q], max_new_tokens=24, generator=generator)[0]
         say(f"      {Path(clip).name}: {q!r} -> {a!r}")
-    lap("check")
-    times["total"] = time.time() - t_all
+    stamps.append(("check", time.time()))
+    times = {k: t - t0 for (_, t0), (k, t) in zip(stamps, stamps[1:])}
+    times["total"] = sum(times.values())
     say(f"      exact answers: {right}/{len(evals)} = {right / len(evals):.1%}")
     say(f"done in {times['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items() if k != "total") +
         f"). Next:\n  python evaluate.py --task demo --checkpoint {out}\n"
         f"  python cli.py ask --checkpoint {out} {clip} \"What can you hear?\"")
-    result = {"accuracy": right / len(evals), "times": times, "checkpoint": str(out),
-              "config": dataclasses.asdict(cfg)}
+    result = {"accuracy": right / len(evals), "times": times, "checkpoint": str(out), "config": dataclasses.asdict(cfg)}
     (out / "demo_result.json").write_text(json.dumps(result, indent=1))
     return result
