@@ -122,7 +122,7 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
                    verbose: bool = True) -> dict[str, Path]:
     """Write the demo's data into out_dir: data/{train,eval}/*.wav, data/demo_train.json (4 OpenAQA QA pairs a clip),
     data/demo_cla.json (its classification pairs), data/demo_clips.json (the clips' parameters), demo_eval.json and
-    demo_labels.csv (the held-out clips and labels for `evaluate.py --task demo`). Returns the JSON and CSV paths."""
+    demo_labels.csv (the held-out clips and labels for `evaluate.py --task demo`). Returns those paths by key."""
     out = Path(out_dir).resolve()
     rng = np.random.default_rng(seed)
     paths = {k: out / "data" / f"demo_{k}.json" for k in ("train", "cla", "clips")}
@@ -194,7 +194,7 @@ def train_demo_tokenizer(texts: list[str], path: str | Path, vocab_size: int) ->
 
 def pretrain(model: nn.Module, loss_fn: Callable[[list[int]], Tensor], n: int, steps: int, lr: float,
              cfg: DemoConfig, seed: int, name: str) -> None:
-    """The pretrainings' loop: batches of random indices into n examples, AdamW, warm-up and linear decay, clip 1."""
+    """The pretrainings' loop: random batches of n examples, AdamW, warm-up then linear decay, gradient norm <= 1."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
