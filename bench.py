@@ -1,28 +1,23 @@
 """Benchmarks: `python bench.py COMMAND [COMMAND ...] [--smoke] [--device D] [--budget S]`.
 
-    scan     the selective scan: the Triton kernels beside mamba_ssm's CUDA kernels and mambapy's pscan on a GPU
-             (Mamba-2.8B's and DASS's shapes, fp32 and bf16, and the training memory); the chunked PyTorch fallback
-             beside the sequential loop on a CPU
+    scan     the selective scan: Triton beside mamba_ssm's CUDA kernels and mambapy's pscan on a GPU (Mamba-2.8B's and
+             DASS's shapes, fp32 and bf16, training memory); the chunked PyTorch fallback beside the loop on a CPU
     mamba    Mamba-2.8B (bf16) prefill and greedy decoding beside transformers' MambaForCausalLM, same weights
     llama    the same for LLaMA-7B (Vicuna-7B's shape) beside transformers' LlamaForCausalLM (SDPA)
-    dass     DASS-small over 10 s to 60 min of audio beside an AST-style transformer encoder
+    dass     DASS-small over 10 s to 60 min of audio beside transformers' AST
     sslalm   ssLALM and the hybrid LALM (Fig. 1, four sizes): a training step, answering about a 10 s clip
-    all      each of the above within a time budget (--budget, default 420 s; none with --smoke)
+    all      each of the above in turn (with --budget, each its share of the seconds left)
 
-Random weights and inputs. --smoke: tiny models and shapes through the same code (the Triton kernels interpreted on
-a CPU). Times: see `timed`; memory: torch.cuda.max_memory_allocated. A cell without a number says why.
+Random weights and inputs; --smoke: tiny models and shapes through the same code (Triton interpreted on a CPU).
 """
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable
@@ -58,10 +53,8 @@ class Run:
 
 
 def timed(fn: Callable[[], object], run: Run, reps: int = 3, graph: bool = False) -> tuple[float, float | None]:
-    """(ms per call of fn, peak GiB allocated meanwhile or None). graph, on a GPU: the median of
-    triton.testing.do_bench_cudagraph (many calls in one CUDA graph, replayed between CUDA events: no Python launch
-    overhead). Else the wall time of a call to the device's synchronisation after a warm-up call (one call if that
-    took over 5 s): the median of reps calls on a GPU, the least on a CPU (other processes only ever add)."""
+    """(ms per call, peak GiB or None). graph, on a GPU: do_bench_cudagraph's median (CUDA-graph replays between
+    CUDA events). Else the least of reps calls timed to the device's synchronisation, after a warm-up (one if > 5 s)."""
     if graph and run.cuda:
         import triton.testing  # the optional Triton backend, on a GPU only
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"), None
@@ -77,24 +70,20 @@ def timed(fn: Callable[[], object], run: Run, reps: int = 3, graph: bool = False
     warm_up = call()  # kernels compile, caches fill, MambaLM records its CUDA graph
     times = [call() for _ in range(reps if warm_up < 5e3 else 1)]
     peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.cuda else None
-    return (statistics.median if run.cuda else min)(times), peak
+    return min(times), peak
 
 
 def attempt(fn: Callable[[], object], run: Run, why: str | None = None) -> tuple:
-    """(fn(), None), or (None, why not): `why` if given (what it needs failed), the budget spent, OOM, or an error
-    (its traceback on stderr)."""
+    """(fn(), None), or (None, why not): `why` (what it needs failed), the budget spent, OOM, or an error."""
     if why is not None or time.monotonic() >= run.deadline:
         return None, why or "skipped (time budget)"
     try:
         return fn(), None
-    except torch.OutOfMemoryError:
-        why = "OOM"
+    except torch.OutOfMemoryError:  # the allocator frees its cache and retries before it raises this
+        return None, "OOM"
     except Exception as e:  # noqa: BLE001  one failing case must not end the run
         traceback.print_exc(file=sys.stderr)
-        why = f"error: {type(e).__name__}"
-    if run.cuda:
-        torch.cuda.empty_cache()
-    return None, why
+        return None, f"error: {type(e).__name__}"
 
 
 def cell(value: float | None, why: str | None = None, suffix: str = "") -> str:
@@ -105,8 +94,7 @@ def cell(value: float | None, why: str | None = None, suffix: str = "") -> str:
 
 
 def show(run: Run, dtype: str, lines: list[str], *tables: tuple[list[str], Iterable[list[str]]]) -> None:
-    """The note (device, versions, dtype, `lines`), then each (header, rows) as a markdown table; rows may be a
-    generator: each row is printed as soon as it is made."""
+    """The note (device, versions, dtype, `lines`), then markdown tables, each row printed as soon as it is made."""
     name = torch.cuda.get_device_name(run.device) if run.cuda else f"cpu, {torch.get_num_threads()} threads"
     print("\n".join(s + "  " for s in (f"device: {name}; torch {torch.__version__}; dtype: {dtype}", *lines)))
     for header, rows in tables:
@@ -127,15 +115,10 @@ def make(cls: type, config, device: torch.device | str) -> nn.Module:
         torch.set_default_dtype(old)
 
 
-SCAN_SHAPES = [(4, 5120, 16, 1024), (1, 5120, 16, 2048),  # (batch, D, N, L): Mamba-2.8B
-               (4, 384, 1, 8192), (1, 384, 1, 65536)]      # DASS-small's SS2D: 4 directions x 96 channels, N = 1
-
-
 def scan_inputs(batch: int, dim: int, dstate: int, length: int, dtype: torch.dtype, device: torch.device | str,
                 bc_views: bool = True) -> dict[str, Tensor]:
-    """The scan's inputs as the models make them. N > 1, Mamba's mixer: Δ the transpose of a (batch, L, D)
-    projection, z half of in_proj's (batch, L, 2D) output, B and C views of x_proj's (batch, L, 160 + 2N) output (or
-    contiguous). N = 1, DASS's SS2D: 4 groups of D / 4 channels, B and C slices of a (batch, 4, 6 + 2N, L) tensor."""
+    """The scan's inputs as the models make them. N > 1, Mamba's mixer: Δ and z transposed (batch, L, D) projections,
+    B and C views of x_proj's (batch, L, 160 + 2N) output. N = 1, DASS's SS2D: B, C slices of (batch, 4, 6 + 2N, L)."""
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     t = dict(u=rnd(batch, dim, length), A=-torch.arange(1, dstate + 1, device=device).float().repeat(dim, 1),
@@ -151,13 +134,12 @@ def scan_inputs(batch: int, dim: int, dstate: int, length: int, dtype: torch.dty
 
 
 def scan_row(shape: tuple[int, int, int, int], dtype: torch.dtype, run: Run, mamba_ssm, bc_views: bool) -> list[str]:
-    """Times of the Triton kernels (through scan.selective_scan) and of mamba_ssm's (selective_scan_cuda.fwd / .bwd
-    as its SelectiveScanFn calls them, on contiguous copies made here: only its kernels are timed), the speed-ups,
-    the bytes the scan's autograd node keeps beyond its inputs over u's fp32 bytes, and mambapy's pscan's time."""
+    """Triton's times and mamba_ssm's (its .fwd / .bwd as SelectiveScanFn calls them, on contiguous copies), the
+    speed-ups, the bytes the scan's autograd node keeps beyond its inputs over u's fp32 bytes, and pscan's time."""
     t = scan_inputs(*shape, dtype, run.device, bc_views)
     leaves, dy = {k: v.detach().requires_grad_() for k, v in t.items()}, torch.randn_like(t["u"])
     ours = lambda kw: scan.selective_scan(**kw, delta_softplus=True, backend="triton")  # noqa: E731
-    ms = lambda fn: timed(fn, run, reps=1 if run.smoke else 3, graph=True)[0]  # noqa: E731
+    ms = lambda fn: timed(fn, run, reps=1, graph=True)[0]  # noqa: E731
     fwd = ms(torch.no_grad()(lambda: ours(t)))
     fwd_bwd = ms(lambda: torch.autograd.grad(ours(leaves), list(leaves.values()), dy))
     m_fwd = m_fwd_bwd = None
@@ -184,10 +166,9 @@ def scan_row(shape: tuple[int, int, int, int], dtype: torch.dtype, run: Run, mam
         y = (hs * C).sum(-1).transpose(1, 2) + f32["D"][:, None] * u                         # eq. (6)
         y = y * F.silu(f32["z"]) if "z" in f32 else y
         return torch.autograd.grad(y.sum(), list(f32.values()))
-    fits = not run.cuda or 10 * math.prod(shape) * 4 < torch.cuda.mem_get_info(run.device)[0]  # pscan's decays
     return [cell(fwd), cell(fwd_bwd), cell(m_fwd), cell(m_fwd_bwd), cell(m_fwd and m_fwd / fwd, suffix="x"),
             cell(m_fwd_bwd and m_fwd_bwd / fwd_bwd, suffix="x"), cell(kept),
-            cell(ms(pscan_fwd_bwd) if fits else None, None if fits else "skipped (memory)")]
+            cell(*attempt(lambda: ms(pscan_fwd_bwd), run))]
 
 
 def bench_scan(run: Run) -> None:
@@ -196,8 +177,9 @@ def bench_scan(run: Run) -> None:
         built = run.cuda and list(MAMBA_SSM_BUILD.glob("selective_scan_cuda*.so"))
         sys.path.insert(0, str(MAMBA_SSM_BUILD))
         mamba_ssm = importlib.import_module("selective_scan_cuda") if built else None
-        shapes, dtypes = ([(1, 32, 4, 6), (1, 32, 1, 6)], [torch.float32]) if run.smoke else \
-            (SCAN_SHAPES, [torch.float32, BF16])
+        shapes, dtypes = ([(1, 32, 4, 6), (1, 32, 1, 6)], [torch.float32]) if run.smoke else (  # (batch, D, N, L):
+            [(4, 5120, 16, 1024), (1, 5120, 16, 2048), (4, 384, 1, 8192), (1, 384, 1, 65536)],  # Mamba-2.8B, DASS-small
+            [torch.float32, BF16])
         cases = [(shape, dtype, True) for shape in shapes for dtype in dtypes] + [(shapes[0], dtypes[-1], False)]
 
         def rows():
@@ -216,8 +198,7 @@ def bench_scan(run: Run) -> None:
                     t = scan_inputs(batch, dim, dstate, length, torch.float32, "cpu")
                     t = {k: v.contiguous() for k, v in t.items()}
                     go = lambda backend: scan.selective_scan(**t, delta_softplus=True, backend=backend)  # noqa: E731
-                    with torch.no_grad():
-                        loop, fallback = timed(lambda: go("ref"), run)[0], timed(lambda: go("torch"), run)[0]
+                    loop, fallback = timed(lambda: go("ref"), run)[0], timed(lambda: go("torch"), run)[0]  # no grad yet
                     leaves = [v.requires_grad_() for v in t.values()]
                     both = timed(lambda: torch.autograd.grad(go("torch").sum(), leaves), run)[0]
                     yield [str((batch, dim, dstate, length)), cell(loop), cell(fallback),
@@ -227,8 +208,7 @@ def bench_scan(run: Run) -> None:
 
 
 def build_mamba_ssm() -> None:
-    """Build mamba_ssm's selective_scan_cuda alone from its csrc/selective_scan in .mamba_ssm_src/, for the GPUs
-    present, with its setup.py's nvcc flags, into .mamba_ssm_build/ (tools/gpu_check.sh does, timed)."""
+    """mamba_ssm's selective_scan_cuda alone, from .mamba_ssm_src/csrc/selective_scan with its setup.py's flags."""
     start, src = time.perf_counter(), MAMBA_SSM_SRC / "csrc" / "selective_scan"
     MAMBA_SSM_BUILD.mkdir(exist_ok=True)
     flags = ["-O3", "-std=c++17"]
@@ -252,14 +232,12 @@ def build_lm(kind: str, device: torch.device | str, smoke: bool) -> nn.Module:
 
 def build_hf(kind: str, ours: nn.Module, device: torch.device) -> nn.Module:
     """transformers' MambaForCausalLM or LlamaForCausalLM holding ours' very weight tensors (assigned, not copied)."""
-    hf = (weights.mamba_hf_config if kind == "mamba" else weights.llama_hf_config)(ours.config)
-    hf = {k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
+    config = (weights.mamba_hf_config if kind == "mamba" else weights.llama_hf_config)(ours.config)
+    config = transformers.AutoConfig.for_model(**config)  # defaults: SDPA for LLaMA; no mambapy
+    model = make(transformers.AutoModelForCausalLM.from_config, config, device)
     state = ours.state_dict()
     if kind == "mamba":
-        model = make(transformers.MambaForCausalLM, transformers.MambaConfig(**hf, use_mambapy=False), device)
         state["lm_head.weight"] = state["backbone.embeddings.weight"]  # tied
-    else:
-        model = make(transformers.LlamaForCausalLM, transformers.LlamaConfig(**hf, attn_implementation="sdpa"), device)
     model.load_state_dict(state, assign=True)  # strict: ours have exactly transformers' keys
     return model
 
@@ -284,9 +262,8 @@ def agreement(ours: nn.Module, theirs: nn.Module, ids: Tensor, n: int) -> str:
 
 @torch.no_grad()
 def bench_lm(kind: str, run: Run) -> None:
-    """Greedy generation by one language model ('mamba' or 'llama'), ours beside transformers' on its weights: the
-    time to the first token (the prefill) and per further token ((to 1 + steps tokens - to 1) / steps: on a GPU
-    MambaLM replays the CUDA graph its warm-up call recorded)."""
+    """Greedy generation, ours beside transformers' on the same weights: ms to the first token (the prefill) and per
+    further token ((to 1 + steps tokens - to 1) / steps: on a GPU MambaLM replays the CUDA graph it recorded)."""
     lengths = [16, 64] if run.smoke else [256, 1024, 4096, 8192] if kind == "mamba" else [256, 4096]
     cases = [(1, n) for n in lengths] + ([] if kind == "llama" else [(2 if run.smoke else 16, n) for n in lengths[::2]])
     steps, reps = (4, 2) if run.smoke else (32, 3)
@@ -297,19 +274,16 @@ def bench_lm(kind: str, run: Run) -> None:
     ids = {(b, n): torch.randint(0, meta.config.vocab_size, (b, n), generator=g).to(run.device) for b, n in cases}
     agrees, agree_why = attempt(lambda: agreement(ours, theirs, ids[cases[0]], steps), run, why or hf_why)
 
-    def measure(model: nn.Module, why: str | None) -> dict:
-        """case: (ms to the first token, why not; ms per further token (None: lost in the noise), peak GiB, why not)"""
-        out = {}
-        for case in cases:
-            first, w1 = attempt(lambda: timed(lambda: generate(model, ids[case], 1), run, reps), run, why)
-            more, w2 = attempt(lambda: timed(lambda: generate(model, ids[case], 1 + steps), run, reps), run, w1)
-            step = more and (more[0] - first[0]) / steps
-            out[case] = (first and first[0], w1, step if step and step > 0 else None, more and more[1], w2)
-        return out
-    mine, hf = measure(ours, why), measure(theirs, hf_why)  # ours first: a spent budget skips theirs
+    def figures(model: nn.Module, why: str | None, ids: Tensor) -> tuple:
+        """(ms to the first token, why not; ms per further token (None: lost in the noise), peak GiB, why not)"""
+        first, w1 = attempt(lambda: timed(lambda: generate(model, ids, 1), run, reps), run, why)
+        more, w2 = attempt(lambda: timed(lambda: generate(model, ids, 1 + steps), run, reps), run, w1)
+        step = more and (more[0] - first[0]) / steps
+        return first and first[0], w1, step if step and step > 0 else None, more and more[1], w2
 
     def row(case: tuple[int, int]) -> list[str]:
-        (first, w1, step, peak, w2), (hf_first, hf_w1, hf_step, hf_peak, hf_w2) = mine[case], hf[case]
+        (first, w1, step, peak, w2), (hf_first, hf_w1, hf_step, hf_peak, hf_w2) = (
+            figures(model, w, ids[case]) for model, w in ((ours, why), (theirs, hf_why)))
         return [*map(str, case), cell(first, w1), cell(hf_first, hf_w1), cell(step, w2), cell(hf_step, hf_w2),
                 cell(step and hf_step and hf_step / step, w2 or hf_w2, "x"), cell(peak, w2), cell(hf_peak, hf_w2)]
 
@@ -320,23 +294,7 @@ def bench_lm(kind: str, run: Run) -> None:
         agrees or f"agreement with transformers: {agree_why}", f"greedy, {steps} further tokens; speed-up: their "
         "time per token / ours; peak: to 1 + steps tokens"],
         (["batch", "prompt tokens", "ours first token ms", "transformers first token ms", "ours ms/token",
-          "transformers ms/token", "speed-up", "our peak GiB", "their peak GiB"], [row(case) for case in cases]))
-
-
-class ASTEncoder(nn.Module):
-    """AST-style: AST's 16×16 patches of the (128 mel × T) fbank with stride 10 (1212 for 1024 frames), `depth`
-    pre-norm ViT blocks (SDPA attention), a LayerNorm; no class tokens or positional embedding (neither costs much)."""
-
-    def __init__(self, width: int = 768, depth: int = 12, heads: int = 12):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(1, width, kernel_size=16, stride=10)
-        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(block, depth, norm=nn.LayerNorm(width), enable_nested_tensor=False)
-
-    def forward(self, fbank: Tensor) -> Tensor:
-        """fbank (B, T, 128) -> patch features (B, n_patches, width)."""
-        return self.blocks(self.patch_embed(fbank.transpose(1, 2)[:, None]).flatten(2).transpose(1, 2))
+          "transformers ms/token", "speed-up", "our peak GiB", "their peak GiB"], map(row, cases)))
 
 
 SMOKE_DASS = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))  # a tiny DASS for small and medium
@@ -346,38 +304,37 @@ SMOKE_DASS = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))  # a tiny DASS for 
 def bench_dass(run: Run) -> None:
     frames = [256, 600, 1200] if run.smoke else [1024, 6000, 60000, 360000]
     window, reps = (512, 2) if run.smoke else (dass.WINDOW, 3)
-    ast = dict(width=32, depth=2, heads=2) if run.smoke else dict(width=768, depth=12, heads=12)
+    ast = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if run.smoke else {}
     small = dass.DASSConfig(**SMOKE_DASS) if run.smoke else dass.DASSConfig.small()
-    encoders = [  # (name, build, forward, lengths)
-        (f"DASS-small, {window}-frame windows", lambda: dass.DASS(small), lambda m, x: m.features(x, window), frames),
-        ("DASS-small, one pass", lambda: dass.DASS(small), lambda m, x: m.features(x, None), frames),
-        ("AST-style, {depth} × {width}".format(**ast), lambda: ASTEncoder(**ast), lambda m, x: m(x), frames[:3])]
+    encoders = [  # (name, build for n frames, forward, lengths)
+        (f"DASS-small, {window}-frame windows", lambda n: dass.DASS(small), lambda m, x: m.features(x, window), frames),
+        ("DASS-small, one pass", lambda n: dass.DASS(small), lambda m, x: m.features(x, None), frames),
+        ("AST", lambda n: transformers.ASTModel(transformers.ASTConfig(max_length=n, **ast)),
+         lambda m, x: m(x).last_hidden_state, frames[:3])]
     inputs = {n: torch.randn(1, n, 128, generator=torch.Generator().manual_seed(n)).to(run.device) for n in frames}
 
     def rows():
         for name, build, forward, lengths in encoders:
-            with torch.device(run.device):
-                model, why = attempt(lambda: build().eval(), run)
             for n in lengths:
+                with torch.device(run.device):
+                    model, why = attempt(lambda: build(n).eval(), run)
                 with torch.autocast(run.device.type, dtype=BF16):
                     result, w = attempt(lambda: timed(lambda: forward(model, inputs[n]), run, reps), run, why)
                 ms, peak = result or (None, None)
                 yield [name, cell(model and sum(p.numel() for p in model.parameters()) / 1e6, suffix="M"), str(n),
                        f"{n / 100:g} s", cell(ms, w), cell(ms and n * 10 / ms, w), cell(peak, w)]
-            model = None  # frees it before the next is built
+                model = None  # frees it before the next is built
     show(run, "bfloat16 autocast, fp32 weights (as in training); batch 1", [
-        f"windows: DASS.features' default for long audio ({window} frames); one pass: window=None; the AST-style "
-        "encoder's time grows with the square of the length (to 10 min here); x real time: audio seconds per second"],
+        f"windows: DASS.features' default for long audio ({window} frames); one pass: window=None; AST: transformers' "
+        "ASTModel, time growing with the square of the length (to 10 min here); x real time: audio s per second"],
         (["model", "params", "frames", "audio", "forward ms", "x real time", "peak GiB"], rows()))
 
 
 def build_sslalm(llm: str, size: str, run: Run) -> SSLALM:
-    """A variant as training runs it: the LLM bf16 and frozen; DASS, projector and LoRA fp32 and trainable. Every
-    prompt is the same random ids; the EOS never comes: answers run to the end."""
+    """A variant as training runs it; every prompt the same 24 tokens, no EOS (answers run to the end)."""
     lm = build_lm(llm, run.device, run.smoke)
     config = SSLALMConfig.paper(size, llm, llm_config=asdict(lm.config), dass=SMOKE_DASS if run.smoke else {})
-    g = torch.Generator().manual_seed(0)  # on the host, as are the ids, whatever the default device
-    ids = torch.randint(0, lm.config.vocab_size, (24,), generator=g, device="cpu").tolist()
+    ids = list(range(100, 124))
     with torch.device(run.device):
         model = SSLALM(config, llm=lm, tokenizer=SimpleNamespace(encode=lambda text: list(ids), eos_token_id=-1))
     model.set_trainable(SSLALM.PARTS)
@@ -385,8 +342,7 @@ def build_sslalm(llm: str, size: str, run: Run) -> SSLALM:
 
 
 def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
-    """train.py's step (forward and backward under bf16 autocast, clipping, AdamW) on clips of 1024 frames and 100
-    text tokens: ms, samples/s, peak GiB, GiB per sample beyond weights and AdamW state."""
+    """train.py's step (bf16 autocast, clipping, AdamW): ms, samples/s, peak GiB, GiB per sample beyond the state."""
     frames, text = (128, 12) if run.smoke else (1024, 100)  # 32 audio tokens; about LTU's 108-token text cutoff
     g = torch.Generator().manual_seed(micro)
     ids = torch.randint(0, model.llm.config.vocab_size, (micro, text), generator=g).to(run.device)
@@ -409,13 +365,11 @@ def train_step(model: SSLALM, micro: int, run: Run) -> list[float | None]:
 
 @torch.no_grad()
 def answer(model: SSLALM, frames: int, new_tokens: int, run: Run) -> list[float | None]:
-    """ms to the first token, to new_tokens, per further token ((to new_tokens - to 1) / (new_tokens - 1): CUDA-graph
-    replays on a GPU), and peak GiB, answering about one clip (batch 1, greedy)."""
+    """Answering about one clip (batch 1, greedy): ms to the first token, to new_tokens, per further token; peak GiB."""
     model.eval()
     clip = [torch.randn(frames, 128, generator=torch.Generator().manual_seed(0)).to(run.device)]
     (first, _), (ms, peak) = (timed(lambda: model.generate(clip, ["?"], max_new_tokens=n, greedy=True), run,
                                     2 if run.smoke else 3) for n in (1, new_tokens))
-    model.train()
     per_token = (ms - first) / (new_tokens - 1)
     return [first, ms, per_token if per_token > 0 else None, peak]  # None: lost in the noise
 
@@ -424,20 +378,20 @@ def bench_sslalm(run: Run) -> None:
     """The four variants: a training step, and answering about a clip."""
     micro = 4 if run.smoke else 16  # the paper's micro-batch
     frames, new_tokens = (100, 8) if run.smoke else (998, 32)  # 998 frames: a 10 s clip
-    train_rows, answer_rows = [], []
-    for llm, size in [(llm, size) for llm in ("mamba", "llama") for size in ("small", "medium")]:
-        name = f"{'ssLALM' if llm == 'mamba' else 'hybrid'} {size}"
-        model, why = attempt(lambda: build_sslalm(llm, size, run), run)
-        figures, w = attempt(lambda: train_step(model, micro, run), run, why)
-        train_rows.append([name, *(cell(x, w) for x in figures or [None] * 4)])
-        figures, w = attempt(lambda: answer(model, frames, new_tokens, run), run, why)
-        answer_rows.append([name, *(cell(x, w) for x in figures or [None] * 4)])
-        model = None  # frees it before the next is built
+
+    def rows():
+        for llm, size in [(llm, size) for llm in ("mamba", "llama") for size in ("small", "medium")]:
+            model, why = attempt(lambda: build_sslalm(llm, size, run), run)
+            trained, w1 = attempt(lambda: train_step(model, micro, run), run, why)
+            answered, w2 = attempt(lambda: answer(model, frames, new_tokens, run), run, why)
+            model = None  # frees it before the next is built
+            yield [f"{'ssLALM' if llm == 'mamba' else 'hybrid'} {size}", *(cell(x, w1) for x in trained or [None] * 4),
+                   *(cell(x, w2) for x in answered or [None] * 4)]
     show(run, "the LLM bf16, frozen; DASS, projector, LoRA fp32 (under bf16 autocast in training)", [
         f"training: train.py's step, micro-batch {micro}; per sample: (peak - weights and optimizer state) / {micro}; "
         f"answering: a {frames / 100:g} s clip, batch 1, greedy, {new_tokens} tokens"],
-        (["model", "step ms", "samples/s", "peak GiB", "GiB per sample"], train_rows),
-        (["model", "first token ms", f"{new_tokens} tokens ms", "ms per further token", "peak GiB"], answer_rows))
+        (["model", "step ms", "samples/s", "training peak GiB", "GiB per sample", "first token ms",
+          f"{new_tokens} tokens ms", "ms per further token", "answering peak GiB"], rows()))
 
 
 COMMANDS: dict[str, Callable[[Run], None]] = {
@@ -448,27 +402,24 @@ COMMANDS: dict[str, Callable[[Run], None]] = {
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("commands", nargs="+", choices=[*COMMANDS, "all"])
-    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny models and inputs, few repetitions")
-    parser.add_argument("--budget", type=float, help="seconds for the whole run (default: none; all: 420)")
+    parser.add_argument("--budget", type=float, default=math.inf, help="seconds for the whole run")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # Triton launches, CUDA-graph capture and timing events use the current one
+    if args.device.type == "cuda":
+        torch.cuda.set_device(args.device)  # Triton launches, CUDA-graph capture and timing events use the current one
     elif args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels on CPU tensors (before their import)
-    budget = 420.0 if args.budget is None and "all" in args.commands and not args.smoke else args.budget
-    run = Run(device, args.smoke, math.inf if budget is None else time.monotonic() + budget)
+    deadline = time.monotonic() + args.budget
     names = list(COMMANDS) if "all" in args.commands else args.commands
-    for i, name in enumerate(names):  # several: each under a '## name' heading, with its share of the budget left
-        left, t0 = run.deadline - time.monotonic(), time.perf_counter()
-        if len(names) > 1:
-            print(f"## {name}\n", flush=True)
-            if left <= 0:
-                print("skipped: 0 s of the budget left\n", flush=True)
-                continue
-        COMMANDS[name](replace(run, deadline=time.monotonic() + left / (len(names) - i)))
-        print(f"({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+    for i, name in enumerate(names):  # each with its share of the budget left
+        print(f"## {name}\n", flush=True)
+        t0 = time.monotonic()
+        if t0 >= deadline:
+            print("skipped: 0 s of the budget left\n", flush=True)
+            continue
+        COMMANDS[name](Run(args.device, args.smoke, t0 + (deadline - t0) / (len(names) - i)))
+        print(f"({name}: {time.monotonic() - t0:.0f} s)\n", flush=True)
 
 
 if __name__ == "__main__":

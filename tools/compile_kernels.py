@@ -2,11 +2,8 @@
 
     python tools/compile_kernels.py [--arch 90] [--dtypes fp32,bf16,fp16] [--quick]   (90: H100 / H200, 80: A100)
 
-Mamba-2.8B's scan (N = 16, batch 4, L = 1024) and DASS's (N = 1) run forward, backward and a decode step on "meta"
-tensors made as the models make them; each kernel launch is recorded and compiled to a cubin as the launch would
-specialise it. Reported: registers, spilled and shared bytes, and per state update (one state of one channel at one
-step) the SASS, fp32, MUFU, SHFL and BAR instructions, (with 4 steps per chunk - with 2) / (2 N) so that set-up
-does not count (not with --quick).
+The models' scans run on "meta" tensors; each kernel launch is recorded and compiled as it would specialise. Per
+state update: (the kernel unrolled for 4 steps - for 2) / (2 N) instructions. BENCHMARKS.md reads the table.
 """
 import argparse
 import collections
@@ -41,8 +38,7 @@ MODELS = [("Mamba B, C views", (4, 5120, 16, 1024), True), ("Mamba B, C contiguo
 
 
 def launches(shape: tuple[int, int, int, int], dtype: torch.dtype, bc_views: bool) -> list[tuple[object, dict]]:
-    """(kernel, its arguments by name) of each launch of the scan's forward and backward and of a decode step, on
-    "meta" tensors (shapes and strides, no data)."""
+    """(kernel, arguments by name) of each launch of the scan's forward, backward and decode step on "meta" tensors."""
     t = {k: v.detach().requires_grad_() for k, v in scan_inputs(*shape, dtype, "meta", bc_views).items()}
     step = {dict(u="x", delta="dt").get(k, k): v.detach()[..., 0] for k, v in t.items() if k in "u delta z B C".split()}
     recorded = []
@@ -59,8 +55,7 @@ def launches(shape: tuple[int, int, int, int], dtype: torch.dtype, bc_views: boo
 
 
 def compile_launch(kernel, args: dict, arch: int, **override):
-    """triton.compile with the signature and specialisation the launch gives: pointers 16-byte aligned, integers
-    equal to 1 made constants and multiples of 16 marked so, except those the kernel does not specialise."""
+    """triton.compile specialised as the launch: pointers 16-byte aligned, integers 1 constant, multiples of 16 so."""
     args, signature, constants, attrs = {**args, **override}, {}, {}, {}
     for i, param in enumerate(kernel.params):
         value = args[param.name]
@@ -97,7 +92,7 @@ def per_update(kernel, args: dict, arch: int) -> list[str]:
     return [f"{sum(diff.values()):.1f}", f"{fp32:.1f}"] + [f"{diff.get(op, 0):.2f}" for op in ("MUFU", "SHFL", "BAR")]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--dtypes", default="fp32,bf16,fp16")
@@ -118,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             step = per_update(kernel, launch, args.arch) if measured else ["-"] * 5
             print(f"| {name} | {dtype} | {res['registers']} | {res['stack']} | {res['shared']} | "
                   + " | ".join(step) + " |", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
