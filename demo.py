@@ -157,7 +157,7 @@ def make_demo_data(out_dir: str | Path, clips_per_class: int = 32, eval_per_clas
 # ---- part 2: a tokenizer, a tiny Mamba LM and a tiny DASS pretrained on the demo's data, then the recipe ----------
 @dataclass
 class DemoConfig:
-    """Sizes and lengths of `python train.py --demo`; the defaults take a few minutes on 2 CPU cores."""
+    """Sizes and lengths of `python train.py --demo`; the defaults take about eight minutes on 2 CPU cores."""
     clips_per_class: int = 96          # training clips per class (4 QA pairs each)
     eval_per_class: int = 10           # held-out clips per class
     vocab_size: int = 512              # byte-level BPE: 256 bytes + <|endoftext|> + merges
