@@ -48,6 +48,8 @@ class DASSConfig:
 
     def __post_init__(self):
         self.dims, self.depths = tuple(self.dims), tuple(self.depths)
+        if len(self.dims) != len(self.depths) or not self.dims:
+            raise ValueError(f"dims {self.dims} and depths {self.depths} must be non-empty and of equal length")
 
     @classmethod
     def small(cls) -> DASSConfig:

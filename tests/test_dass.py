@@ -81,6 +81,8 @@ def test_bad_input_shape(tiny):
         tiny.features(torch.randn(1, 100, 64))
     with pytest.raises(ValueError, match=r"frames > 0.*got \(1, 0, 128\)"):
         tiny.features(torch.randn(1, 0, 128))
+    with pytest.raises(ValueError, match="equal length"):
+        DASSConfig(dims=(8, 16), depths=(1, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
