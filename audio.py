@@ -77,7 +77,8 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int, zeros: int = 48, rollo
         raise ValueError(f"resample expects a 1-D waveform; got shape {tuple(waveform.shape)}")
     if min(orig_sr, new_sr) <= 0 or int(orig_sr) != orig_sr or int(new_sr) != new_sr:
         raise ValueError(f"sample rates must be positive integers; got {orig_sr} Hz -> {new_sr} Hz")
-    g = math.gcd(int(orig_sr), int(new_sr))
+    orig_sr, new_sr = int(orig_sr), int(new_sr)
+    g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
     n = waveform.numel()
     if up == down or n == 0:
